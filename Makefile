@@ -1,0 +1,32 @@
+# The two commands of the README. Each creates .venv if absent and installs the project into it first.
+#   make demo   float vs int8 QAT over 3 MobileNet v2 widths -> results/demo/{results.csv,tradeoff.png}
+#   make test   the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_RUNS := outputs/demo/$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/run.py --multirun experiment=demo quant=float,w8a8 model.width_mult=0.35,0.5,1.0 \
+		hydra.sweep.dir=$(DEMO_RUNS)
+	$(PY) experiments/report.py records=$(DEMO_RUNS) out=results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qat experiments scripts tests
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,33 @@
+"""One run: float -> QAT -> integer model -> accuracy and latency -> record.json in the run directory.
+
+    python experiments/run.py model.width_mult=0.5 quant=w8a8
+    python experiments/run.py -m quant=float,w8a8 model.width_mult=0.35,0.5,1.0
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from _cli import one_line_errors, register_schemas  # noqa: E402
+from qat.pipeline import run_classification  # noqa: E402
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="run")
+@one_line_errors
+def main(cfg: DictConfig) -> float:
+    config = OmegaConf.to_object(cfg)
+    record = run_classification(config, HydraConfig.get().runtime.output_dir)
+    return float(record["accuracy"]["top1"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""qat: quantization-aware training and integer-only inference for accuracy-latency studies."""

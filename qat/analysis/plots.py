@@ -1,0 +1,200 @@
+"""Accuracy-vs-latency trade-off plot (the shape of Jacob et al. 2018, Fig. 4.1).
+
+Top-1 against measured latency on a log axis, one line per precision, the Pareto front ringed and joined
+by a dashed line. Uses the Agg canvas on a bare ``Figure``: no pyplot, no global backend switch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patheffects import withStroke
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from qat.analysis.pareto import pareto_front
+from qat.records import atomic_write_bytes
+
+Label = str | Callable[[pd.Series], str] | None
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+FORMATS = ("png", "pdf")
+HALO = [withStroke(linewidth=3, foreground="white")]  # keeps point labels legible over lines
+
+
+def _unique(df: pd.DataFrame, column: str) -> list:
+    """Distinct non-null values of ``column`` in first-seen order; empty if the column is absent."""
+    if column not in df.columns:
+        return []
+    return list(dict.fromkeys(df[column].dropna().tolist()))
+
+
+def _fmt(value: object) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def model_label(row: pd.Series, *, with_arch: bool = False) -> str:
+    """Short point label such as ``"w0.5 r32"`` (``"mobilenet_v2 w0.5 r32"`` with ``with_arch``)."""
+    parts = []
+    if with_arch and pd.notna(row.get("model.arch")):
+        parts.append(str(row["model.arch"]))
+    width, resolution = row.get("model.width_mult"), row.get("model.resolution")
+    if pd.notna(width):
+        parts.append(f"w{float(width)}" if isinstance(width, (int, float)) else f"w{width}")
+    if pd.notna(resolution):
+        parts.append(f"r{_fmt(resolution)}")
+    return " ".join(parts) if len(parts) > int(with_arch) else str(row.get("model_id", "?"))
+
+
+def latency_axis_label(df: pd.DataFrame, x: str = "latency.median_ms") -> str:
+    """``"latency, median ms (batch 1, 1 thread, torch_native_x86)"``, from the values in ``df``."""
+    if not (x.startswith("latency.") and x.endswith("_ms")):
+        return x
+    stat = x.removeprefix("latency.").removesuffix("_ms")
+    conditions = []
+    if batches := _unique(df, "latency.batch"):
+        conditions.append("batch " + "/".join(_fmt(b) for b in batches))
+    if threads := _unique(df, "latency.threads"):
+        plural = "" if threads == [1] else "s"
+        conditions.append("/".join(_fmt(t) for t in threads) + f" thread{plural}")
+    if engines := _unique(df, "latency.engine"):
+        conditions.append(", ".join(str(e) for e in engines))
+    suffix = f" ({', '.join(conditions)})" if conditions else ""
+    return f"latency, {stat} ms{suffix}"
+
+
+def accuracy_axis_label(y: str) -> str:
+    """``"top-1 (%)"`` for ``accuracy.top1``, ``"float top-1 (%)"`` for ``accuracy.float_top1``, ..."""
+    if y.startswith("accuracy.") and y.endswith("top1"):
+        kind = y.removeprefix("accuracy.").removesuffix("top1").rstrip("_").replace("_", " ")
+        return f"{kind} top-1 (%)".strip()
+    return y
+
+
+def _series_order(names: list) -> list:
+    """``float`` first, then the rest by name."""
+    return sorted(names, key=lambda name: (str(name) != "float", str(name)))
+
+
+def _log_ticks(ax, lo: float, hi: float) -> None:
+    """Readable plain-number ticks on a log axis, even when the data span far less than a decade."""
+    ticks = [t for t in LogLocator(subs=(1.0, 2.0, 5.0)).tick_values(lo, hi) if lo <= t <= hi]
+    if len(ticks) < 3:
+        linear = MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        ticks = [t for t in linear if lo <= t <= hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _title(df: pd.DataFrame) -> str:
+    columns = ("model.arch", "data.name")
+    about = [", ".join(map(str, values)) for col in columns if (values := _unique(df, col))]
+    return "Accuracy vs latency" + (f": {' on '.join(about)}" if about else "")
+
+
+def _output_paths(path: str | os.PathLike[str]) -> list[Path]:
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix.lower() in {f".{f}" for f in FORMATS} else path
+    return [stem.with_name(f"{stem.name}.{fmt}") for fmt in FORMATS]
+
+
+def plot_tradeoff(
+    df: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    x: str = "latency.median_ms",
+    y: str = "accuracy.top1",
+    series: str = "quant.precision",
+    label: Label = None,
+    title: str | None = None,
+) -> list[Path]:
+    """Draw ``y`` against ``x`` (log scale), one line per value of ``series``, Pareto front marked.
+
+    ``label`` names a column, or maps a row to its point label; by default :func:`model_label`.
+    Writes ``<stem>.png`` and ``<stem>.pdf`` atomically (``path`` with or without a suffix) and returns them.
+    Raises ``ValueError`` if no row has finite ``x`` and ``y``.
+    """
+    for column in (x, y, series):
+        if column not in df.columns:
+            raise ValueError(f"column {column!r} not in the table")
+    data = df.copy()
+    data[x] = pd.to_numeric(data[x], errors="coerce")
+    data[y] = pd.to_numeric(data[y], errors="coerce")
+    data = data[np.isfinite(data[x]) & np.isfinite(data[y]) & (data[x] > 0)].reset_index(drop=True)
+    if data.empty:
+        raise ValueError(f"no row has a positive {x!r} and a finite {y!r} to plot")
+    if label is None:
+        with_arch = len(_unique(data, "model.arch")) > 1
+        labels = data.apply(lambda row: model_label(row, with_arch=with_arch), axis=1)
+    elif isinstance(label, str):
+        labels = data[label].map(_fmt)
+    else:
+        labels = data.apply(label, axis=1)
+
+    fig = Figure(figsize=(7.5, 5.0), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = [f"C{i}" for i in range(10)]
+    for i, name in enumerate(_series_order(_unique(data, series))):
+        group = data[data[series] == name].sort_values([x, y], kind="mergesort")
+        color, marker = colors[i % len(colors)], MARKERS[i % len(MARKERS)]
+        style = {"color": color, "marker": marker, "markersize": 6}
+        ax.plot(group[x], group[y], linewidth=1.6, label=f"{name} (n={len(group)})", zorder=2, **style)
+        ax.plot(group[x], group[y], linestyle="none", zorder=5, **style)  # markers above labels and lines
+        for (_, row), text in zip(group.iterrows(), labels[group.index], strict=True):
+            ax.annotate(
+                text,
+                (row[x], row[y]),
+                xytext=(7, -3),  # below right: clear of a rising curve and of faster series
+                textcoords="offset points",
+                ha="left",
+                va="top",
+                fontsize=9,
+                color=color,
+                annotation_clip=False,
+                zorder=3,
+                path_effects=HALO,
+            )
+
+    front = data[pareto_front(data, x, y)].sort_values([x, y], kind="mergesort")
+    ring = {
+        "color": "0.2",
+        "marker": "o",
+        "markersize": 14,
+        "markerfacecolor": "none",
+        "markeredgewidth": 1.3,
+    }
+    ax.plot(front[x], front[y], linestyle="--", linewidth=1.1, label="Pareto front", zorder=1, **ring)
+    ax.plot(front[x], front[y], linestyle="none", zorder=4, **ring)  # rings above the series lines
+
+    lo, hi = float(data[x].min()), float(data[x].max())
+    pad = max(1.2, (hi / lo) ** 0.1)
+    ax.set_xscale("log")
+    ax.set_xlim(lo / pad, hi * pad)
+    _log_ticks(ax, lo / pad, hi * pad)
+    ax.margins(y=0.12)
+    ax.set_xlabel(latency_axis_label(data, x), fontsize=11)
+    ax.set_ylabel(accuracy_axis_label(y), fontsize=11)
+    ax.set_title(title if title is not None else _title(data), fontsize=12)
+    ax.tick_params(labelsize=10)
+    ax.grid(True, which="major", alpha=0.45)
+    ax.grid(True, which="minor", alpha=0.15)
+    ax.legend(title=series.split(".")[-1], fontsize=9, title_fontsize=9, loc="best", framealpha=0.9)
+
+    written = []
+    for out in _output_paths(path):
+        buffer = io.BytesIO()
+        metadata = {"CreationDate": None} if out.suffix == ".pdf" else None  # reproducible bytes
+        fig.savefig(buffer, format=out.suffix[1:], bbox_inches="tight", metadata=metadata)
+        atomic_write_bytes(out, buffer.getvalue())
+        written.append(out)
+    return written
+
+
+__all__ = ["accuracy_axis_label", "latency_axis_label", "model_label", "plot_tradeoff"]

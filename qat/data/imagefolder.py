@@ -1,0 +1,143 @@
+"""ImageFolder loaders with standard ImageNet preprocessing (same code path for ImageNet and the demo set).
+
+Expected layout: ``<root>/train/<class>/*.jpg|png`` and ``<root>/val/<class>/*.jpg|png`` with the same
+class folders in both splits. The layout is checked before any loading work; problems raise
+:class:`~qat.errors.QatError` with key ``data.root``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from qat.errors import QatError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUT = "expected <root>/train/<class>/*.jpg|png and <root>/val/<class>/*.jpg|png with the same classes"
+
+
+class ClassificationData(NamedTuple):
+    """What :func:`build_classification_loaders` returns; unpacks as ``train, val, class_names``."""
+
+    train: DataLoader
+    val: DataLoader
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _has_image(folder: Path) -> bool:
+    """True as soon as one file with an image extension is found under ``folder`` (recursively)."""
+    for _dirpath, _dirnames, filenames in os.walk(folder, followlinks=True):
+        if any(name.lower().endswith(IMG_EXTENSIONS) for name in filenames):
+            return True
+    return False
+
+
+def _split_classes(root: Path, split: str) -> list[str]:
+    folder = root / split
+    if not folder.is_dir():
+        raise QatError("data.root", f"{folder} is missing", LAYOUT)
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise QatError("data.root", f"{folder} has no class folders", LAYOUT)
+    for name in classes:
+        if not _has_image(folder / name):
+            raise QatError("data.root", f"class folder {folder / name} has no images", LAYOUT)
+    return classes
+
+
+def check_layout(root: str | os.PathLike[str]) -> list[str]:
+    """Check the ImageFolder layout under ``root`` without loading anything; return the class names."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise QatError("data.root", f"{path} does not exist or is not a directory", LAYOUT)
+    train, val = _split_classes(path, "train"), _split_classes(path, "val")
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise QatError(
+            "data.root",
+            f"class folders differ between {path / 'train'} and {path / 'val'} "
+            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})",
+            LAYOUT,
+        )
+    return train
+
+
+def classification_transforms(
+    resolution: int, *, train_crop_scale: tuple[float, float] = (0.08, 1.0), resize_ratio: float = 0.875
+) -> tuple[transforms.Compose, transforms.Compose]:
+    """ImageNet-style (train, val) transforms: random-resized crop + flip; resize + centre crop."""
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = transforms.Compose([
+        transforms.RandomResizedCrop(resolution, scale=train_crop_scale),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ])  # fmt: skip
+    val = transforms.Compose([
+        transforms.Resize(round(resolution / resize_ratio)),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        normalize,
+    ])  # fmt: skip
+    return train, val
+
+
+def build_classification_loaders(
+    root: str | os.PathLike[str],
+    *,
+    resolution: int,
+    batch_size: int,
+    workers: int = 0,
+    train_crop_scale: tuple[float, float] = (0.08, 1.0),
+    resize_ratio: float = 0.875,
+    seed: int = 0,
+    distributed: bool = False,
+) -> ClassificationData:
+    """Train and val loaders over ``<root>/{train,val}/<class>/*``.
+
+    The train loader shuffles with a generator seeded by ``seed`` (or a seeded ``DistributedSampler`` when
+    ``distributed``; call ``sampler.set_epoch`` each epoch) and drops the last partial batch when there is
+    at least one full batch (a batch of one breaks batch norm). Val is in order and never drops samples,
+    except that ``DistributedSampler`` pads it to a multiple of the world size.
+    """
+    if resolution < 1 or batch_size < 1:
+        raise QatError("data", f"resolution {resolution} and batch size {batch_size} must be positive")
+    if not 0.0 < resize_ratio <= 1.0:
+        raise QatError("data.resize_ratio", f"{resize_ratio} is not in (0, 1]", "ImageNet uses 0.875")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise QatError("data.distributed", "torch.distributed is not initialised", "call init_process_group first")
+    classes = check_layout(root)
+    root = Path(root).expanduser()
+    train_tf, val_tf = classification_transforms(
+        resolution, train_crop_scale=train_crop_scale, resize_ratio=resize_ratio
+    )
+    train_set = ImageFolder(str(root / "train"), transform=train_tf)
+    val_set = ImageFolder(str(root / "val"), transform=val_tf)
+    if distributed:
+        train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=False)
+        val_sampler = DistributedSampler(val_set, shuffle=False)
+        per_replica = len(train_sampler)
+        generator = None
+    else:
+        train_sampler = val_sampler = None
+        per_replica = len(train_set)
+        generator = torch.Generator().manual_seed(seed)
+    common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
+    train = DataLoader(
+        train_set, batch_size=batch_size, shuffle=train_sampler is None, sampler=train_sampler,
+        generator=generator, drop_last=per_replica >= batch_size, **common,
+    )  # fmt: skip
+    val = DataLoader(val_set, batch_size=batch_size, shuffle=False, sampler=val_sampler, **common)
+    return ClassificationData(train, val, classes)

@@ -1,0 +1,1 @@
+"""Inference engines, one adapter file each, all built from the canonical integer model."""

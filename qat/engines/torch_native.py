@@ -1,0 +1,143 @@
+"""Adapter: PyTorch's native quantized CPU kernels (x86/fbgemm, qnnpack) via ``torch.ops.quantized``.
+
+These kernels (and quantized tensors) are deprecated upstream; this file is the only place that touches
+them. Activations run as quint8 and weights as qint8; grids narrower than 8 bits run exactly in 8-bit
+containers, and signed activation grids are shifted by 128 into quint8 (same scale, Z + 128), which is exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.errors import QatError
+from qat.intmodel.graph import IntModel, IntNode, TensorQ
+
+BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
+
+
+def _uint8_zero_point(q: TensorQ) -> int:
+    return q.zero_point + 128 if q.signed else q.zero_point
+
+
+def _check_container(q: TensorQ, where: str) -> None:
+    low = q.qmin + (128 if q.signed else 0)
+    high = q.qmax + (128 if q.signed else 0)
+    if low < 0 or high > 255:
+        raise QatError("engine", f"{where}: {q.bits}-bit activations do not fit the 8-bit kernels of torch_native",
+                       "use activations of 8 bits or fewer on this engine")
+
+
+def _weight_tensor(node: IntNode) -> torch.Tensor:
+    w = node.tensors["weight"]
+    if w.min() < -128 or w.max() > 127:
+        raise QatError("engine", f"{node.name}: {node.attrs['weight_bits']}-bit weights do not fit int8 kernels",
+                       "use weights of 8 bits or fewer on torch_native")
+    scale = node.tensors["weight_scale"].double()
+    zero_point = node.tensors["weight_zero_point"].long()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if node.attrs["weight_per_channel"]:
+            return torch._make_per_channel_quantized_tensor(w.to(torch.int8), scale, zero_point, 0)
+        return torch._make_per_tensor_quantized_tensor(w.to(torch.int8), float(scale[0]), int(zero_point[0]))
+
+
+def _bias_float(node: IntNode) -> torch.Tensor:
+    return (node.tensors["bias"].double() * node.tensors["bias_scale"].double()).float()
+
+
+class TorchNativeModel(nn.Module):
+    """Runs an :class:`IntModel` on ``torch.ops.quantized`` kernels; float in, float logits out."""
+
+    def __init__(self, model: IntModel, backend: str = "x86") -> None:
+        super().__init__()
+        if backend not in torch.backends.quantized.supported_engines:
+            raise QatError("engine.backend", f"{backend!r} is not available in this PyTorch build",
+                           "choose one of: " + ", ".join(torch.backends.quantized.supported_engines))
+        torch.backends.quantized.engine = backend
+        self.backend = backend
+        self.int_model = model
+        self.steps: list[tuple[str, list[str], Callable[..., torch.Tensor]]] = []
+        self.packed: list[object] = []  # keeps prepacked weights alive
+        for node in model.nodes:
+            self.steps.append((node.name, node.inputs, self._build(node)))
+        self.emulated_bits = model.min_bits < 8  # <8-bit grids in 8-bit containers
+
+    def _build(self, node: IntNode) -> Callable[..., torch.Tensor]:
+        out = node.out
+        if out is not None:
+            _check_container(out, node.name)
+        q = torch.ops.quantized
+        if node.op == "quantize":
+            scale, zp = out.scale, _uint8_zero_point(out)
+            return lambda x: torch.quantize_per_tensor(x, scale, zp, torch.quint8)
+        if node.op == "dequantize":
+            return lambda x: x.dequantize()
+        if node.op == "conv2d":
+            a = node.attrs
+            packed = q.conv2d_prepack(_weight_tensor(node), _bias_float(node), a["stride"], a["padding"],
+                                      a["dilation"], a["groups"])
+            self.packed.append(packed)
+            scale, zp = out.scale, _uint8_zero_point(out)
+            kernel = q.conv2d_relu if a["activation"] in ("relu", "relu6") else q.conv2d
+            upper = self._upper_clamp(node)
+            if upper is None:
+                return lambda x: kernel(x, packed, scale, zp)
+            return lambda x: torch.clamp(kernel(x, packed, scale, zp), max=upper)
+        if node.op == "linear":
+            packed = q.linear_prepack(_weight_tensor(node), _bias_float(node))
+            self.packed.append(packed)
+            scale, zp = out.scale, _uint8_zero_point(out)
+            return lambda x: q.linear(x, packed, scale, zp)
+        if node.op == "add":
+            scale, zp = out.scale, _uint8_zero_point(out)
+            kernel = q.add_relu if node.attrs["activation"] == "relu" else q.add
+            return lambda a, b: kernel(a, b, scale, zp)
+        if node.op == "avg_pool":
+            a = node.attrs
+            if a["adaptive"]:
+                size = a["output_size"]
+                return lambda x: F.adaptive_avg_pool2d(x, size)
+            return lambda x: F.avg_pool2d(x, a["kernel_size"], a["stride"], a["padding"])
+        if node.op == "max_pool":
+            a = node.attrs
+            return lambda x: F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                                          a["ceil_mode"])
+        if node.op == "flatten":
+            start = node.attrs["start_dim"]
+            return lambda x: torch.flatten(x, start)
+        if node.op == "cat":
+            scale, zp, dim = out.scale, _uint8_zero_point(out), node.attrs["dim"]
+            return lambda *xs: q.cat(list(xs), dim, scale, zp)
+        raise QatError("engine", f"op {node.op!r} of {node.name} is not supported by torch_native", "")
+
+    @staticmethod
+    def _upper_clamp(node: IntNode) -> float | None:
+        """ReLU6's upper bound as a real value when it lies inside the output grid (else the grid clamps)."""
+        out = node.out
+        high = node.attrs.get("clamp_max", out.qmax)
+        if high >= out.qmax:
+            return None
+        return (high - out.zero_point) * out.scale
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values: dict[str, torch.Tensor] = {}
+        result = x
+        for name, inputs, fn in self.steps:
+            result = fn(*(values[i] for i in inputs)) if inputs else fn(x)
+            values[name] = result
+        return result
+
+
+def build(model: IntModel, backend: str = "x86") -> TorchNativeModel:
+    """The engine adapter's entry point."""
+    return TorchNativeModel(model, backend)
+
+
+def engine_info(backend: str = "x86") -> dict[str, str]:
+    return {"engine": f"torch_native_{backend}", "engine_version": torch.__version__.split("+")[0]}

@@ -1,0 +1,252 @@
+"""One classification run, end to end (the spine of the framework):
+
+float model -> (train or load float weights) -> evaluate float -> prepare simulated quantization ->
+calibrate -> QAT fine-tune with the schedule -> evaluate simulated -> convert to the canonical integer
+model -> evaluate it on a real int8 engine -> measure batch-1 latency of float and int8 -> one record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qat.data.imagefolder import ClassificationData, build_classification_loaders, check_layout
+from qat.data.synthetic import default_cache_dir, make_demo_dataset
+from qat.engines import torch_native
+from qat.errors import QatError, choice_error
+from qat.intmodel.convert import convert
+from qat.latency.harness import measure
+from qat.latency.host import describe_host
+from qat.models.fold import fold_batch_norm
+from qat.models.registry import MODELS, build_model, count_macs
+from qat.quant.config import QuantConfig
+from qat.quant.prepare import calibration_mode, prepare
+from qat.records import write_record
+from qat.schema import RunConfig
+from qat.train.checkpoint import load_checkpoint, save_checkpoint
+from qat.train.loop import build_optimizer, lr_at, predict, top1, train_epoch
+
+log = logging.getLogger("qat")
+
+PRECISIONS = ("float", "int8")
+ENGINES = ("torch_native",)
+DATASETS = ("demo", "imagefolder")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cheap checks of every name and path before any work is done."""
+    if cfg.model.arch not in MODELS:
+        raise choice_error("model.arch", cfg.model.arch, list(MODELS))
+    if cfg.quant.precision not in PRECISIONS:
+        raise choice_error("quant.precision", cfg.quant.precision, PRECISIONS)
+    if cfg.latency.engine not in ENGINES:
+        raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
+    if cfg.data.name not in DATASETS:
+        raise choice_error("data.name", cfg.data.name, DATASETS)
+    if cfg.data.name == "imagefolder":
+        if not cfg.data.root:
+            raise QatError("data.root", "is not set", "give the folder holding train/ and val/")
+        check_layout(cfg.data.root)
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
+def load_data(cfg: RunConfig) -> tuple[ClassificationData, dict[str, Any]]:
+    d = cfg.data
+    if d.name == "demo":
+        root = make_demo_dataset(cache_dir(cfg) / "data", **asdict(d.demo))
+    else:
+        root = Path(str(d.root)).expanduser()
+    data = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.batch_size,
+                                        workers=d.workers, train_crop_scale=tuple(d.train_crop_scale),
+                                        resize_ratio=d.resize_ratio, seed=cfg.seed)
+    val = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.eval_batch_size,
+                                       workers=d.workers, resize_ratio=d.resize_ratio, seed=cfg.seed).val
+    data = ClassificationData(data.train, val, data.class_names)
+    info = {"name": d.name, "root": str(root), "num_classes": len(data.class_names),
+            "train_size": len(data.train.dataset), "val_size": len(data.val.dataset)}
+    return data, info
+
+
+def float_key(cfg: RunConfig, data_info: dict[str, Any]) -> str:
+    """Identity of the float training recipe: same key, same float weights."""
+    recipe = {"model": asdict(cfg.model), "data": {**asdict(cfg.data), "root": data_info["root"]},
+              "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1}
+    recipe["model"].pop("weights")
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: str, epochs: int, lr: float,
+        checkpoint: Path, before_step=None) -> nn.Module:  # type: ignore[no-untyped-def]
+    """Train ``epochs`` epochs, checkpointing each epoch atomically; resume from ``checkpoint`` if present."""
+    optimizer = build_optimizer(model, cfg.optim, lr)
+    steps_per_epoch = len(data.train)
+    total = epochs * steps_per_epoch
+    start_epoch, step = 0, 0
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+        log.info("[%s] resuming from %s at epoch %d", phase, checkpoint, start_epoch)
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        step, loss = train_epoch(model, data.train, optimizer, step=step, before_step=before_step,
+                                 lr_fn=lambda s: lr_at(cfg.optim, lr, s, total, steps_per_epoch),
+                                 desc=f"{phase} {epoch + 1}/{epochs}")
+        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": epoch + 1, "step": step, "phase": phase})
+        log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)
+    return model
+
+
+def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, data_info: dict[str, Any],
+                  run_dir: Path) -> str:
+    """Load or train the float weights; return where they came from."""
+    if cfg.model.weights:
+        return f"file:{cfg.model.weights}"  # loaded by build_model
+    cached = cache_dir(cfg) / "float" / f"{float_key(cfg, data_info)}.pt"
+    if cfg.train.cache_float and cached.exists():
+        model.load_state_dict(load_checkpoint(cached)["model"])
+        log.info("[float] loaded float weights trained earlier by the same recipe: %s", cached)
+        return f"cache:{cached}"
+    fit(model, data, cfg, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
+        checkpoint=run_dir / "checkpoints" / "float_last.pt")
+    if cfg.train.cache_float:
+        save_checkpoint(cached, {"model": model.state_dict(), "recipe_key": cached.stem})
+    return "trained"
+
+
+def _latency(fn, cfg: RunConfig) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    lat = cfg.latency
+    example = torch.randn(lat.batch, 3, cfg.model.resolution, cfg.model.resolution,
+                          generator=torch.Generator().manual_seed(0))
+    stats = measure(fn, example, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
+                    min_time_s=lat.min_time_s)
+    return {**stats.as_dict(), "device": "cpu"}
+
+
+def model_id(cfg: RunConfig, float_source: str) -> str:
+    q = cfg.quant
+    blob = json.dumps({"model": asdict(cfg.model), "quant": asdict(q), "schedule": asdict(cfg.schedule),
+                       "train": asdict(cfg.train), "data": cfg.data.name, "seed": cfg.seed,
+                       "float": float_source}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    tag = "float" if q.precision == "float" else f"w{q.weight_bits}a{q.act_bits}"
+    return f"{cfg.model.arch}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
+
+
+def run_classification(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run the whole pipeline for one config and write ``<run_dir>/record.json``; return the record."""
+    run_dir = Path(run_dir)
+    started = time.time()
+    validate(cfg)
+    seed_everything(cfg.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data, data_info = load_data(cfg)
+    model = build_model(cfg.model.arch, width_mult=cfg.model.width_mult, num_classes=data_info["num_classes"],
+                        resolution=cfg.model.resolution, weights=cfg.model.weights)
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    float_source = float_weights(model, data, cfg, data_info, run_dir)
+    timings["float_train_s"] = time.time() - t
+    _, float_pred, targets = predict(model, data.val, desc="eval float")
+    accuracy = {"float_top1": top1(float_pred, targets)}
+    log.info("[float] top-1 %.2f%%", accuracy["float_top1"])
+
+    host = describe_host()
+    float_latency = _latency(fold_batch_norm(model), cfg)
+    log.info("[latency] float %.3f ms (median, batch %d, %d thread(s))", float_latency["median_ms"],
+             cfg.latency.batch, cfg.latency.threads)
+    record: dict[str, Any] = {}
+    if cfg.quant.precision == "float":
+        accuracy["top1"] = accuracy["float_top1"]
+        latency = {"engine": "torch_eager", "engine_version": torch.__version__.split("+")[0], **float_latency}
+        quant = {"precision": "float", "weight_bits": 32, "act_bits": 32}
+    else:
+        q = cfg.quant
+        qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
+        example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution)
+        prepared = prepare(model, qconfig, example)
+        t = time.time()
+        with calibration_mode(prepared), torch.no_grad():
+            for i, (images, _) in enumerate(data.train):
+                if i >= q.calibration_batches:
+                    break
+                prepared(images)
+        sched = cfg.schedule
+        fit(prepared, data, cfg, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
+            checkpoint=run_dir / "checkpoints" / "qat_last.pt",
+            before_step=lambda step: sched.apply(prepared, step))
+        sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
+        timings["qat_train_s"] = time.time() - t
+        sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated")
+        accuracy["sim_top1"] = top1(sim_pred, targets)
+        log.info("[qat] simulated top-1 %.2f%%", accuracy["sim_top1"])
+
+        int_model = convert(prepared)
+        int_model.meta.update({"arch": cfg.model.arch, "width_mult": cfg.model.width_mult,
+                               "resolution": cfg.model.resolution, "num_classes": data_info["num_classes"]})
+        int_model.save(run_dir / "int_model.pt")
+        engine = torch_native.build(int_model, cfg.latency.backend)
+        int_logits, int_pred, _ = predict(engine, data.val, desc="eval int8")
+        accuracy["int_top1"] = accuracy["top1"] = top1(int_pred, targets)
+        out_scale = int_model.nodes[-2].out.scale if int_model.nodes[-2].out else 1.0
+        lsb = (sim_logits - int_logits).abs() / out_scale
+        record["fidelity"] = {"sim_vs_int_top1_agreement": top1(sim_pred, int_pred),
+                              "logit_max_abs_diff_lsb": float(lsb.max()),
+                              "logit_mean_abs_diff_lsb": float(lsb.mean()), "engine_8bit_container":
+                              engine.emulated_bits}
+        log.info("[int8] %s top-1 %.2f%%  (agreement with simulated %.2f%%)", cfg.latency.backend,
+                 accuracy["int_top1"], record["fidelity"]["sim_vs_int_top1_agreement"])
+        latency = {**torch_native.engine_info(cfg.latency.backend), **_latency(engine, cfg)}
+        log.info("[latency] int8 %.3f ms (median)", latency["median_ms"])
+        quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
+        record["latency_float"] = {"engine": "torch_eager", **float_latency}
+
+    record = {
+        "run_id": f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+        "model_id": model_id(cfg, float_source),
+        "status": "ok",
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "experiment": cfg.tag,
+        "seed": cfg.seed,
+        "model": {"arch": cfg.model.arch, "width_mult": cfg.model.width_mult, "resolution": cfg.model.resolution,
+                  "num_classes": data_info["num_classes"], "params": sum(p.numel() for p in model.parameters()),
+                  "macs": count_macs(model, cfg.model.resolution), "float_source": float_source},
+        "data": data_info,
+        "quant": quant,
+        "schedule": asdict(cfg.schedule),
+        "accuracy": accuracy,
+        **record,
+        "latency": latency,
+        "host": host,
+        "timing": {**timings, "total_s": time.time() - started},
+        "run_dir": str(run_dir.resolve()),
+    }
+    path = write_record(run_dir, record)
+    log.info("[record] %s  top-1 %.2f%%  latency %.3f ms", path, accuracy["top1"], latency["median_ms"])
+    return record

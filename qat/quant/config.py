@@ -1,0 +1,69 @@
+"""The quantization recipe as a plain dataclass (mirrored by the Hydra ``quant/`` group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qat.errors import QatError, choice_error
+from qat.quant.modules import BN_FOLD_MODES
+from qat.quant.scheme import QuantSpec
+
+
+@dataclass
+class LayerOverride:
+    """Per-layer change selected by an fnmatch pattern over module names (e.g. ``features.0.*``)."""
+
+    pattern: str
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    keep_float: bool = False
+
+
+@dataclass
+class QuantConfig:
+    """Weights and activations recipe (whitepaper §2-3; Jacob §2-3).
+
+    Defaults are the demo recipe: weights 8-bit symmetric per-channel narrow-range, activations 8-bit
+    asymmetric per-tensor with EMA ranges, Jacob eq. 14 batch-norm folding.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_per_channel: bool = True
+    weight_symmetric: bool = True
+    weight_narrow_range: bool = True
+    act_symmetric: bool = False
+    act_observer: str = "ema"
+    weight_observer: str = "current"
+    ema_decay: float = 0.99
+    percentile: float = 99.99
+    bn_fold: str = "jacob"
+    activation: str | None = None  # force "relu" or "relu6" in every fused activation (Jacob Table 4.3)
+    overrides: list[LayerOverride] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.bn_fold not in BN_FOLD_MODES:
+            raise choice_error("quant.bn_fold", self.bn_fold, BN_FOLD_MODES)
+        if self.activation not in (None, "relu", "relu6"):
+            raise choice_error("quant.activation", self.activation, ["relu", "relu6"])
+        self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
+        self.weight_spec()
+        self.act_spec()
+
+    def weight_spec(self, bits: int | None = None) -> QuantSpec:
+        return QuantSpec(bits=bits or self.weight_bits, signed=True, symmetric=self.weight_symmetric,
+                         narrow_range=self.weight_narrow_range, per_channel=self.weight_per_channel,
+                         ch_axis=0, key="quant.weight")
+
+    def act_spec(self, bits: int | None = None) -> QuantSpec:
+        signed = self.act_symmetric
+        return QuantSpec(bits=bits or self.act_bits, signed=signed, symmetric=self.act_symmetric,
+                         key="quant.act")
+
+    def check_bits(self) -> None:
+        for o in self.overrides:
+            for name in ("weight_bits", "act_bits"):
+                value = getattr(o, name)
+                if value is not None and not 2 <= value <= 16:
+                    raise QatError(f"quant.overrides[{o.pattern}].{name}", f"{value} is outside [2, 16]",
+                                   "choose an integer bit width from 2 to 16")

@@ -1,0 +1,54 @@
+"""Simulated-quantization node: an observer plus the fused fake-quantize op (Jacob §3, Fig. 1.1b).
+
+Ranges are updated only in training mode (``model.train()``); PTQ calibration puts just these nodes in
+training mode (:func:`qat.quant.prepare.calibration_mode`). Two switches drive the schedule (:mod:`qat.quant.schedule`): ``observing`` (ranges still being estimated;
+off after the range-freeze step) and ``quantizing`` (off before the quantization delay, Jacob §3.1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat.quant.observers import Observer
+from qat.quant.scheme import QuantSpec, choose_qparams, fake_quantize
+
+
+class FakeQuantize(nn.Module):
+    """x -> S·(clamp(round(x/S) + Z) - Z), with (S, Z) from the observer's range."""
+
+    def __init__(self, spec: QuantSpec, observer: Observer, observe_in_eval: bool = False) -> None:
+        super().__init__()
+        self.observe_in_eval = observe_in_eval  # weights: their range follows the tensor in any mode
+        self.spec = spec
+        self.observer = observer
+        self.observing = True
+        self.quantizing = True
+        self.register_buffer("scale", torch.tensor([1.0]))
+        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        grain = f"per_channel(axis={s.ch_axis})" if s.per_channel else "per_tensor"
+        kind = "symmetric" if s.symmetric else "asymmetric"
+        return (f"bits={s.bits}, [{s.qmin}, {s.qmax}], {kind}, {grain}, "
+                f"observing={self.observing}, quantizing={self.quantizing}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in ("scale", "zero_point"):  # per-channel shapes are known only after observing
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def update_qparams(self) -> None:
+        """Recompute (S, Z) from the observer's current range."""
+        if self.observer.initialized:
+            self.scale, self.zero_point = choose_qparams(self.observer.min_val, self.observer.max_val, self.spec)
+
+    def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        if self.observing and observe and (self.training or self.observe_in_eval):
+            self.observer(x)
+            self.update_qparams()
+        if not self.quantizing or not self.observer.initialized:
+            return x
+        return fake_quantize(x, self.scale.to(x.device), self.zero_point.to(x.device), self.spec)

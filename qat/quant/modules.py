@@ -1,0 +1,155 @@
+"""QAT modules: convolution with batch-norm folding and a fused activation, and linear (Jacob §3, App. C).
+
+Weights are fake-quantized after folding, so the simulated weights are exactly the integer model's weights.
+Three batch-norm treatments are selectable (``bn_fold``):
+
+* ``jacob``: Jacob et al. eq. 14 / Fig. C.8. A float convolution gives the batch moments (mu_B, sigma_B);
+  the folded weight w·gamma/sigma_B is quantized and convolved, then the folded bias beta - gamma·mu_B/sigma_B
+  is added. After the BN-freeze step the running moments replace the batch moments.
+* ``whitepaper``: Krishnamoorthi §3.2.2 / Fig. 13. Weights are folded with the running sigma, and the output
+  is corrected by sigma/sigma_B (and the bias taken from batch moments) until the freeze step; after it the
+  running statistics are used and the correction is 1. One quantized convolution per step.
+* ``unfolded``: BN kept in float after a quantized convolution, for ablations (the integer model folds it at
+  conversion, so simulation and integer model differ by design).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.errors import choice_error
+from qat.quant.fake_quant import FakeQuantize
+
+BN_FOLD_MODES = ("jacob", "whitepaper", "unfolded")
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(x)
+    if activation == "relu6":
+        return F.relu6(x)
+    return x
+
+
+class QConvBnAct(nn.Module):
+    """conv -> (BN) -> activation with a weight fake-quantizer applied after folding."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: str,
+                 weight_fq: FakeQuantize, bn_fold: str = "jacob") -> None:
+        super().__init__()
+        if bn_fold not in BN_FOLD_MODES:
+            raise choice_error("quant.bn_fold", bn_fold, BN_FOLD_MODES)
+        if activation not in ACTIVATIONS:
+            raise choice_error("quant.activation", activation, ACTIVATIONS)
+        self.conv = conv
+        self.bn = bn
+        self.activation = activation
+        self.weight_fq = weight_fq
+        self.bn_fold = bn_fold
+        self.bn_frozen = False
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, bn_fold={self.bn_fold}, bn_frozen={self.bn_frozen}"
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.conv
+        if c.padding_mode != "zeros":
+            raise NotImplementedError("only zero padding is supported")
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def _use_batch_stats(self) -> bool:
+        return self.training and not self.bn_frozen
+
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias folded with the running statistics (the inference-time fold, Jacob eq. 14)."""
+        w = self.conv.weight
+        b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
+        if self.bn is None:
+            return w, b
+        bn = self.bn
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+        w_fold = w * (gamma * inv_std).reshape(-1, 1, 1, 1)
+        b_fold = beta + (b - bn.running_mean) * gamma * inv_std
+        return w_fold, b_fold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is None:
+            w, b = self.folded_weight_and_bias()
+            y = self._conv(x, self.weight_fq(w), b)
+        elif self.bn_fold == "unfolded":
+            y = self.bn(self._conv(x, self.weight_fq(self.conv.weight), self.conv.bias))
+        elif self.bn_fold == "jacob":
+            y = self._forward_jacob(x)
+        else:
+            y = self._forward_whitepaper(x)
+        return apply_activation(y, self.activation)
+
+    def _batch_moments(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch mean and biased variance per channel; update the running statistics like nn.BatchNorm2d."""
+        bn = self.bn
+        assert bn is not None
+        mean = y.mean(dim=(0, 2, 3))
+        var = y.var(dim=(0, 2, 3), unbiased=False)
+        n = y.numel() / y.shape[1]
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            bn.running_var.mul_(1 - momentum).add_(momentum * var * n / max(n - 1, 1))
+        return mean, var
+
+    def _forward_jacob(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        assert bn is not None
+        if not self._use_batch_stats():
+            w, b = self.folded_weight_and_bias()
+            return self._conv(x, self.weight_fq(w), b)
+        b_conv = self.conv.bias if self.conv.bias is not None else 0.0
+        mean, var = self._batch_moments(self._conv(x, self.conv.weight) + (
+            b_conv.reshape(1, -1, 1, 1) if isinstance(b_conv, torch.Tensor) else 0.0))
+        inv_std = torch.rsqrt(var + bn.eps)
+        gamma, beta = bn.weight, bn.bias
+        w_fold = self.conv.weight * (gamma * inv_std).reshape(-1, 1, 1, 1)
+        conv_bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(mean)
+        b_fold = beta + (conv_bias - mean) * gamma * inv_std
+        return self._conv(x, self.weight_fq(w_fold), b_fold)
+
+    def _forward_whitepaper(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        assert bn is not None
+        if not self._use_batch_stats():
+            w, b = self.folded_weight_and_bias()
+            return self._conv(x, self.weight_fq(w), b)
+        running_std = torch.sqrt(bn.running_var + bn.eps)
+        gamma, beta = bn.weight, bn.bias
+        w_fold = self.conv.weight * (gamma / running_std).reshape(-1, 1, 1, 1)
+        y_scaled = self._conv(x, self.weight_fq(w_fold))
+        # y_scaled / (gamma / sigma) is the (quantized) unscaled convolution; its batch moments drive BN.
+        y = y_scaled * (running_std / gamma).reshape(1, -1, 1, 1)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.reshape(1, -1, 1, 1)
+        mean, var = self._batch_moments(y)
+        inv_std = torch.rsqrt(var + bn.eps)
+        return (y - mean.reshape(1, -1, 1, 1)) * (gamma * inv_std).reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+
+
+class QLinear(nn.Module):
+    """Linear layer with fake-quantized weights (per output channel = axis 0)."""
+
+    def __init__(self, linear: nn.Linear, weight_fq: FakeQuantize) -> None:
+        super().__init__()
+        self.linear = linear
+        self.weight_fq = weight_fq
+
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.linear.weight
+        b = self.linear.bias if self.linear.bias is not None else torch.zeros_like(w[:, 0])
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_fq(self.linear.weight), self.linear.bias)

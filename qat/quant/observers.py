@@ -1,0 +1,131 @@
+"""Range estimation: min/max, EMA of min/max (Jacob §3.1), percentile.
+
+An observer sees tensors and keeps a running real range ``[min_val, max_val]`` (per tensor, or per channel
+along ``ch_axis``). MSE-optimal clipping (Choukroun et al. 2019) lives in :mod:`qat.quant.mse`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat.errors import choice_error
+
+
+def _reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
+    if not per_channel:
+        return list(range(x.dim()))
+    axis = ch_axis % x.dim()
+    return [d for d in range(x.dim()) if d != axis]
+
+
+class Observer(nn.Module):
+    """Base: buffers ``min_val``/``max_val`` (empty until the first observation)."""
+
+    def __init__(self, per_channel: bool = False, ch_axis: int = 0) -> None:
+        super().__init__()
+        self.per_channel = per_channel
+        self.ch_axis = ch_axis
+        self.register_buffer("min_val", torch.tensor([]))
+        self.register_buffer("max_val", torch.tensor([]))
+
+    @property
+    def initialized(self) -> bool:
+        return self.min_val.numel() > 0
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = _reduce_dims(x, self.per_channel, self.ch_axis)
+        x = x.detach().float()
+        return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in ("min_val", "max_val"):  # buffers start empty: take the saved shape
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class CurrentMinMaxObserver(Observer):
+    """Min and max of the tensor seen last: for weights, whose range must follow training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.min_val, self.max_val = self.batch_range(x)
+        return x
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum over everything seen (post-training calibration)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.batch_range(x)
+        if self.initialized:
+            low, high = torch.minimum(low, self.min_val), torch.maximum(high, self.max_val)
+        self.min_val, self.max_val = low, high
+        return x
+
+
+class EmaMinMaxObserver(Observer):
+    """Exponential moving average of batch min/max (Jacob §3.1): m <- decay·m + (1 - decay)·batch."""
+
+    def __init__(self, per_channel: bool = False, ch_axis: int = 0, decay: float = 0.99) -> None:
+        super().__init__(per_channel, ch_axis)
+        if not 0.0 <= decay < 1.0:
+            from qat.errors import QatError
+
+            raise QatError("quant.act.ema_decay", f"{decay} is outside [0, 1)", "use e.g. 0.99 or 0.999")
+        self.decay = decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.batch_range(x)
+        if self.initialized:
+            low = self.decay * self.min_val + (1 - self.decay) * low
+            high = self.decay * self.max_val + (1 - self.decay) * high
+        self.min_val, self.max_val = low, high
+        return x
+
+
+class PercentileObserver(Observer):
+    """Running min/max of the batch's lower/upper percentiles (clips outliers; whitepaper §3.1)."""
+
+    def __init__(self, per_channel: bool = False, ch_axis: int = 0, percentile: float = 99.99) -> None:
+        super().__init__(per_channel, ch_axis)
+        self.q = percentile / 100.0
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().float()
+        if self.per_channel:
+            x = x.movedim(self.ch_axis, 0).reshape(x.shape[self.ch_axis], -1)
+        else:
+            x = x.reshape(1, -1)
+        if x.shape[1] > 2**24:  # torch.quantile's input limit
+            x = x[:, torch.randperm(x.shape[1], device=x.device)[: 2**24]]
+        low = torch.quantile(x, 1 - self.q, dim=1)
+        high = torch.quantile(x, self.q, dim=1)
+        return (low, high) if self.per_channel else (low[0], high[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = self.batch_range(x)
+        if self.initialized:
+            low, high = torch.minimum(low, self.min_val), torch.maximum(high, self.max_val)
+        self.min_val, self.max_val = low, high
+        return x
+
+
+OBSERVERS = {"current": CurrentMinMaxObserver, "minmax": MinMaxObserver, "ema": EmaMinMaxObserver, "percentile": PercentileObserver}
+
+
+def make_observer(name: str, *, per_channel: bool, ch_axis: int, key: str = "quant.observer",
+                  **options: float) -> Observer:
+    """Build an observer by config name."""
+    if name not in OBSERVERS:
+        raise choice_error(key, name, list(OBSERVERS))
+    cls = OBSERVERS[name]
+    kwargs = {}
+    if name == "ema" and "ema_decay" in options:
+        kwargs["decay"] = options["ema_decay"]
+    if name == "percentile" and "percentile" in options:
+        kwargs["percentile"] = options["percentile"]
+    return cls(per_channel=per_channel, ch_axis=ch_axis, **kwargs)

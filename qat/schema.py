@@ -1,0 +1,81 @@
+"""Typed configuration of one run (plain dataclasses; registered in Hydra's ConfigStore by ``experiments``).
+
+Every config group of ``configs/`` maps to one field here, so a typo or a wrong type fails at compose time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qat.quant.config import QuantConfig
+from qat.quant.schedule import QuantSchedule
+from qat.train.loop import OptimConfig
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mobilenet_v2"
+    width_mult: float = 1.0
+    resolution: int = 224
+    weights: str | None = None  # local float checkpoint; skips float training
+
+
+@dataclass
+class DemoDataConfig:
+    num_classes: int = 10
+    train_per_class: int = 200
+    val_per_class: int = 50
+    image_size: int = 48
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # demo (generated on first use) | imagefolder (ImageNet or any ImageFolder tree)
+    root: str | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 250
+    workers: int = 0
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    resize_ratio: float = 0.875
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+
+@dataclass
+class QuantGroup(QuantConfig):
+    precision: str = "int8"  # float | int8 (integer model; grids of 2-8 bits run in 8-bit containers)
+    calibration_batches: int = 4  # batches that initialise activation ranges before fine-tuning
+
+
+@dataclass
+class TrainConfig:
+    float_epochs: int = 15  # float training when no float weights are given
+    qat_epochs: int = 3  # simulated-quantization fine-tuning
+    qat_lr: float = 0.005
+    threads: int | None = None  # torch threads for training (default: all cores)
+    cache_float: bool = True  # reuse float weights trained by an identical earlier run
+
+
+@dataclass
+class LatencyConfig:
+    engine: str = "torch_native"
+    backend: str = "x86"
+    threads: int = 1
+    batch: int = 1
+    warmup: int = 10
+    repeats: int = 50
+    min_time_s: float = 0.5
+
+
+@dataclass
+class RunConfig:
+    tag: str = "default"  # free label of the study, copied into the record as "experiment"
+    seed: int = 0
+    cache_dir: str | None = None  # default $QAT_CACHE or ~/.cache/qat
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantGroup = field(default_factory=QuantGroup)
+    schedule: QuantSchedule = field(default_factory=QuantSchedule)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)

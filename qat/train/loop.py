@@ -1,0 +1,111 @@
+"""Training and evaluation loops (plain PyTorch; progress bars on a terminal, one log line per epoch)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qat.errors import QatError, choice_error
+
+log = logging.getLogger("qat")
+
+
+def progress(iterable, total: int, desc: str):  # type: ignore[no-untyped-def]
+    """A tqdm bar when stderr is a terminal; the bare iterable otherwise (logs carry the progress)."""
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer as the papers used them: SGD with momentum (whitepaper) or RMSProp (Jacob, MobileNet)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step | constant
+    step_epochs: int = 30
+    step_gamma: float = 0.1
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, momentum=cfg.momentum, alpha=0.9, eps=1.0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise choice_error("optim.name", cfg.name, ["sgd", "rmsprop", "adamw"])
+
+
+def lr_at(cfg: OptimConfig, base_lr: float, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning rate at a global step: cosine to zero, step decay every ``step_epochs``, or constant."""
+    if cfg.schedule == "cosine":
+        return 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    if cfg.schedule == "step":
+        return base_lr * cfg.step_gamma ** (step // max(cfg.step_epochs * steps_per_epoch, 1))
+    if cfg.schedule == "constant":
+        return base_lr
+    raise choice_error("optim.schedule", cfg.schedule, ["cosine", "step", "constant"])
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, step: int,
+                lr_fn: Callable[[int], float], before_step: Callable[[int], None] | None = None,
+                desc: str = "train") -> tuple[int, float]:
+    """One pass over ``loader``; returns (next global step, mean loss). Stops on a non-finite loss."""
+    model.train()
+    total, count = 0.0, 0
+    for images, targets in progress(loader, len(loader), desc):
+        if before_step is not None:
+            before_step(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_fn(step)
+        loss = F.cross_entropy(model(images), targets)
+        if not torch.isfinite(loss):
+            raise QatError("optim.lr", f"loss became {loss.item()} at step {step}",
+                           "lower the learning rate; the last good checkpoint is kept")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * images.shape[0]
+        count += images.shape[0]
+        step += 1
+    return step, total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, desc: str = "eval"
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, predicted classes and targets over ``loader`` (in loader order)."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    logits, targets = [], []
+    for images, target in progress(loader, len(loader), desc):
+        logits.append(model(images).float())
+        targets.append(target)
+    out = torch.cat(logits)
+    return out, out.argmax(1), torch.cat(targets)
+
+
+def top1(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (predicted == targets).float().mean().item()
