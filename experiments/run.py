@@ -12,10 +12,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
+from _cli import one_line_errors, register_schemas  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from _cli import one_line_errors, register_schemas  # noqa: E402
 from qat.pipeline import run_classification  # noqa: E402
 
 register_schemas()

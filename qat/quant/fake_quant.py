@@ -1,8 +1,9 @@
 """Simulated-quantization node: an observer plus the fused fake-quantize op (Jacob §3, Fig. 1.1b).
 
-Ranges are updated only in training mode (``model.train()``); PTQ calibration puts just these nodes in
-training mode (:func:`qat.quant.prepare.calibration_mode`). Two switches drive the schedule (:mod:`qat.quant.schedule`): ``observing`` (ranges still being estimated;
-off after the range-freeze step) and ``quantizing`` (off before the quantization delay, Jacob §3.1).
+Activation ranges are updated only in training mode (``model.train()``); PTQ calibration puts just these
+nodes in training mode (:func:`qat.quant.prepare.calibration_mode`). Two switches drive the schedule
+(:mod:`qat.quant.schedule`): ``observing`` (ranges still being estimated; off after the range-freeze step)
+and ``quantizing`` (off before the quantization delay, Jacob §3.1).
 """
 
 from __future__ import annotations

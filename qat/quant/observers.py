@@ -87,7 +87,7 @@ class EmaMinMaxObserver(Observer):
         return x
 
 
-class PercentileObserver(Observer):
+class PercentileObserver(MinMaxObserver):
     """Running min/max of the batch's lower/upper percentiles (clips outliers; whitepaper §3.1)."""
 
     def __init__(self, per_channel: bool = False, ch_axis: int = 0, percentile: float = 99.99) -> None:
@@ -96,25 +96,17 @@ class PercentileObserver(Observer):
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().float()
-        if self.per_channel:
-            x = x.movedim(self.ch_axis, 0).reshape(x.shape[self.ch_axis], -1)
-        else:
-            x = x.reshape(1, -1)
+        x = x.movedim(self.ch_axis, 0).flatten(1) if self.per_channel else x.reshape(1, -1)
         if x.shape[1] > 2**24:  # torch.quantile's input limit
             x = x[:, torch.randperm(x.shape[1], device=x.device)[: 2**24]]
         low = torch.quantile(x, 1 - self.q, dim=1)
         high = torch.quantile(x, self.q, dim=1)
         return (low, high) if self.per_channel else (low[0], high[0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low, high = self.batch_range(x)
-        if self.initialized:
-            low, high = torch.minimum(low, self.min_val), torch.maximum(high, self.max_val)
-        self.min_val, self.max_val = low, high
-        return x
 
 
-OBSERVERS = {"current": CurrentMinMaxObserver, "minmax": MinMaxObserver, "ema": EmaMinMaxObserver, "percentile": PercentileObserver}
+OBSERVERS = {"current": CurrentMinMaxObserver, "minmax": MinMaxObserver, "ema": EmaMinMaxObserver,
+             "percentile": PercentileObserver}
 
 
 def make_observer(name: str, *, per_channel: bool, ch_axis: int, key: str = "quant.observer",

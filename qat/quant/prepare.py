@@ -153,25 +153,27 @@ class _Preparer:
         if override and override.keep_float:
             return
         conv = self.modules[conv_node.target]
-        last, bn = conv_node, None
+        last, bn_node = conv_node, None
         user = _only_user(conv_node)
         if user is not None and _is_module(user, self.modules, nn.BatchNorm2d):
-            bn, last = self.modules[user.target], user
+            bn_node = last = user
         activation = "none"
         user = _only_user(last)
         if user is not None and _relu_kind(user, self.modules):
             activation, last = _relu_kind(user, self.modules), user
         if activation != "none" and self.config.activation:
             activation = self.config.activation
+        bn = self.modules[bn_node.target] if bn_node is not None else None
         fused = QConvBnAct(conv, bn, activation, self._weight_fq(override.weight_bits if override else None),
                            self.config.bn_fold)
         self.gm.add_submodule(conv_node.target, fused)
-        if last is not conv_node:
-            last.replace_all_uses_with(conv_node)
-            while last is not conv_node:
-                previous = last.args[0]
-                self.gm.graph.erase_node(last)
-                last = previous
+        if bn_node is not None:  # now owned by the fused module; the old path would shadow it
+            self.gm.delete_submodule(bn_node.target)
+        last.replace_all_uses_with(conv_node)
+        while last is not conv_node:
+            previous = last.args[0]
+            self.gm.graph.erase_node(last)
+            last = previous
         conv_node.meta["act_bits"] = override.act_bits if override else None
 
     # --- step 2: activation quantizers ----------------------------------------------------------------

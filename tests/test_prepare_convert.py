@@ -1,0 +1,114 @@
+"""Graph preparation on torchvision models, overrides, and conversion to the integer model and engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from qat.engines.torch_native import build
+from qat.errors import QatError
+from qat.intmodel.convert import convert
+from qat.intmodel.fixedpoint import multiplier_value, quantize_multiplier
+from qat.intmodel.graph import IntModel
+from qat.quant.config import LayerOverride, QuantConfig
+from qat.quant.fake_quant import FakeQuantize
+from qat.quant.modules import QConvBnAct, QLinear
+from qat.quant.prepare import calibration_mode, prepare
+
+MODELS = {
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_prepares_and_trains(name: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    model = prepare(MODELS[name](), QuantConfig(), x[:1]).train()
+    model(x).sum().backward()
+    convs = [m for m in model.modules() if isinstance(m, QConvBnAct)]
+    assert convs and all(m.conv.weight.grad is not None for m in convs)
+    assert any(isinstance(m, QLinear) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) and not isinstance(p, QConvBnAct)
+                   for p in model.modules() for m in p.children())
+
+
+def test_prepare_leaves_the_original_untouched() -> None:
+    model = MODELS["mobilenet_v2"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare(model, QuantConfig(), torch.randn(1, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FakeQuantize) for m in model.modules())
+
+
+def test_overrides_change_bits_and_keep_float() -> None:
+    config = QuantConfig(overrides=[LayerOverride("features.0.*", weight_bits=4),
+                                    LayerOverride("classifier.1", keep_float=True)])
+    model = prepare(MODELS["mobilenet_v2"](), config, torch.randn(1, 3, 32, 32))
+    first = model.get_submodule("features.0.0")
+    assert isinstance(first, QConvBnAct) and first.weight_fq.spec.bits == 4
+    assert model.get_submodule("features.1.conv.0.0").weight_fq.spec.bits == 8
+    assert isinstance(model.get_submodule("classifier.1"), nn.Linear)
+
+
+def test_override_matching_nothing_is_a_clear_error() -> None:
+    config = QuantConfig(overrides=[LayerOverride("backbone.*", weight_bits=4)])
+    with pytest.raises(QatError, match=r"quant.overrides: pattern 'backbone.\*' matches no layer"):
+        prepare(MODELS["mobilenet_v2"](), config, torch.randn(1, 3, 32, 32))
+
+
+def test_untraceable_model_is_a_clear_error() -> None:
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(QatError, match="model: DataDependent cannot be traced"):
+        prepare(DataDependent(), QuantConfig(), torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("real", [0.5, 0.0037, 1e-5, 0.999999999, 1.7, 2.0**-20])
+def test_requantization_multiplier(real: float) -> None:
+    m0, shift = quantize_multiplier(real)
+    assert 2**30 <= m0 < 2**31
+    assert multiplier_value(m0, shift) == pytest.approx(real, rel=2**-30)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_engine_agrees_with_simulation(arch: str, per_channel: bool, tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 32, 32)
+    model = prepare(MODELS[arch](), QuantConfig(weight_per_channel=per_channel, act_observer="minmax"), x[:1])
+    with calibration_mode(model), torch.no_grad():
+        model(x)
+    model.eval()
+    int_model = IntModel.load(convert(model).save(tmp_path / "int_model.pt"))
+    conv = next(n for n in int_model.nodes if n.op == "conv2d")
+    assert conv.tensors["weight"].abs().max() <= 127 and conv.tensors["bias"].dtype == torch.int32
+    assert all(2**30 <= int(m) < 2**31 for m in conv.tensors["multiplier"])
+    engine = build(int_model, "x86")
+    with torch.no_grad():
+        simulated, integer = model(x), engine(x)
+    lsb = (simulated - integer).abs() / int_model.nodes[-2].out.scale
+    # rounding differences only (int32 bias, kernel requantization): layers differ by <=1 LSB now and then,
+    # which accumulates over ~20 untrained layers to a few LSB of the logits
+    assert lsb.mean() < 2 and lsb.max() <= 16
+    assert (simulated.argmax(1) == integer.argmax(1)).float().mean() >= 0.9
+
+
+def test_converting_an_uncalibrated_model_is_a_clear_error() -> None:
+    model = prepare(MODELS["mobilenet_v2"](), QuantConfig(), torch.randn(1, 3, 32, 32))
+    with pytest.raises(QatError, match="convert: .*no range"):
+        convert(model)
+
+
+def test_loading_a_foreign_file_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save({"weights": 1}, path)
+    with pytest.raises(QatError, match="not a qat integer model"):
+        IntModel.load(path)

@@ -1,0 +1,70 @@
+"""The Hydra run app end to end on a tiny generated dataset, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat.engines.torch_native import build
+from qat.intmodel.graph import IntModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["experiment=demo", "model.width_mult=0.35", "train.float_epochs=2", "train.qat_epochs=1",
+        "data.demo.num_classes=4", "data.demo.train_per_class=24", "data.demo.val_per_class=8",
+        "data.batch_size=16", "latency.repeats=20", "latency.warmup=3", "latency.min_time_s=0"]
+
+
+def run_app(args: list[str], tmp_path: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "QAT_CACHE": str(tmp_path / "cache")}
+    env.pop("QAT_DEBUG", None)
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), *args, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_app([*TINY, "quant=w8a8"], tmp_path, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["schema"] == "qat.record/1" and record["quant"]["precision"] == "int8"
+    acc = record["accuracy"]
+    assert {"float_top1", "sim_top1", "int_top1", "top1"} <= set(acc) and acc["top1"] == acc["int_top1"]
+    assert record["latency"]["engine"] == "torch_native_x86" and record["latency"]["n"] >= 20
+    assert record["latency"]["median_ms"] > 0 and record["latency_float"]["median_ms"] > 0
+    assert record["fidelity"]["sim_vs_int_top1_agreement"] >= 90.0
+    # the saved integer model runs on the int8 engine and reproduces the recorded predictions' accuracy class
+    int_model = IntModel.load(run_dir / "int_model.pt")
+    logits = build(int_model)(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 4)
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(("override", "key", "hint"), [
+    ("model.arch=resnet9000", "model.arch", "valid choices: "),
+    ("quant.precision=int3", "quant.precision", "valid choices: "),
+    ("quant.weight_bits=1", "quant.weight.bits", "from 2 to 16"),
+    ("data=imagefolder data.root=/no/such/folder", "data.root", "/no/such/folder"),
+])
+def test_bad_input_stops_before_work_with_one_line(override: str, key: str, hint: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_app([*TINY, *override.split()], tmp_path, run_dir)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {key}:") and hint in lines[0]
+    assert not (run_dir / "record.json").exists()
+    assert not (tmp_path / "cache" / "data").exists()  # stopped before generating data
+
+
+def test_misspelt_key_fails_at_compose_time(tmp_path: Path) -> None:
+    result = run_app([*TINY, "model.widht_mult=0.5"], tmp_path, tmp_path / "run")
+    assert result.returncode != 0
+    assert "widht_mult" in result.stderr
+    assert not (tmp_path / "run" / "record.json").exists()
