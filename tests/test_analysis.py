@@ -239,3 +239,17 @@ def test_unreadable_records_are_skipped(tmp_path: Path) -> None:
     assert len(df) == 1
     assert sorted(path.parent.name for path, _ in skipped) == ["bytes", "dir"]
     assert all(reason.startswith("unreadable") for _, reason in skipped)
+
+
+def test_precision_pairs_pairs_float_and_int8_by_model_size() -> None:
+    from qat.analysis.report import precision_pairs
+
+    rows = []
+    for width, (f_acc, q_acc, f_ms, q_ms) in {0.5: (90.0, 89.0, 4.0, 2.0), 1.0: (92.0, 91.5, 8.0, 2.5)}.items():
+        for precision, acc, ms in (("float", f_acc, f_ms), ("int8", q_acc, q_ms)):
+            rows.append({"model.arch": "mobilenet_v2", "model.width_mult": width, "model.resolution": 32,
+                         "quant.precision": precision, "accuracy.top1": acc, "latency.median_ms": ms})
+    pairs = precision_pairs(pd.DataFrame(rows))
+    assert pairs["width_mult"].tolist() == [0.5, 1.0]
+    assert pairs["top1_drop"].tolist() == pytest.approx([1.0, 0.5])
+    assert pairs["int8_speedup"].tolist() == pytest.approx([2.0, 3.2])

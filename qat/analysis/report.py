@@ -49,6 +49,32 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+MODEL_KEYS = ("model.arch", "model.width_mult", "model.resolution")
+
+
+def precision_pairs(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model size: float vs int8 top-1 and latency, the drop and the int8 speed-up.
+
+    Float and int8 rows are paired on architecture, width and resolution (mean over seeds/repeats).
+    """
+    needed = [*MODEL_KEYS, "quant.precision", "accuracy.top1", "latency.median_ms"]
+    if any(c not in table.columns for c in needed):
+        return pd.DataFrame()
+    data = table[needed].copy()
+    data["accuracy.top1"] = pd.to_numeric(data["accuracy.top1"], errors="coerce")
+    data["latency.median_ms"] = pd.to_numeric(data["latency.median_ms"], errors="coerce")
+    wide = data.groupby([*MODEL_KEYS, "quant.precision"], dropna=False).mean(numeric_only=True).unstack()
+    if ("accuracy.top1", "float") not in wide.columns or ("accuracy.top1", "int8") not in wide.columns:
+        return pd.DataFrame()
+    pairs = pd.DataFrame({
+        "float_top1": wide[("accuracy.top1", "float")], "int8_top1": wide[("accuracy.top1", "int8")],
+        "float_ms": wide[("latency.median_ms", "float")], "int8_ms": wide[("latency.median_ms", "int8")],
+    })  # fmt: skip
+    pairs["top1_drop"] = pairs["float_top1"] - pairs["int8_top1"]
+    pairs["int8_speedup"] = pairs["float_ms"] / pairs["int8_ms"]
+    return pairs.dropna().reset_index().rename(columns=lambda c: c.split(".")[-1])
+
+
 def _print_summary(
     table: pd.DataFrame, skipped: list[tuple[Path, str]], csv_path: Path, plots: list[Path]
 ) -> None:
@@ -59,6 +85,10 @@ def _print_summary(
         print(f"skipped {len(skipped)} record(s):")
         for path, reason in skipped:
             print(f"  {path}: {reason}")
+    pairs = precision_pairs(table)
+    if not pairs.empty:
+        print("float vs int8 per model size:")
+        print(pairs.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"wrote {csv_path}")
     for path in plots:
         print(f"wrote {path}")

@@ -117,7 +117,9 @@ def build_classification_loaders(
     if not 0.0 < resize_ratio <= 1.0:
         raise QatError("data.resize_ratio", f"{resize_ratio} is not in (0, 1]", "ImageNet uses 0.875")
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise QatError("data.distributed", "torch.distributed is not initialised", "call init_process_group first")
+        raise QatError(
+            "data.distributed", "torch.distributed is not initialised", "call init_process_group first"
+        )
     classes = check_layout(root)
     root = Path(root).expanduser()
     train_tf, val_tf = classification_transforms(
@@ -134,7 +136,11 @@ def build_classification_loaders(
         train_sampler = val_sampler = None
         per_replica = len(train_set)
         generator = torch.Generator().manual_seed(seed)
-    common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
+    common = {
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+    }
     train = DataLoader(
         train_set, batch_size=batch_size, shuffle=train_sampler is None, sampler=train_sampler,
         generator=generator, drop_last=per_replica >= batch_size, **common,

@@ -43,7 +43,7 @@ class _Nuisance:
     """How hard the task is; part of the generator version (change both together)."""
 
     radius: tuple[float, float] = (0.17, 0.32)  # object radius / image size
-    contrast: float = 70.0  # minimum RGB distance between object colour and mean background
+    contrast: float = 70.0  # minimum luma difference between object colour and mean background
     strokes_under: tuple[int, int] = (1, 3)  # distractor strokes drawn before the object (inclusive range)
     strokes_over: tuple[int, int] = (0, 2)  # ... and after it
     occlusion: float = 0.35  # probability of an occluding rectangle
@@ -62,7 +62,11 @@ def default_cache_dir() -> Path:
 
 
 def demo_params(
-    *, num_classes: int = 10, train_per_class: int = 200, val_per_class: int = 50, image_size: int = 48,
+    *,
+    num_classes: int = 10,
+    train_per_class: int = 200,
+    val_per_class: int = 50,
+    image_size: int = 48,
     seed: int = 0,
 ) -> dict[str, int]:
     """The parameters that define a demo dataset (what the folder hash and the manifest are made of)."""
@@ -99,8 +103,14 @@ def _is_complete(path: Path, params: dict[str, int]) -> bool:
 
 
 def make_demo_dataset(
-    root: str | os.PathLike[str] | None = None, *, num_classes: int = 10, train_per_class: int = 200,
-    val_per_class: int = 50, image_size: int = 48, seed: int = 0, progress: bool = True,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    num_classes: int = 10,
+    train_per_class: int = 200,
+    val_per_class: int = 50,
+    image_size: int = 48,
+    seed: int = 0,
+    progress: bool = True,
 ) -> Path:
     """Generate the demo dataset under ``root`` (default ``<cache>/data``) unless it exists; return its path.
 
@@ -117,7 +127,8 @@ def make_demo_dataset(
         return target
     if target.exists():
         raise QatError(
-            "data.root", f"{target} exists but is not a complete demo dataset (no matching {MANIFEST_NAME})",
+            "data.root",
+            f"{target} exists but is not a complete demo dataset (no matching {MANIFEST_NAME})",
             "move or delete it, or pass another --root",
         )
     parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +218,9 @@ class _Renderer:
         out = Image.fromarray(np.clip(img, 0, 255).round().astype(np.uint8))
         out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, nz.blur)))
         noise = rng.normal(0, rng.uniform(*nz.noise), (self.size, self.size, 3)).astype(np.float32)
-        return Image.fromarray(np.clip(np.asarray(out, dtype=np.float32) + noise, 0, 255).round().astype(np.uint8))
+        return Image.fromarray(
+            np.clip(np.asarray(out, dtype=np.float32) + noise, 0, 255).round().astype(np.uint8)
+        )
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         """A random colour, a linear gradient towards another, and two low-frequency waves."""
@@ -220,7 +233,9 @@ class _Renderer:
             k = rng.uniform(0.5, 2.5) * 2 * np.pi / s
             a = rng.uniform(0, 2 * np.pi)
             wave = np.sin(k * (np.cos(a) * self.xc + np.sin(a) * self.yc) + rng.uniform(0, 2 * np.pi))
-            img += wave[..., None] * rng.uniform(-self.nuisance.waves, self.nuisance.waves, size=3).astype(np.float32)
+            img += wave[..., None] * rng.uniform(-self.nuisance.waves, self.nuisance.waves, size=3).astype(
+                np.float32
+            )
         return img
 
     def _stroke(self, img: np.ndarray, rng: np.random.Generator) -> None:
@@ -244,7 +259,9 @@ class _Renderer:
             mask = (x - p[0]) ** 2 + (y - p[1]) ** 2 <= r**2
         _blend(img[rows, cols], _alpha(mask), rng.uniform(0, 255, size=3))
 
-    def _occluder(self, img: np.ndarray, cx: float, cy: float, radius: float, rng: np.random.Generator) -> None:
+    def _occluder(
+        self, img: np.ndarray, cx: float, cy: float, radius: float, rng: np.random.Generator
+    ) -> None:
         """A rectangle of random colour covering part of the object."""
         a = rng.uniform(0, 2 * np.pi)
         dist = radius * rng.uniform(0.6, 1.2)
@@ -284,13 +301,17 @@ def _blend(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
     img += alpha * (colour.astype(np.float32) - img)
 
 
-def _contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_dist: float) -> np.ndarray:
-    """A random colour at least ``min_dist`` (RGB distance) from the mean background."""
-    for _ in range(50):
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_luma: float) -> np.ndarray:
+    """A random colour whose luma differs from the mean background's by at least ``min_luma`` (0..255)."""
+    target = float(background @ _LUMA)
+    for _ in range(100):
         colour = rng.uniform(0, 255, size=3)
-        if np.linalg.norm(colour - background) >= min_dist:
+        if abs(float(colour @ _LUMA) - target) >= min_luma:
             return colour
-    return 255.0 - background
+    return np.full(3, 0.0 if target > 127.5 else 255.0)
 
 
 def _polygon(u: np.ndarray, v: np.ndarray, sides: int, inradius: float) -> np.ndarray:
@@ -345,7 +366,9 @@ def _shape(name: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) ->
 def main(argv: list[str] | None = None) -> int:
     """``qat-demo-data``: generate the demo dataset (if missing) and print its path."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=None, help="parent folder (default: $QAT_CACHE/data or ~/.cache/qat/data)")
+    parser.add_argument(
+        "--root", default=None, help="parent folder (default: $QAT_CACHE/data or ~/.cache/qat/data)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=200)

@@ -1,0 +1,90 @@
+"""Benchmark: cost of a simulated-quantization training step relative to a float step (issue: quant core).
+
+Interleaves float and QAT steps in one process (same data, same threads) and prints the ratio per model
+and BN-folding mode, with torch.ao's ``prepare_qat`` (deprecated eager API) as the peer where it applies.
+
+    .venv/bin/python scripts/bench/qat_overhead.py --resolution 112 --batch 32 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+import torchvision
+from torch import nn
+
+from qat.quant.config import QuantConfig
+from qat.quant.prepare import prepare
+
+
+def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    t0 = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def torch_ao_peer(model: nn.Module) -> nn.Module | None:
+    """torch.ao eager prepare_qat on torchvision's quantizable ResNet-18 (the peer the issue names)."""
+    try:
+        from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+        from torchvision.models.quantization import resnet18
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peer = resnet18(num_classes=10)
+            peer.load_state_dict(model.state_dict(), strict=False)
+            peer.train()
+            peer.fuse_model(is_qat=True)
+            peer.qconfig = get_default_qat_qconfig("x86")
+            return prepare_qat(peer)
+    except Exception as exc:  # noqa: BLE001 - the peer is optional and deprecated
+        print(f"  (torch.ao peer unavailable: {type(exc).__name__}: {exc})")
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution)
+    y = torch.randint(0, 10, (args.batch,))
+    print(f"batch {args.batch}, {args.resolution}x{args.resolution}, {args.threads} thread(s), w8a8 per-channel; "
+          f"median of {args.steps} interleaved steps")
+    print(f"{'model':<14}{'variant':<22}{'ms/step':>10}{'ratio':>8}")
+    for name in ("resnet18", "mobilenet_v2"):
+        model = getattr(torchvision.models, name)(num_classes=10).train()
+        variants: dict[str, nn.Module] = {"float": model}
+        for mode in ("jacob", "whitepaper", "unfolded"):
+            variants[f"qat bn_fold={mode}"] = prepare(copy.deepcopy(model), QuantConfig(bn_fold=mode), x[:1]).train()
+        if name == "resnet18":
+            peer = torch_ao_peer(copy.deepcopy(model))
+            if peer is not None:
+                variants["torch.ao prepare_qat"] = peer
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for k, m in variants.items():  # warm-up
+            step_time(m, x, y)
+        for _ in range(args.steps):
+            for k, m in variants.items():
+                times[k].append(step_time(m, x, y))
+        base = statistics.median(times["float"])
+        for k, values in times.items():
+            med = statistics.median(values)
+            print(f"{name:<14}{k:<22}{med * 1e3:>10.1f}{med / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
