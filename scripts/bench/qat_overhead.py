@@ -75,7 +75,7 @@ def main() -> None:
             if peer is not None:
                 variants["torch.ao prepare_qat"] = peer
         times: dict[str, list[float]] = {k: [] for k in variants}
-        for k, m in variants.items():  # warm-up
+        for m in variants.values():  # warm-up
             step_time(m, x, y)
         for _ in range(args.steps):
             for k, m in variants.items():
