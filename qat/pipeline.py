@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,8 @@ def float_key(cfg: RunConfig, data_info: dict[str, Any]) -> str:
 def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: str, epochs: int, lr: float,
         checkpoint: Path, before_step=None) -> nn.Module:  # type: ignore[no-untyped-def]
     """Train ``epochs`` epochs, checkpointing each epoch atomically; resume from ``checkpoint`` if present."""
-    optimizer = build_optimizer(model, cfg.optim, lr)
+    optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)  # fine-tuning: no warm-up
+    optimizer = build_optimizer(model, optim, lr)
     steps_per_epoch = len(data.train)
     total = epochs * steps_per_epoch
     start_epoch, step = 0, 0
@@ -113,7 +114,7 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
         t0 = time.time()
         torch.manual_seed(cfg.seed * 1000 + epoch)
         step, loss = train_epoch(model, data.train, optimizer, step=step, before_step=before_step,
-                                 lr_fn=lambda s: lr_at(cfg.optim, lr, s, total, steps_per_epoch),
+                                 lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
                                  desc=f"{phase} {epoch + 1}/{epochs}")
         save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "epoch": epoch + 1, "step": step, "phase": phase})

@@ -39,6 +39,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | step | constant
     step_epochs: int = 30
     step_gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from 0 (Goyal et al. 2017), then the schedule
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -58,7 +59,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
 
 
 def lr_at(cfg: OptimConfig, base_lr: float, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Learning rate at a global step: cosine to zero, step decay every ``step_epochs``, or constant."""
+    """Learning rate at a global step: linear warm-up, then cosine to zero, step decay every ``step_epochs``,
+    or constant."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
     if cfg.schedule == "cosine":
         return 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
     if cfg.schedule == "step":
