@@ -23,8 +23,8 @@ class ModelConfig:
 @dataclass
 class DemoDataConfig:
     num_classes: int = 10
-    train_per_class: int = 200
-    val_per_class: int = 50
+    train_per_class: int = 1000
+    val_per_class: int = 100
     image_size: int = 48
     seed: int = 0
 

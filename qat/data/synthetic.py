@@ -2,9 +2,12 @@
 
 Classes are defined by shape or texture (disk, square, triangle, cross, ring, star, crescent, stripes,
 checker, dots, ...). Everything else is nuisance, drawn independently of the class: position, scale,
-rotation, aspect, object and background colours, background gradients, distractor strokes, occluders,
-blur and Gaussian noise. Layout: ``<root>/demo-<hash>/{train,val}/<class>/<index>.png`` plus a
-``manifest.json`` that is written last, so a half-written dataset is never taken for a complete one.
+rotation, aspect, colours (light tinted objects on darker coloured backgrounds), background gradients,
+distractor strokes, occluders, blur and Gaussian noise. Defaults are tuned so that MobileNet v2 trained
+from scratch at 32 px for 15 epochs lands near 90% val top-1, not 100%.
+
+Layout: ``<root>/demo-<hash>/{train,val}/<class>/<index>.png`` plus a ``manifest.json`` written last, so a
+half-written dataset is never taken for a complete one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tqdm import tqdm
 from qat.errors import QatError
 
 GENERATOR = "qat.demo"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 CLASS_NAMES: tuple[str, ...] = (
     "disk", "square", "triangle", "cross", "ring", "star",
@@ -40,16 +43,23 @@ _SPLITS = {"train": 0, "val": 1}
 
 @dataclass(frozen=True)
 class _Nuisance:
-    """How hard the task is; part of the generator version (change both together)."""
+    """How hard the task is; part of the generator version (change both together).
 
-    radius: tuple[float, float] = (0.17, 0.32)  # object radius / image size
-    contrast: float = 70.0  # minimum luma difference between object colour and mean background
-    strokes_under: tuple[int, int] = (1, 3)  # distractor strokes drawn before the object (inclusive range)
+    Backgrounds stay darker than objects on purpose: with backgrounds over the full 0..255 range,
+    MobileNet v2 trained from scratch with SGD hardly gets off the ground in 15 epochs (measured).
+    """
+
+    radius: tuple[float, float] = (0.19, 0.33)  # object radius / image size
+    background: tuple[float, float] = (0.0, 80.0)  # range of each background channel (0..255)
+    object_level: tuple[float, float] = (150.0, 255.0)  # object grey level (mirrored on light backgrounds)
+    tint: float = 40.0  # maximum per-channel deviation of the object colour from grey
+    strokes_under: tuple[int, int] = (0, 2)  # distractor strokes drawn before the object (inclusive range)
     strokes_over: tuple[int, int] = (0, 2)  # ... and after it
-    occlusion: float = 0.35  # probability of an occluding rectangle
+    occlusion: float = 0.3  # probability of an occluding rectangle
     blur: float = 0.9  # maximum Gaussian blur radius (pixels)
-    noise: tuple[float, float] = (2.0, 16.0)  # range of the Gaussian noise sigma (0..255 scale)
+    noise: tuple[float, float] = (2.0, 12.0)  # range of the Gaussian noise sigma (0..255 scale)
     waves: float = 20.0  # amplitude of low-frequency background waves
+    shading: float = 0.25  # maximum relative brightness change across the object
 
 
 NUISANCE = _Nuisance()
@@ -64,8 +74,8 @@ def default_cache_dir() -> Path:
 def demo_params(
     *,
     num_classes: int = 10,
-    train_per_class: int = 200,
-    val_per_class: int = 50,
+    train_per_class: int = 1000,
+    val_per_class: int = 100,
     image_size: int = 48,
     seed: int = 0,
 ) -> dict[str, int]:
@@ -106,8 +116,8 @@ def make_demo_dataset(
     root: str | os.PathLike[str] | None = None,
     *,
     num_classes: int = 10,
-    train_per_class: int = 200,
-    val_per_class: int = 50,
+    train_per_class: int = 1000,
+    val_per_class: int = 100,
     image_size: int = 48,
     seed: int = 0,
     progress: bool = True,
@@ -200,7 +210,10 @@ class _Renderer:
         nz = self.nuisance
         for _ in range(rng.integers(nz.strokes_under[0], nz.strokes_under[1] + 1)):
             self._stroke(img, rng)
-        colour = _contrasting_colour(rng, img.reshape(-1, 3).mean(axis=0), nz.contrast)
+        level = rng.uniform(*nz.object_level)
+        if img.mean() > 127.5:  # dark object on a light background
+            level = 255.0 - level
+        colour = level + rng.uniform(-nz.tint, nz.tint, size=3)
         cx, cy = rng.uniform(0.32 * s, 0.68 * s, size=2)
         radius = s * rng.uniform(*nz.radius)
         theta, aspect = rng.uniform(0, 2 * np.pi), np.exp(rng.uniform(-0.2, 0.2))
@@ -209,7 +222,7 @@ class _Renderer:
         u, v = _object_frame(*self._fine(rows, cols), cx, cy, radius, theta, aspect)
         mask = _shape(name, u, v, rng)
         uc, vc = _object_frame(self.xc[rows, cols], self.yc[rows, cols], cx, cy, radius, theta, aspect)
-        shade = 1.0 + rng.uniform(-0.25, 0.25) * (0.7 * (uc + vc)).clip(-1.5, 1.5)[..., None]
+        shade = 1.0 + rng.uniform(-nz.shading, nz.shading) * (0.7 * (uc + vc)).clip(-1.5, 1.5)[..., None]
         _blend(img[rows, cols], _alpha(mask), np.clip(colour * shade, 0, 255))
         for _ in range(rng.integers(nz.strokes_over[0], nz.strokes_over[1] + 1)):
             self._stroke(img, rng)
@@ -225,7 +238,7 @@ class _Renderer:
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         """A random colour, a linear gradient towards another, and two low-frequency waves."""
         s = self.size
-        base, other = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+        base, other = rng.uniform(*self.nuisance.background, size=(2, 3)).astype(np.float32)
         angle = rng.uniform(0, 2 * np.pi)
         t = ((np.cos(angle) * self.xc + np.sin(angle) * self.yc) / s).clip(0, 1)[..., None]
         img = base + (other - base) * t * np.float32(rng.uniform(0.2, 0.8))
@@ -301,19 +314,6 @@ def _blend(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
     img += alpha * (colour.astype(np.float32) - img)
 
 
-_LUMA = np.array([0.299, 0.587, 0.114])
-
-
-def _contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_luma: float) -> np.ndarray:
-    """A random colour whose luma differs from the mean background's by at least ``min_luma`` (0..255)."""
-    target = float(background @ _LUMA)
-    for _ in range(100):
-        colour = rng.uniform(0, 255, size=3)
-        if abs(float(colour @ _LUMA) - target) >= min_luma:
-            return colour
-    return np.full(3, 0.0 if target > 127.5 else 255.0)
-
-
 def _polygon(u: np.ndarray, v: np.ndarray, sides: int, inradius: float) -> np.ndarray:
     inside = np.ones(u.shape, dtype=bool)
     for k in range(sides):
@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--train-per-class", type=int, default=200)
-    parser.add_argument("--val-per-class", type=int, default=50)
+    parser.add_argument("--train-per-class", type=int, default=1000)
+    parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
