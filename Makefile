@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check qat experiments scripts tests
+	$(VENV)/bin/ruff check qat experiments scripts tests notebooks
 
 clean:
 	rm -rf outputs .pytest_cache
