@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from qat.errors import QatError, choice_error
 from qat.quant.modules import BN_FOLD_MODES
+from qat.quant.observers import OBSERVERS
 from qat.quant.scheme import QuantSpec
 
 
@@ -44,6 +45,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.bn_fold not in BN_FOLD_MODES:
             raise choice_error("quant.bn_fold", self.bn_fold, BN_FOLD_MODES)
+        for key in ("act_observer", "weight_observer"):
+            if getattr(self, key) not in (*OBSERVERS, "mse"):
+                raise choice_error(f"quant.{key}", getattr(self, key), [*OBSERVERS, "mse"])
         if self.activation not in (None, "relu", "relu6"):
             raise choice_error("quant.activation", self.activation, ["relu", "relu6"])
         self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat.errors import choice_error
+from qat.errors import QatError, choice_error
+from qat.quant.scheme import QuantSpec
 
 
 def _reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
@@ -73,8 +74,6 @@ class EmaMinMaxObserver(Observer):
     def __init__(self, per_channel: bool = False, ch_axis: int = 0, decay: float = 0.99) -> None:
         super().__init__(per_channel, ch_axis)
         if not 0.0 <= decay < 1.0:
-            from qat.errors import QatError
-
             raise QatError("quant.act.ema_decay", f"{decay} is outside [0, 1)", "use e.g. 0.99 or 0.999")
         self.decay = decay
 
@@ -110,10 +109,16 @@ OBSERVERS = {"current": CurrentMinMaxObserver, "minmax": MinMaxObserver, "ema": 
 
 
 def make_observer(name: str, *, per_channel: bool, ch_axis: int, key: str = "quant.observer",
-                  **options: float) -> Observer:
+                  spec: QuantSpec | None = None, weights: bool = False, **options: float) -> Observer:
     """Build an observer by config name."""
+    if name == "mse":
+        from qat.quant.mse import MseObserver
+
+        if spec is None:
+            raise QatError(key, "the mse observer needs the tensor's quantization grid", "pass spec=")
+        return MseObserver(spec, per_channel=per_channel, ch_axis=ch_axis, running=not weights)
     if name not in OBSERVERS:
-        raise choice_error(key, name, list(OBSERVERS))
+        raise choice_error(key, name, [*OBSERVERS, "mse"])
     cls = OBSERVERS[name]
     kwargs = {}
     if name == "ema" and "ema_decay" in options:

@@ -121,13 +121,14 @@ class _Preparer:
     def _weight_fq(self, bits: int | None, ch_axis: int = 0) -> FakeQuantize:
         spec = self.config.weight_spec(bits)
         observer = make_observer(self.config.weight_observer, per_channel=spec.per_channel, ch_axis=ch_axis,
-                                 key="quant.weight_observer", percentile=self.config.percentile)
+                                 key="quant.weight_observer", spec=spec, weights=True,
+                                 percentile=self.config.percentile)
         return FakeQuantize(spec, observer, observe_in_eval=True)
 
     def _act_fq(self, bits: int | None = None) -> FakeQuantize:
         spec = self.config.act_spec(bits)
         observer = make_observer(self.config.act_observer, per_channel=False, ch_axis=0, key="quant.act_observer",
-                                 ema_decay=self.config.ema_decay, percentile=self.config.percentile)
+                                 spec=spec, ema_decay=self.config.ema_decay, percentile=self.config.percentile)
         return FakeQuantize(spec, observer)
 
     # --- step 1: fuse conv/BN/act and linear ----------------------------------------------------------
