@@ -12,12 +12,14 @@ from qat.errors import QatError
 from qat.intmodel.convert import convert
 from qat.intmodel.fixedpoint import multiplier_value, quantize_multiplier
 from qat.intmodel.graph import IntModel
+from qat.models import build_model
 from qat.quant.config import LayerOverride, QuantConfig
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.modules import QConvBnAct, QLinear
 from qat.quant.prepare import calibration_mode, prepare
 
 MODELS = {
+    "mobilenet_v1": lambda: build_model("mobilenet_v1", width_mult=0.25, num_classes=10, resolution=32),
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
@@ -78,7 +80,7 @@ def test_requantization_multiplier(real: float) -> None:
     assert multiplier_value(m0, shift) == pytest.approx(real, rel=2**-30)
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+@pytest.mark.parametrize("arch", ["mobilenet_v1", "mobilenet_v2", "resnet18"])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_int8_engine_agrees_with_simulation(arch: str, per_channel: bool, tmp_path) -> None:
     torch.manual_seed(0)

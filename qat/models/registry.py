@@ -29,7 +29,14 @@ def _resnet(name: str) -> Callable[[float, int], nn.Module]:
     return build
 
 
+def _mobilenet_v1(width_mult: float, num_classes: int) -> nn.Module:
+    from qat.models.mobilenet_v1 import MobileNetV1
+
+    return MobileNetV1(num_classes=num_classes, depth_multiplier=width_mult)
+
+
 MODELS: dict[str, Callable[[float, int], nn.Module]] = {
+    "mobilenet_v1": _mobilenet_v1,
     "mobilenet_v2": _mobilenet_v2,
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
 }
