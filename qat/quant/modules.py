@@ -93,8 +93,7 @@ class QConvBnAct(nn.Module):
         """Batch mean and biased variance per channel; update the running statistics like nn.BatchNorm2d."""
         bn = self.bn
         assert bn is not None
-        mean = y.mean(dim=(0, 2, 3))
-        var = y.var(dim=(0, 2, 3), unbiased=False)
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
         n = y.numel() / y.shape[1]
         with torch.no_grad():
             bn.num_batches_tracked += 1
@@ -126,16 +125,21 @@ class QConvBnAct(nn.Module):
             w, b = self.folded_weight_and_bias()
             return self._conv(x, self.weight_fq(w), b)
         running_std = torch.sqrt(bn.running_var + bn.eps)
-        gamma, beta = bn.weight, bn.bias
-        w_fold = self.conv.weight * (gamma / running_std).reshape(-1, 1, 1, 1)
-        y_scaled = self._conv(x, self.weight_fq(w_fold))
-        # y_scaled / (gamma / sigma) is the (quantized) unscaled convolution; its batch moments drive BN.
-        y = y_scaled * (running_std / gamma).reshape(1, -1, 1, 1)
+        scale = bn.weight / running_std
+        y = self._conv(x, self.weight_fq(self.conv.weight * scale.reshape(-1, 1, 1, 1)))
+        # y / (gamma / sigma) is the (quantized) unscaled convolution; batch norm with batch statistics on it
+        # equals the sigma/sigma_B output correction plus the batch-moment bias of whitepaper Fig. 13.
+        y = y / scale.reshape(1, -1, 1, 1)
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
-        mean, var = self._batch_moments(y)
-        inv_std = torch.rsqrt(var + bn.eps)
-        return (y - mean.reshape(1, -1, 1, 1)) * (gamma * inv_std).reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                            self._momentum(), bn.eps)
+
+    def _momentum(self) -> float:
+        bn = self.bn
+        assert bn is not None
+        bn.num_batches_tracked += 1
+        return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
 
 
 class QLinear(nn.Module):

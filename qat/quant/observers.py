@@ -35,8 +35,10 @@ class Observer(nn.Module):
         return self.min_val.numel() > 0
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dims = _reduce_dims(x, self.per_channel, self.ch_axis)
         x = x.detach().float()
+        if not self.per_channel:
+            return torch.aminmax(x)  # one pass
+        dims = _reduce_dims(x, self.per_channel, self.ch_axis)
         return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
