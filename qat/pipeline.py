@@ -112,7 +112,12 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
         log.info("[%s] resuming from %s at epoch %d", phase, checkpoint, start_epoch)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
+        # every epoch's randomness (shuffle, augmentation) depends only on (seed, epoch): resumes are exact
         torch.manual_seed(cfg.seed * 1000 + epoch)
+        if data.train.generator is not None:
+            data.train.generator.manual_seed(cfg.seed * 1000 + epoch)
+        if hasattr(data.train.sampler, "set_epoch"):
+            data.train.sampler.set_epoch(epoch)
         step, loss = train_epoch(model, data.train, optimizer, step=step, before_step=before_step,
                                  lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
                                  desc=f"{phase} {epoch + 1}/{epochs}")

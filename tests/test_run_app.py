@@ -68,3 +68,34 @@ def test_misspelt_key_fails_at_compose_time(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "widht_mult" in result.stderr
     assert not (tmp_path / "run" / "record.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """Kill a run after its first float epoch; the same command in the same run directory resumes and ends
+    with the metrics of an uninterrupted run."""
+    args = [*TINY, "quant=w8a8", "train.float_epochs=3", "train.threads=1"]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert run_app(args, reference, reference / "run").returncode == 0
+    expected = json.loads((reference / "run" / "record.json").read_text())
+
+    work = tmp_path / "work"
+    work.mkdir()
+    run_dir = work / "run"
+    env = {**os.environ, "QAT_CACHE": str(work / "cache")}
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), *args, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "[float] epoch 1/3" in line:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    assert not (run_dir / "record.json").exists() and (run_dir / "checkpoints" / "float_last.pt").exists()
+    resumed = run_app(args, work, run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["accuracy"] == expected["accuracy"]
+    assert record["fidelity"]["sim_vs_int_top1_agreement"] == expected["fidelity"]["sim_vs_int_top1_agreement"]
