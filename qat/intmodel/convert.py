@@ -68,7 +68,7 @@ class _Converter:
             self.env[fx_name] = node.name
             self.qparams[node.name] = node.out
 
-    def _weights(self, module: QConvBnAct | QLinear, name: str, in_q: TensorQ) -> dict:
+    def _weights(self, module: QConvBnAct | QLinear, in_q: TensorQ) -> dict:
         with torch.no_grad():
             w, b = module.folded_weight_and_bias()
             fq = module.weight_fq
@@ -143,13 +143,13 @@ class _Converter:
             c = module.conv
             attrs = {"stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation),
                      "groups": c.groups, "activation": module.activation}
-            tensors = self._weights(module, node.name, self.qparams[in_name])
+            tensors = self._weights(module, self.qparams[in_name])
             attrs.update({k: tensors.pop(k) for k in ("weight_bits", "weight_per_channel", "weight_qmin",
                                                       "weight_qmax")})
             self._emit(IntNode(node.name, "conv2d", [in_name], None, attrs, tensors), node.name)
         elif isinstance(module, QLinear):
             in_name = self._input(node.args[0])
-            tensors = self._weights(module, node.name, self.qparams[in_name])
+            tensors = self._weights(module, self.qparams[in_name])
             attrs = {k: tensors.pop(k) for k in ("weight_bits", "weight_per_channel", "weight_qmin", "weight_qmax")}
             attrs["activation"] = "none"
             self._emit(IntNode(node.name, "linear", [in_name], None, attrs, tensors), node.name)

@@ -60,14 +60,8 @@ class IntModel:
         raise KeyError(name)
 
     @property
-    def max_bits(self) -> int:
-        """The widest integer in any weight or activation (engines run <8-bit models in 8-bit containers)."""
-        bits = [n.out.bits for n in self.nodes if n.out is not None]
-        bits += [int(n.attrs["weight_bits"]) for n in self.nodes if "weight_bits" in n.attrs]
-        return max(bits) if bits else 8
-
-    @property
     def min_bits(self) -> int:
+        """The narrowest integer grid of any weight or activation (engines run <8-bit grids in 8-bit containers)."""
         bits = [n.out.bits for n in self.nodes if n.out is not None]
         bits += [int(n.attrs["weight_bits"]) for n in self.nodes if "weight_bits" in n.attrs]
         return min(bits) if bits else 8
@@ -98,6 +92,10 @@ class IntModel:
         if data.get("version") != FORMAT_VERSION:
             raise QatError("intmodel", f"{path} has format version {data.get('version')}, "
                            f"this qat reads {FORMAT_VERSION}", "convert the model again with this version")
+        unknown = sorted({n["op"] for n in data["nodes"]} - set(OPS))
+        if unknown:
+            raise QatError("intmodel", f"{path} uses ops this qat does not know: {', '.join(unknown)}",
+                           "upgrade qat or convert the model again")
         nodes = [IntNode(name=n["name"], op=n["op"], inputs=list(n["inputs"]),
                          out=TensorQ(**n["out"]) if n["out"] else None, attrs=dict(n["attrs"]),
                          tensors=dict(n["tensors"])) for n in data["nodes"]]
