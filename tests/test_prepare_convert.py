@@ -23,14 +23,18 @@ MODELS = {
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "resnet34": lambda: torchvision.models.resnet34(num_classes=10),
     "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "inception_v3": lambda: torchvision.models.inception_v3(num_classes=10, aux_logits=False, init_weights=False),
 }
+RESOLUTION = {"inception_v3": 75}  # Inception v3's smallest input; 32 for the others
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_model_prepares_and_trains(name: str) -> None:
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 32, 32)
+    res = RESOLUTION.get(name, 32)
+    x = torch.randn(2, 3, res, res)
     model = prepare(MODELS[name](), QuantConfig(), x[:1]).train()
     model(x).sum().backward()
     convs = [m for m in model.modules() if isinstance(m, QConvBnAct)]

@@ -35,13 +35,20 @@ def _mobilenet_v1(width_mult: float, num_classes: int) -> nn.Module:
     return MobileNetV1(num_classes=num_classes, depth_multiplier=width_mult)
 
 
+def _inception_v3(width_mult: float, num_classes: int) -> nn.Module:
+    if width_mult != 1.0:
+        raise QatError("model.width_mult", "inception_v3 has no width multiplier", "set model.width_mult=1.0")
+    return torchvision.models.inception_v3(num_classes=num_classes, aux_logits=False, init_weights=True)
+
+
 MODELS: dict[str, Callable[[float, int], nn.Module]] = {
+    "inception_v3": _inception_v3,
     "mobilenet_v1": _mobilenet_v1,
     "mobilenet_v2": _mobilenet_v2,
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
 }
 
-MIN_RESOLUTION = 32  # five stride-2 stages: smaller inputs collapse below 1x1
+MIN_RESOLUTION = {"inception_v3": 75}  # others: 32 (five stride-2 stages; smaller inputs collapse below 1x1)
 
 
 def build_model(arch: str, *, width_mult: float = 1.0, num_classes: int = 1000, resolution: int = 224,
@@ -51,9 +58,10 @@ def build_model(arch: str, *, width_mult: float = 1.0, num_classes: int = 1000, 
         raise choice_error("model.arch", arch, list(MODELS))
     if not isinstance(width_mult, int | float) or width_mult <= 0:
         raise QatError("model.width_mult", f"{width_mult!r} is not a positive number", "use e.g. 0.35, 0.5, 1.0")
-    if resolution < MIN_RESOLUTION:
-        raise QatError("model.resolution", f"{resolution} is below {MIN_RESOLUTION}",
-                       f"{arch} downsamples 32x; use a resolution of at least {MIN_RESOLUTION}")
+    smallest = MIN_RESOLUTION.get(arch, 32)
+    if resolution < smallest:
+        raise QatError("model.resolution", f"{resolution} is below {smallest}",
+                       f"{arch} takes inputs of at least {smallest}x{smallest}")
     model = MODELS[arch](float(width_mult), num_classes)
     if weights:
         load_float_weights(model, weights)
