@@ -1,0 +1,42 @@
+"""Model registry: names, resolutions and local float weights, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat.errors import QatError
+from qat.models import build_model, count_macs
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"arch": "resnet9000"}, r"model.arch: unknown value 'resnet9000' \(valid choices: inception_v3, mobilenet_v1"),
+    ({"arch": "resnet18", "resolution": 16}, r"model.resolution: 16 is below 32"),
+    ({"arch": "inception_v3", "resolution": 64}, r"model.resolution: 64 is below 75"),
+    ({"arch": "resnet18", "width_mult": 0.5}, r"model.width_mult: resnet18 has no width multiplier"),
+    ({"arch": "mobilenet_v2", "width_mult": -1}, r"model.width_mult: -1 is not a positive number"),
+])
+def test_bad_model_config_is_a_clear_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(QatError, match=match):
+        build_model(**{"num_classes": 10, "resolution": 224, **kwargs})
+
+
+def test_local_weights_load_and_mismatch_is_reported(tmp_path: Path) -> None:
+    source = build_model("mobilenet_v1", width_mult=0.25, num_classes=5, resolution=32)
+    path = tmp_path / "float.pt"
+    torch.save({"model": source.state_dict()}, path)
+    loaded = build_model("mobilenet_v1", width_mult=0.25, num_classes=5, resolution=32, weights=str(path))
+    pairs = zip(source.state_dict().values(), loaded.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    with pytest.raises(QatError, match="model.weights: .* does not fit this architecture"):
+        build_model("mobilenet_v1", width_mult=0.5, num_classes=5, resolution=32, weights=str(path))
+    with pytest.raises(QatError, match="model.weights: .* does not exist"):
+        build_model("mobilenet_v1", width_mult=0.25, num_classes=5, resolution=32, weights=str(tmp_path / "no.pt"))
+
+
+def test_mobilenet_v1_macs_follow_the_paper() -> None:
+    # Howard et al. 2017 Table 1: 569 M mult-adds at 224 with alpha = 1
+    macs = count_macs(build_model("mobilenet_v1", num_classes=1000, resolution=224), 224)
+    assert 560e6 < macs < 580e6
