@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from qat.errors import QatError, choice_error
 from qat.quant.modules import BN_FOLD_MODES
-from qat.quant.observers import OBSERVERS
+from qat.quant.observers import OBSERVER_NAMES
 from qat.quant.scheme import QuantSpec
 
 
@@ -46,8 +46,8 @@ class QuantConfig:
         if self.bn_fold not in BN_FOLD_MODES:
             raise choice_error("quant.bn_fold", self.bn_fold, BN_FOLD_MODES)
         for key in ("act_observer", "weight_observer"):
-            if getattr(self, key) not in (*OBSERVERS, "mse"):
-                raise choice_error(f"quant.{key}", getattr(self, key), [*OBSERVERS, "mse"])
+            if getattr(self, key) not in OBSERVER_NAMES:
+                raise choice_error(f"quant.{key}", getattr(self, key), OBSERVER_NAMES)
         if self.activation not in (None, "relu", "relu6"):
             raise choice_error("quant.activation", self.activation, ["relu", "relu6"])
         self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]

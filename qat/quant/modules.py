@@ -95,9 +95,8 @@ class QConvBnAct(nn.Module):
         assert bn is not None
         var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
         n = y.numel() / y.shape[1]
+        momentum = self._momentum()
         with torch.no_grad():
-            bn.num_batches_tracked += 1
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
             bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
             bn.running_var.mul_(1 - momentum).add_(momentum * var * n / max(n - 1, 1))
         return mean, var
@@ -108,9 +107,7 @@ class QConvBnAct(nn.Module):
         if not self._use_batch_stats():
             w, b = self.folded_weight_and_bias()
             return self._conv(x, self.weight_fq(w), b)
-        b_conv = self.conv.bias if self.conv.bias is not None else 0.0
-        mean, var = self._batch_moments(self._conv(x, self.conv.weight) + (
-            b_conv.reshape(1, -1, 1, 1) if isinstance(b_conv, torch.Tensor) else 0.0))
+        mean, var = self._batch_moments(self._conv(x, self.conv.weight, self.conv.bias))
         inv_std = torch.rsqrt(var + bn.eps)
         gamma, beta = bn.weight, bn.bias
         w_fold = self.conv.weight * (gamma * inv_std).reshape(-1, 1, 1, 1)

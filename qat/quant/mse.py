@@ -7,6 +7,8 @@ vectorized over channels; the optimum is exact to the grid step (1/``grid`` of t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from qat.quant.observers import MinMaxObserver
@@ -49,9 +51,7 @@ class MseObserver(MinMaxObserver):
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().float()
         rows = x.movedim(self.ch_axis, 0).flatten(1) if self.per_channel else x.reshape(1, -1)
-        per_row_spec = QuantSpec(bits=self.spec.bits, signed=self.spec.signed, symmetric=self.spec.symmetric,
-                                 narrow_range=self.spec.narrow_range, key=self.spec.key)
-        low, high = mse_optimal_range(rows, per_row_spec, self.grid)
+        low, high = mse_optimal_range(rows, replace(self.spec, per_channel=False), self.grid)
         return (low, high) if self.per_channel else (low[0], high[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ class PercentileObserver(MinMaxObserver):
 
 OBSERVERS = {"current": CurrentMinMaxObserver, "minmax": MinMaxObserver, "ema": EmaMinMaxObserver,
              "percentile": PercentileObserver}
+OBSERVER_NAMES = (*OBSERVERS, "mse")  # mse lives in qat.quant.mse (it needs the grid), built on demand
 
 
 def make_observer(name: str, *, per_channel: bool, ch_axis: int, key: str = "quant.observer",
@@ -120,7 +121,7 @@ def make_observer(name: str, *, per_channel: bool, ch_axis: int, key: str = "qua
             raise QatError(key, "the mse observer needs the tensor's quantization grid", "pass spec=")
         return MseObserver(spec, per_channel=per_channel, ch_axis=ch_axis, running=not weights)
     if name not in OBSERVERS:
-        raise choice_error(key, name, [*OBSERVERS, "mse"])
+        raise choice_error(key, name, OBSERVER_NAMES)
     cls = OBSERVERS[name]
     kwargs = {}
     if name == "ema" and "ema_decay" in options:
