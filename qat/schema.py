@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qat.data.synthetic import DEMO_DEFAULTS
 from qat.quant.config import QuantConfig
 from qat.quant.schedule import QuantSchedule
 from qat.train.loop import OptimConfig
@@ -22,11 +23,11 @@ class ModelConfig:
 
 @dataclass
 class DemoDataConfig:
-    num_classes: int = 10
-    train_per_class: int = 1000
-    val_per_class: int = 100
-    image_size: int = 48
-    seed: int = 0
+    num_classes: int = DEMO_DEFAULTS["num_classes"]
+    train_per_class: int = DEMO_DEFAULTS["train_per_class"]
+    val_per_class: int = DEMO_DEFAULTS["val_per_class"]
+    image_size: int = DEMO_DEFAULTS["image_size"]
+    seed: int = DEMO_DEFAULTS["seed"]
 
 
 @dataclass

@@ -32,6 +32,8 @@ from qat.errors import QatError
 GENERATOR = "qat.demo"
 GENERATOR_VERSION = 3
 MANIFEST_NAME = "manifest.json"
+# the one place the demo dataset's default size lives (functions, CLI and qat.schema read it)
+DEMO_DEFAULTS = {"num_classes": 10, "train_per_class": 1000, "val_per_class": 100, "image_size": 48, "seed": 0}
 CLASS_NAMES: tuple[str, ...] = (
     "disk", "square", "triangle", "cross", "ring", "star",
     "crescent", "stripes", "checker", "dots", "frame", "hexagon",
@@ -73,11 +75,11 @@ def default_cache_dir() -> Path:
 
 def demo_params(
     *,
-    num_classes: int = 10,
-    train_per_class: int = 1000,
-    val_per_class: int = 100,
-    image_size: int = 48,
-    seed: int = 0,
+    num_classes: int = DEMO_DEFAULTS["num_classes"],
+    train_per_class: int = DEMO_DEFAULTS["train_per_class"],
+    val_per_class: int = DEMO_DEFAULTS["val_per_class"],
+    image_size: int = DEMO_DEFAULTS["image_size"],
+    seed: int = DEMO_DEFAULTS["seed"],
 ) -> dict[str, int]:
     """The parameters that define a demo dataset (what the folder hash and the manifest are made of)."""
     params = {
@@ -115,11 +117,11 @@ def _is_complete(path: Path, params: dict[str, int]) -> bool:
 def make_demo_dataset(
     root: str | os.PathLike[str] | None = None,
     *,
-    num_classes: int = 10,
-    train_per_class: int = 1000,
-    val_per_class: int = 100,
-    image_size: int = 48,
-    seed: int = 0,
+    num_classes: int = DEMO_DEFAULTS["num_classes"],
+    train_per_class: int = DEMO_DEFAULTS["train_per_class"],
+    val_per_class: int = DEMO_DEFAULTS["val_per_class"],
+    image_size: int = DEMO_DEFAULTS["image_size"],
+    seed: int = DEMO_DEFAULTS["seed"],
     progress: bool = True,
 ) -> Path:
     """Generate the demo dataset under ``root`` (default ``<cache>/data``) unless it exists; return its path.
@@ -369,11 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--root", default=None, help="parent folder (default: $QAT_CACHE/data or ~/.cache/qat/data)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--train-per-class", type=int, default=1000)
-    parser.add_argument("--val-per-class", type=int, default=100)
-    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"])
+    parser.add_argument("--num-classes", type=int, default=DEMO_DEFAULTS["num_classes"])
+    parser.add_argument("--train-per-class", type=int, default=DEMO_DEFAULTS["train_per_class"])
+    parser.add_argument("--val-per-class", type=int, default=DEMO_DEFAULTS["val_per_class"])
+    parser.add_argument("--image-size", type=int, default=DEMO_DEFAULTS["image_size"])
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
