@@ -1,0 +1,5 @@
+"""COCO object detection: SSDLite with MobileNet backbones, COCO data and metric, QAT of backbone and heads.
+
+The quantized part is a traceable *core* (backbone + SSDLite heads -> one flat tensor); anchor generation,
+box decoding and NMS stay in float around it, as TFLite's detection post-process did (Jacob et al. 2018 §4.3).
+"""
