@@ -1,4 +1,5 @@
-"""Pareto front of an accuracy-latency table: lower latency and higher accuracy are both better."""
+"""Pareto front of an accuracy-latency table: lower latency and higher accuracy are both better
+(the upper-left envelope of Jacob et al. 2018, Fig. 4.1)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,20 @@ def pareto_front(df: pd.DataFrame, x: str = "latency.median_ms", y: str = "accur
                 flags[same_x[ys[same_x] == top]] = True
                 best_y = top
     return pd.Series(flags, index=df.index, name="pareto")
+
+
+def pareto_by(
+    df: pd.DataFrame,
+    by: tuple[str, ...] | list[str] = ("latency.device",),
+    x: str = "latency.median_ms",
+    y: str = "accuracy.top1",
+) -> pd.Series:
+    """:func:`pareto_front` computed separately within each group of ``by`` (columns absent are ignored;
+    missing values form their own group), e.g. one front per device or per (engine, device)."""
+    keys = [c for c in by if c in df.columns]
+    if not keys:
+        return pareto_front(df, x, y)
+    flags = pd.Series(False, index=df.index, name="pareto")
+    for _, group in df.groupby(keys, dropna=False, sort=False):
+        flags[group.index] = pareto_front(group, x, y)
+    return flags

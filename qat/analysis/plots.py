@@ -53,9 +53,10 @@ def model_label(row: pd.Series, *, with_arch: bool = False) -> str:
 
 def latency_axis_label(df: pd.DataFrame, x: str = "latency.median_ms") -> str:
     """``"latency, median ms (batch 1, 1 thread, torch_native_x86)"``, from the values in ``df``."""
-    if not (x.startswith("latency.") and x.endswith("_ms")):
+    base = x.removesuffix(".mean")
+    if not (base.startswith("latency.") and base.endswith("_ms")):
         return x
-    stat = x.removeprefix("latency.").removesuffix("_ms")
+    stat = base.removeprefix("latency.").removesuffix("_ms")
     conditions = []
     if batches := _unique(df, "latency.batch"):
         conditions.append("batch " + "/".join(_fmt(b) for b in batches))
@@ -68,11 +69,21 @@ def latency_axis_label(df: pd.DataFrame, x: str = "latency.median_ms") -> str:
     return f"latency, {stat} ms{suffix}"
 
 
-def accuracy_axis_label(y: str) -> str:
-    """``"top-1 (%)"`` for ``accuracy.top1``, ``"float top-1 (%)"`` for ``accuracy.float_top1``, ..."""
+METRIC_LABELS = {"top1": "top-1", "map": "COCO mAP"}
+
+
+def accuracy_axis_label(y: str, metric_name: str | None = None) -> str:
+    """``"top-1 (%)"`` for ``accuracy.top1``, ``"float top-1 (%)"`` for ``accuracy.float_top1``; for the
+    derived ``metric`` (or ``metric.mean``) column, the name of ``metric_name`` (``"COCO mAP (%)"`` for map)."""
+    y = y.removesuffix(".mean")
+    if y == "metric":
+        return f"{METRIC_LABELS.get(str(metric_name), 'accuracy')} (%)"
     if y.startswith("accuracy.") and y.endswith("top1"):
         kind = y.removeprefix("accuracy.").removesuffix("top1").rstrip("_").replace("_", " ")
         return f"{kind} top-1 (%)".strip()
+    if y.startswith("accuracy.") and y.endswith("map"):
+        kind = y.removeprefix("accuracy.").removesuffix("map").rstrip("_").replace("_", " ")
+        return f"{kind} COCO mAP (%)".strip()
     return y
 
 
@@ -104,49 +115,51 @@ def _output_paths(path: str | os.PathLike[str]) -> list[Path]:
     return [stem.with_name(f"{stem.name}.{fmt}") for fmt in FORMATS]
 
 
-def plot_tradeoff(
-    df: pd.DataFrame,
-    path: str | os.PathLike[str],
-    *,
-    x: str = "latency.median_ms",
-    y: str = "accuracy.top1",
-    series: str = "quant.precision",
-    label: Label = None,
-    title: str | None = None,
-) -> list[Path]:
-    """Draw ``y`` against ``x`` (log scale), one line per value of ``series``, Pareto front marked.
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> list[Path]:
+    """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` atomically (reproducible PDF bytes); return the paths."""
+    written = []
+    for out in _output_paths(path):
+        buffer = io.BytesIO()
+        metadata = {"CreationDate": None} if out.suffix == ".pdf" else None
+        fig.savefig(buffer, format=out.suffix[1:], bbox_inches="tight", metadata=metadata)
+        atomic_write_bytes(out, buffer.getvalue())
+        written.append(out)
+    return written
 
-    ``label`` names a column, or maps a row to its point label; by default :func:`model_label`.
-    Writes ``<stem>.png`` and ``<stem>.pdf`` atomically (``path`` with or without a suffix) and returns them.
-    Raises ``ValueError`` if no row has finite ``x`` and ``y``.
-    """
-    for column in (x, y, series):
-        if column not in df.columns:
-            raise ValueError(f"column {column!r} not in the table")
-    data = df.copy()
-    data[x] = pd.to_numeric(data[x], errors="coerce")
-    data[y] = pd.to_numeric(data[y], errors="coerce")
-    data = data[np.isfinite(data[x]) & np.isfinite(data[y]) & (data[x] > 0)].reset_index(drop=True)
-    if data.empty:
-        raise ValueError(f"no row has a positive {x!r} and a finite {y!r} to plot")
-    if label is None:
-        with_arch = len(_unique(data, "model.arch")) > 1
-        labels = data.apply(lambda row: model_label(row, with_arch=with_arch), axis=1)
-    elif isinstance(label, str):
-        labels = data[label].map(_fmt)
-    else:
-        labels = data.apply(label, axis=1)
 
-    fig = Figure(figsize=(7.5, 5.0), dpi=150)
+def new_figure(width: float, height: float, ncols: int = 1, sharey: bool = False) -> tuple[Figure, list]:
+    """A bare Agg figure with ``ncols`` axes side by side (no pyplot state)."""
+    fig = Figure(figsize=(width, height), dpi=150)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    axes = fig.subplots(1, ncols, sharey=sharey, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _numeric_error(data: pd.DataFrame, column: str | None) -> np.ndarray | None:
+    if column is None or column not in data.columns:
+        return None
+    err = pd.to_numeric(data[column], errors="coerce").to_numpy(dtype=float)
+    return np.where(np.isfinite(err), err, 0.0) if np.isfinite(err).any() and (err > 0).any() else None
+
+
+def _draw_tradeoff(ax, data: pd.DataFrame, labels: pd.Series, x: str, y: str, series: str,  # type: ignore[no-untyped-def]
+                   order: list, yerr: str | None, xerr: str | None) -> bool:
+    """One panel: a line per series, error bars where given, the Pareto front ringed. True if bars drawn."""
     colors = [f"C{i}" for i in range(10)]
-    for i, name in enumerate(_series_order(_unique(data, series))):
+    drew_bars = False
+    for i, name in enumerate(order):
         group = data[data[series] == name].sort_values([x, y], kind="mergesort")
+        if group.empty:
+            continue
         color, marker = colors[i % len(colors)], MARKERS[i % len(MARKERS)]
         style = {"color": color, "marker": marker, "markersize": 6}
         ax.plot(group[x], group[y], linewidth=1.6, label=f"{name} (n={len(group)})", zorder=2, **style)
         ax.plot(group[x], group[y], linestyle="none", zorder=5, **style)  # markers above labels and lines
+        ey, ex = _numeric_error(group, yerr), _numeric_error(group, xerr)
+        if ey is not None or ex is not None:
+            ax.errorbar(group[x], group[y], yerr=ey, xerr=ex, fmt="none", ecolor=color, elinewidth=1.0,
+                        capsize=3, zorder=4)
+            drew_bars = True
         for (_, row), text in zip(group.iterrows(), labels[group.index], strict=True):
             ax.annotate(
                 text,
@@ -180,21 +193,70 @@ def plot_tradeoff(
     _log_ticks(ax, lo / pad, hi * pad)
     ax.margins(y=0.12)
     ax.set_xlabel(latency_axis_label(data, x), fontsize=11)
-    ax.set_ylabel(accuracy_axis_label(y), fontsize=11)
-    ax.set_title(title if title is not None else _title(data), fontsize=12)
     ax.tick_params(labelsize=10)
     ax.grid(True, which="major", alpha=0.45)
     ax.grid(True, which="minor", alpha=0.15)
-    ax.legend(title=series.split(".")[-1], fontsize=9, title_fontsize=9, loc="best", framealpha=0.9)
-
-    written = []
-    for out in _output_paths(path):
-        buffer = io.BytesIO()
-        metadata = {"CreationDate": None} if out.suffix == ".pdf" else None  # reproducible bytes
-        fig.savefig(buffer, format=out.suffix[1:], bbox_inches="tight", metadata=metadata)
-        atomic_write_bytes(out, buffer.getvalue())
-        written.append(out)
-    return written
+    return drew_bars
 
 
-__all__ = ["accuracy_axis_label", "latency_axis_label", "model_label", "plot_tradeoff"]
+def plot_tradeoff(
+    df: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    x: str = "latency.median_ms",
+    y: str = "accuracy.top1",
+    series: str = "quant.precision",
+    label: Label = None,
+    title: str | None = None,
+    yerr: str | None = None,
+    xerr: str | None = None,
+    panel: str | None = None,
+) -> list[Path]:
+    """Draw ``y`` against ``x`` (log scale), one line per value of ``series``, Pareto front marked.
+
+    ``label`` names a column, or maps a row to its point label; by default :func:`model_label`.
+    ``yerr``/``xerr`` name columns of error-bar half-widths (e.g. ``metric.ci95`` from
+    :func:`qat.analysis.aggregate_seeds`; NaN or 0 draws none). ``panel`` names a column (e.g.
+    ``latency.device``): one panel per value, each with its own Pareto front.
+    Writes ``<stem>.png`` and ``<stem>.pdf`` atomically (``path`` with or without a suffix) and returns them.
+    Raises ``ValueError`` if no row has finite ``x`` and ``y``.
+    """
+    for column in (x, y, series, *(c for c in (panel,) if c)):
+        if column not in df.columns:
+            raise ValueError(f"column {column!r} not in the table")
+    data = df.copy()
+    data[x] = pd.to_numeric(data[x], errors="coerce")
+    data[y] = pd.to_numeric(data[y], errors="coerce")
+    data = data[np.isfinite(data[x]) & np.isfinite(data[y]) & (data[x] > 0)].reset_index(drop=True)
+    if data.empty:
+        raise ValueError(f"no row has a positive {x!r} and a finite {y!r} to plot")
+    if label is None:
+        with_arch = len(_unique(data, "model.arch")) > 1
+        labels = data.apply(lambda row: model_label(row, with_arch=with_arch), axis=1)
+    elif isinstance(label, str):
+        labels = data[label].map(_fmt)
+    else:
+        labels = data.apply(label, axis=1)
+
+    panels = _unique(data, panel) if panel else [None]
+    order = _series_order(_unique(data, series))
+    fig, axes = new_figure(7.5 * len(panels) ** 0.8, 5.0, ncols=len(panels), sharey=True)
+    bars = False
+    for ax, value in zip(axes, panels, strict=True):
+        part = data if value is None else data[data[panel] == value]
+        bars |= _draw_tradeoff(ax, part, labels, x, y, series, order, yerr, xerr)
+        if value is not None and len(panels) > 1:
+            ax.set_title(f"{panel.split('.')[-1]}: {value}", fontsize=11)
+    names = _unique(data, "metric_name")
+    y_label = accuracy_axis_label(y, names[0] if len(names) == 1 else None)
+    axes[0].set_ylabel(y_label + (", mean ± 95% CI" if bars else ""), fontsize=11)
+    heading = title if title is not None else _title(data)
+    if len(panels) > 1:
+        fig.suptitle(heading, fontsize=12)
+    else:
+        axes[0].set_title(heading, fontsize=12)
+    axes[0].legend(title=series.split(".")[-1], fontsize=9, title_fontsize=9, loc="best", framealpha=0.9)
+    return save_figure(fig, path)
+
+
+__all__ = ["accuracy_axis_label", "latency_axis_label", "model_label", "new_figure", "plot_tradeoff", "save_figure"]

@@ -2,6 +2,17 @@
 
 Bad records (unreadable, invalid JSON, wrong schema, missing required fields) are skipped and reported,
 never fatal: one broken run must not hide the others.
+
+Every row also gets four derived columns, so classification and detection runs and records written before
+the ``method`` field existed can be analysed with the same code:
+
+- ``task``: ``"classification"`` when the record has ``accuracy.top1``, ``"detection"`` when it has
+  ``accuracy.map`` (COCO mAP);
+- ``metric_name`` / ``metric``: ``"top1"`` / ``accuracy.top1`` for classification, ``"map"`` /
+  ``accuracy.map`` for detection (both in percent);
+- ``metric_float``: the run's own float-model value (``accuracy.float_top1`` / ``accuracy.float_map``);
+- ``method``: the record's ``method`` (or ``quant.method``); a record without one was written by the
+  QAT-only pipeline, so it is ``"float"`` for ``quant.precision == "float"`` and ``"qat"`` otherwise.
 """
 
 from __future__ import annotations
@@ -16,8 +27,11 @@ import pandas as pd
 
 from qat.records import RECORD_NAME, RECORD_SCHEMA
 
-REQUIRED = ("model_id", "quant.precision", "accuracy.top1")
-"""Dotted fields every record must have (besides ``schema``)."""
+REQUIRED = ("model_id", "quant.precision")
+"""Dotted fields every record must have (besides ``schema`` and one metric of :data:`METRICS`)."""
+
+METRICS = {"top1": "classification", "map": "detection"}
+"""Accuracy metric (``accuracy.<name>``, percent) -> task; a record needs at least one of them."""
 
 SORT_KEYS = (
     "quant.precision", "model.arch", "model.width_mult", "model.resolution", "model_id", "record_path",
@@ -45,17 +59,52 @@ def validate_record(record: Any) -> str | None:
     if schema != RECORD_SCHEMA:
         return f"schema is {schema!r}, expected {RECORD_SCHEMA!r}"
     missing = [key for key in REQUIRED if _get(record, key) is None]
+    present = [name for name in METRICS if _get(record, f"accuracy.{name}") is not None]
+    if not present:
+        missing.append(" or ".join(f"accuracy.{name}" for name in METRICS))
     if missing:
         return "missing required field(s): " + ", ".join(missing)
     for key in ("model_id", "quant.precision"):
         if not isinstance(_get(record, key), str) or not _get(record, key):
             return f"{key} must be a non-empty string"
-    top1 = _get(record, "accuracy.top1")
-    if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
-        return f"accuracy.top1 must be a finite number, got {top1!r}"
-    if not 0.0 <= top1 <= 100.0:
-        return f"accuracy.top1 = {top1!r} is outside 0..100 (accuracies are percentages)"
+    for name in present:
+        value = _get(record, f"accuracy.{name}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"accuracy.{name} must be a finite number, got {value!r}"
+        if not 0.0 <= value <= 100.0:
+            return f"accuracy.{name} = {value!r} is outside 0..100 (accuracies are percentages)"
     return None
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name] if name in frame.columns else pd.Series(pd.NA, index=frame.index, dtype=object)
+
+
+def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``task``, ``metric_name``, ``metric``, ``metric_float`` and ``method`` (see the module doc)."""
+    frame = frame.copy()
+    top1 = pd.to_numeric(_column(frame, "accuracy.top1"), errors="coerce")
+    is_cls = top1.notna()
+    frame["task"] = is_cls.map({True: "classification", False: "detection"})
+    frame["metric_name"] = is_cls.map({True: "top1", False: "map"})
+    frame["metric"] = top1.where(is_cls, pd.to_numeric(_column(frame, "accuracy.map"), errors="coerce"))
+    float_top1 = pd.to_numeric(_column(frame, "accuracy.float_top1"), errors="coerce")
+    float_map = pd.to_numeric(_column(frame, "accuracy.float_map"), errors="coerce")
+    frame["metric_float"] = float_top1.where(is_cls, float_map)
+    legacy = frame["quant.precision"].map(lambda p: "float" if p == "float" else "qat")
+    method = _column(frame, "method").combine_first(_column(frame, "quant.method"))
+    frame["method"] = method.where(method.notna(), legacy).astype(str)
+    return frame
+
+
+def read_json(path: Path) -> tuple[Any, str | None]:
+    """``(parsed JSON, None)``, or ``(None, reason)`` when the file cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"unreadable: {exc}"
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc}"
 
 
 def _find(root: Path) -> list[Path]:
@@ -84,13 +133,9 @@ def load_records(root: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[tuple
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[Path, str]] = []
     for path in _find(root):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            skipped.append((path, f"unreadable: {exc}"))
-            continue
-        except json.JSONDecodeError as exc:
-            skipped.append((path, f"invalid JSON: {exc}"))
+        record, reason = read_json(path)
+        if reason is not None:
+            skipped.append((path, reason))
             continue
         reason = validate_record(record)
         if reason is not None:
@@ -98,8 +143,10 @@ def load_records(root: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[tuple
             continue
         rows.append({**record, "record_path": str(path)})
     if not rows:
-        return pd.DataFrame(columns=[*REQUIRED, "record_path"]), skipped
-    frame = pd.json_normalize(rows, sep=".")
+        columns = [*REQUIRED, "accuracy.top1", "record_path", "task", "metric_name", "metric", "metric_float",
+                   "method"]
+        return pd.DataFrame(columns=columns), skipped
+    frame = add_derived_columns(pd.json_normalize(rows, sep="."))
     keys = [key for key in SORT_KEYS if key in frame.columns]
     frame = frame.sort_values(keys, key=_sort_key, kind="mergesort", na_position="last")
     return frame.reset_index(drop=True), skipped

@@ -1,0 +1,131 @@
+"""Two comparison plots: quantization methods side by side per model (PTQ vs QAT, whitepaper Tables 4-6),
+and the gap between the simulated model and the integer model it converts to (Jacob §3: training
+simulates exactly the arithmetic of integer inference, so the gap should be ~0).
+
+Bars are means over seeds with 95% Student-t intervals when n > 1 (:func:`qat.analysis.stats.t_interval`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qat.analysis.plots import METRIC_LABELS, model_label, new_figure, save_figure
+from qat.analysis.stats import t_interval
+
+MODEL_KEYS = ("model.arch", "model.width_mult", "model.resolution")
+
+
+def _bits(row: pd.Series) -> str:
+    w, a = row.get("quant.weight_bits"), row.get("quant.act_bits")
+    return f"w{int(w)}a{int(a)}" if pd.notna(w) and pd.notna(a) else "?"
+
+
+def _metric_unit(df: pd.DataFrame) -> str:
+    names = df["metric_name"].dropna().unique().tolist() if "metric_name" in df.columns else []
+    return f"{METRIC_LABELS.get(names[0], 'accuracy') if len(names) == 1 else 'accuracy'} (%)"
+
+
+def method_table(df: pd.DataFrame, value: str = "metric") -> pd.DataFrame:
+    """Mean, CI half-width and n of ``value`` per (model, bits) group and method; float runs form their own
+    group per model (bits ``float``). Columns: ``group``, ``method``, ``mean``, ``ci95``, ``n``."""
+    if any(c not in df.columns for c in (value, "method")):
+        return pd.DataFrame(columns=["group", "method", "mean", "ci95", "n"])
+    with_arch = "model.arch" in df.columns and df["model.arch"].nunique() > 1
+    data = df.assign(
+        group=df.apply(lambda r: f"{model_label(r, with_arch=with_arch)} "
+                                 f"{'float' if r['method'] == 'float' else _bits(r)}", axis=1),
+        _value=pd.to_numeric(df[value], errors="coerce"),
+    )
+    rows = []
+    for (group, method), part in data.groupby(["group", "method"], sort=True):
+        mean, _, half, n = t_interval(part["_value"].to_numpy())
+        if n:
+            rows.append({"group": group, "method": method, "mean": mean, "ci95": half, "n": n})
+    return pd.DataFrame(rows, columns=["group", "method", "mean", "ci95", "n"])
+
+
+def has_method_comparison(df: pd.DataFrame) -> bool:
+    """True when some model and bit setting ran with two or more quantization methods (not float)."""
+    table = method_table(df)
+    quantized = table[table["method"] != "float"]
+    return bool((quantized.groupby("group")["method"].nunique() >= 2).any())
+
+
+def plot_methods(df: pd.DataFrame, path: str | os.PathLike[str], value: str = "metric") -> list[Path]:
+    """Grouped bars: one group per (model, bits), one bar per method (float included for reference)."""
+    table = method_table(df, value)
+    if table.empty:
+        raise ValueError(f"no run with a finite {value!r} and a method to plot")
+    groups = list(dict.fromkeys(table["group"]))
+    methods = sorted(table["method"].unique(), key=lambda m: (m != "float", m))
+    width = 0.8 / len(methods)
+    fig, (ax,) = new_figure(max(6.0, 1.1 * len(groups) * max(1, len(methods) / 2)), 4.6)
+    for i, method in enumerate(methods):
+        part = table[table["method"] == method].set_index("group").reindex(groups)
+        xs = np.arange(len(groups)) + (i - (len(methods) - 1) / 2) * width
+        err = part["ci95"].fillna(0.0).to_numpy(dtype=float)
+        ax.bar(xs, part["mean"].to_numpy(dtype=float), width * 0.95, yerr=err, capsize=3, label=method,
+               color=f"C{i % 10}")
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    ax.set_ylabel(f"{_metric_unit(df)}, mean ± 95% CI")
+    ax.set_title("Quantization methods per model (PTQ vs QAT)")
+    low = float(np.nanmin(table["mean"] - table["ci95"].fillna(0)))
+    ax.set_ylim(max(0.0, low - 5.0), None)
+    ax.grid(True, axis="y", alpha=0.4)
+    ax.legend(title="method", fontsize=9, title_fontsize=9)
+    return save_figure(fig, path)
+
+
+def gap_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Integer minus simulated accuracy (points) per configuration of quantized runs that have both.
+
+    Columns: ``config``, ``mean``, ``ci95``, ``n``; classification uses ``accuracy.{int,sim}_top1``,
+    detection ``accuracy.{int,sim}_map``.
+    """
+    empty = pd.DataFrame(columns=["config", "mean", "ci95", "n"])
+    parts = []
+    for sim, integer in (("accuracy.sim_top1", "accuracy.int_top1"), ("accuracy.sim_map", "accuracy.int_map")):
+        if sim in df.columns and integer in df.columns:
+            gap = pd.to_numeric(df[integer], errors="coerce") - pd.to_numeric(df[sim], errors="coerce")
+            parts.append(df.assign(_gap=gap)[gap.notna()])
+    if not parts:
+        return empty
+    data = pd.concat(parts)
+    with_arch = "model.arch" in data.columns and data["model.arch"].nunique() > 1
+    engine = data["latency.engine"].astype(str) if "latency.engine" in data.columns else ""
+    data = data.assign(config=data.apply(lambda r: f"{model_label(r, with_arch=with_arch)} {_bits(r)} "
+                                                   f"{r.get('method', '')}", axis=1) + " · " + engine)
+    rows = []
+    for config, part in data.groupby("config", sort=True):
+        mean, _, half, n = t_interval(part["_gap"].to_numpy())
+        rows.append({"config": config, "mean": mean, "ci95": half, "n": n})
+    return pd.DataFrame(rows, columns=empty.columns) if rows else empty
+
+
+def plot_sim_int_gap(df: pd.DataFrame, path: str | os.PathLike[str]) -> list[Path]:
+    """Horizontal bars of integer − simulated accuracy per configuration, zero line marked."""
+    table = gap_table(df)
+    if table.empty:
+        raise ValueError("no run has both a simulated and an integer accuracy")
+    fig, (ax,) = new_figure(7.0, 1.2 + 0.45 * len(table))
+    ys = np.arange(len(table))
+    ax.barh(ys, table["mean"].to_numpy(dtype=float), xerr=table["ci95"].fillna(0.0).to_numpy(dtype=float),
+            capsize=3, color=["C3" if v < 0 else "C2" for v in table["mean"]])
+    for y, (mean, n) in enumerate(zip(table["mean"], table["n"], strict=True)):
+        ax.annotate(f"{mean:+.2f}" + (f" (n={n})" if n > 1 else ""), (mean, y), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(0.0, color="0.2", linewidth=1.0)
+    ax.set_yticks(ys, table["config"].tolist(), fontsize=8)
+    span = max(0.5, float(np.nanmax(np.abs(table["mean"]) + table["ci95"].fillna(0.0))) * 1.6)
+    ax.set_xlim(-span, span)
+    ax.set_xlabel("integer − simulated accuracy (percentage points)")
+    ax.set_title("Simulated vs integer model")
+    ax.grid(True, axis="x", alpha=0.4)
+    return save_figure(fig, path)
+
+
+__all__ = ["gap_table", "has_method_comparison", "method_table", "plot_methods", "plot_sim_int_gap"]
