@@ -12,11 +12,14 @@ from hydra.core.config_store import ConfigStore
 
 from qat.errors import QatError
 from qat.schema import RunConfig
+from qat.tracking import register_resolvers
 
 
 def register_schemas() -> None:
-    """Register the typed run config so a misspelt key or a wrong type fails at compose time."""
+    """Register the typed run config so a misspelt key or a wrong type fails at compose time, and the
+    ``${qat_unique:}`` resolver of the run directories."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    register_resolvers()
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

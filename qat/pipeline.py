@@ -35,6 +35,7 @@ from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.records import write_record
 from qat.schema import RunConfig
+from qat.tracking import RUN_ID_KEY, RunLogger
 from qat.train.checkpoint import load_checkpoint, save_checkpoint
 from qat.train.loop import build_optimizer, lr_at, predict, top1, train_epoch
 
@@ -97,8 +98,10 @@ def float_key(cfg: RunConfig, data_info: dict[str, Any]) -> str:
 
 
 def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: str, epochs: int, lr: float,
-        checkpoint: Path, before_step=None) -> nn.Module:  # type: ignore[no-untyped-def]
-    """Train ``epochs`` epochs, checkpointing each epoch atomically; resume from ``checkpoint`` if present."""
+        checkpoint: Path, before_step=None, tracker: RunLogger | None = None) -> nn.Module:  # type: ignore[no-untyped-def]
+    """Train ``epochs`` epochs, checkpointing each epoch atomically; resume from ``checkpoint`` if present.
+    Per-step loss, lr and epoch go to ``tracker``; its run id is kept in the checkpoint (qat.tracking)."""
+    tracker = tracker or RunLogger()
     optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)  # fine-tuning: no warm-up
     optimizer = build_optimizer(model, optim, lr)
     steps_per_epoch = len(data.train)
@@ -119,16 +122,18 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
         if hasattr(data.train.sampler, "set_epoch"):
             data.train.sampler.set_epoch(epoch)
         step, loss = train_epoch(model, data.train, optimizer, step=step, before_step=before_step,
+                                 after_step=lambda s, loss, lr: tracker.log_step(
+                                     phase, s, {"loss": loss, "lr": lr, "epoch": (s + 1) / steps_per_epoch}),
                                  lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
                                  desc=f"{phase} {epoch + 1}/{epochs}")
         save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch + 1, "step": step, "phase": phase})
+                                     "epoch": epoch + 1, "step": step, "phase": phase, RUN_ID_KEY: tracker.run_id})
         log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)
     return model
 
 
 def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, data_info: dict[str, Any],
-                  run_dir: Path) -> str:
+                  run_dir: Path, tracker: RunLogger | None = None) -> str:
     """Load or train the float weights; return where they came from."""
     if cfg.model.weights:
         return f"file:{cfg.model.weights}"  # loaded by build_model
@@ -138,7 +143,7 @@ def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, da
         log.info("[float] loaded float weights trained earlier by the same recipe: %s", cached)
         return f"cache:{cached}"
     fit(model, data, cfg, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
-        checkpoint=run_dir / "checkpoints" / "float_last.pt")
+        checkpoint=run_dir / "checkpoints" / "float_last.pt", tracker=tracker)
     if cfg.train.cache_float:
         save_checkpoint(cached, {"model": model.state_dict(), "recipe_key": cached.stem})
     return "trained"
@@ -163,8 +168,10 @@ def model_id(cfg: RunConfig, float_source: str) -> str:
     return f"{cfg.model.arch}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
 
 
-def run_classification(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run the whole pipeline for one config and write ``<run_dir>/record.json``; return the record."""
+def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger | None = None) -> dict[str, Any]:
+    """Run the whole pipeline for one config and write ``<run_dir>/record.json``; return the record.
+    ``tracker`` (qat.tracking) receives per-step training metrics, the top-1s and the record."""
+    tracker = tracker or RunLogger()
     run_dir = Path(run_dir)
     started = time.time()
     validate(cfg)
@@ -177,7 +184,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.time()
-    float_source = float_weights(model, data, cfg, data_info, run_dir)
+    float_source = float_weights(model, data, cfg, data_info, run_dir, tracker)
     timings["float_train_s"] = time.time() - t
     _, float_pred, targets = predict(model, data.val, desc="eval float")
     accuracy = {"float_top1": top1(float_pred, targets)}
@@ -206,7 +213,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         sched = cfg.schedule
         fit(prepared, data, cfg, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
             checkpoint=run_dir / "checkpoints" / "qat_last.pt",
-            before_step=lambda step: sched.apply(prepared, step))
+            before_step=lambda step: sched.apply(prepared, step), tracker=tracker)
         sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
         timings["qat_train_s"] = time.time() - t
         sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated")
@@ -257,5 +264,8 @@ def run_classification(cfg: RunConfig, run_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(run_dir.resolve()),
     }
     path = write_record(run_dir, record)
+    tracker.log_metrics({key if key == "top1" else f"top1/{key.removesuffix('_top1')}": value
+                         for key, value in accuracy.items()})
+    tracker.log_record(record)
     log.info("[record] %s  top-1 %.2f%%  latency %.3f ms", path, accuracy["top1"], latency["median_ms"])
     return record

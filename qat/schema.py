@@ -69,6 +69,19 @@ class LatencyConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracking (``qat.tracking``); the record is written locally whatever the logger."""
+
+    name: str = "none"  # none | csv (<run_dir>/metrics.csv) | wandb (<run_dir>/wandb/)
+    project: str = "qat"
+    entity: str | None = None
+    mode: str = "offline"  # wandb: offline (no network; `wandb sync` later) | online | disabled
+    group: str | None = None  # default: the sweep directory in a multirun, the tag in a single run
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 1  # training steps between logged steps
+
+
+@dataclass
 class RunConfig:
     tag: str = "default"  # free label of the study, copied into the record as "experiment"
     seed: int = 0
@@ -80,3 +93,4 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -75,8 +75,10 @@ def lr_at(cfg: OptimConfig, base_lr: float, step: int, total_steps: int, steps_p
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, step: int,
                 lr_fn: Callable[[int], float], before_step: Callable[[int], None] | None = None,
+                after_step: Callable[[int, float, float], None] | None = None,
                 desc: str = "train") -> tuple[int, float]:
-    """One pass over ``loader``; returns (next global step, mean loss). Stops on a non-finite loss."""
+    """One pass over ``loader``; returns (next global step, mean loss). Stops on a non-finite loss.
+    ``after_step(step, loss, lr)`` is called after each optimizer step (metrics logging)."""
     model.train()
     total, count = 0.0, 0
     for images, targets in progress(loader, len(loader), desc):
@@ -91,8 +93,11 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * images.shape[0]
+        loss_value = loss.item()
+        total += loss_value * images.shape[0]
         count += images.shape[0]
+        if after_step is not None:
+            after_step(step, loss_value, optimizer.param_groups[0]["lr"])
         step += 1
     return step, total / max(count, 1)
 
