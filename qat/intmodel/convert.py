@@ -3,6 +3,10 @@
 Walks the prepared FX graph in order. Each quantized value of the simulation maps to one integer tensor;
 conv/linear weights are folded with the running BN statistics (Jacob eq. 14, inference form), quantized with
 the simulation's own weight quantizer, and biases are quantized to int32 with scale S_in·S_w (Jacob §2.4).
+Every op that changes scale carries its fixed-point multipliers (M0, n): conv/linear M = S_in·S_w/S_out
+(Jacob eq. 5-6); add the TFLite ADD parameters (input multipliers S_i/2max(S), output multiplier
+2max(S)/(2^L·S_out), headroom shift L); cat one multiplier S_i/S_out per input. Average pooling must keep its
+input's (S, Z).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from qat.errors import QatError
-from qat.intmodel.fixedpoint import quantize_multiplier
+from qat.intmodel.fixedpoint import add_left_shift, add_multipliers, quantize_multiplier
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.modules import QConvBnAct, QLinear
@@ -21,9 +25,9 @@ from qat.quant.prepare import _ADD_FUNCTIONS, _relu_kind, is_passthrough, is_sam
 from qat.quant.scheme import quantize
 
 
-def _tensor_q(fq: FakeQuantize) -> TensorQ:
+def _tensor_q(fq: FakeQuantize, layer: str) -> TensorQ:
     if not fq.observer.initialized:
-        raise QatError("convert", "an activation quantizer has no range yet",
+        raise QatError("convert", f"the activation quantizer of layer {layer} has no range yet",
                        "calibrate or train the prepared model before converting it")
     return TensorQ(scale=float(fq.scale.reshape(-1)[0]), zero_point=int(fq.zero_point.reshape(-1)[0]),
                    bits=fq.spec.bits, signed=fq.spec.signed, qmin=fq.spec.qmin, qmax=fq.spec.qmax)
@@ -37,6 +41,10 @@ def _activation_clamp(activation: str, out: TensorQ) -> tuple[int, int]:
     if activation == "relu6":
         high = min(high, out.zero_point + round(6.0 / out.scale))
     return low, high
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> list[int]:
+    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 class _Converter:
@@ -77,6 +85,10 @@ class _Converter:
                 fq.observer(w)
                 fq.update_qparams()
             spec = fq.spec
+            if spec.per_channel and spec.ch_axis % w.dim() != 0:
+                raise QatError("quant.weight_ch_axis", f"{spec.ch_axis} (per-input-channel weight grids) has no "
+                               "integer form: requantization is per output channel (Jacob §2.2)",
+                               "convert models quantized with weight_ch_axis=0, or keep this one simulated")
             w_scale = fq.scale.reshape(-1).float()
             w_zp = fq.zero_point.reshape(-1).to(torch.int32)
             w_int = quantize(w, fq.scale, fq.zero_point, spec)
@@ -98,6 +110,37 @@ class _Converter:
         node.tensors["shift"] = torch.tensor([p[1] for p in pairs], dtype=torch.int32)
         low, high = _activation_clamp(node.attrs.get("activation", "none"), node.out)
         node.attrs["clamp_min"], node.attrs["clamp_max"] = low, high
+
+    def _add_params(self, node: IntNode) -> None:
+        """TFLite quantized ADD: rescale both inputs to a common fine grid, add, requantize (kernels/add.cc)."""
+        assert node.out is not None
+        in_qs = [self.qparams[i] for i in node.inputs]
+        left_shift = add_left_shift(max(q.bits for q in [*in_qs, node.out]))
+        inputs, (m0, n) = add_multipliers([q.scale for q in in_qs], node.out.scale, left_shift)
+        node.attrs["left_shift"] = left_shift
+        node.tensors["input_multiplier"] = torch.tensor([p[0] for p in inputs], dtype=torch.int64)
+        node.tensors["input_shift"] = torch.tensor([p[1] for p in inputs], dtype=torch.int32)
+        node.tensors["multiplier"] = torch.tensor([m0], dtype=torch.int64)
+        node.tensors["shift"] = torch.tensor([n], dtype=torch.int32)
+        node.attrs["clamp_min"], node.attrs["clamp_max"] = _activation_clamp(node.attrs["activation"], node.out)
+
+    def _cat_params(self, node: IntNode) -> None:
+        """Per-input requantization S_i/S_out, applied to (q - Z_i)·2^L for precision (like ADD's headroom)."""
+        assert node.out is not None
+        in_qs = [self.qparams[i] for i in node.inputs]
+        pairs = [quantize_multiplier(q.scale / node.out.scale) for q in in_qs]
+        node.attrs["left_shift"] = add_left_shift(max(q.bits for q in [*in_qs, node.out]))
+        node.tensors["input_multiplier"] = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+        node.tensors["input_shift"] = torch.tensor([p[1] for p in pairs], dtype=torch.int32)
+        node.attrs["clamp_min"], node.attrs["clamp_max"] = node.out.qmin, node.out.qmax
+
+    def _check_same_grid(self, node: IntNode) -> None:
+        """Average pooling divides an integer sum; it has no requantization step (TFLite AVERAGE_POOL_2D)."""
+        in_q = self.qparams[node.inputs[0]]
+        if node.out != in_q:
+            raise QatError("convert", f"average pool {node.name} changes (S, Z) from ({in_q.scale:.6g}, "
+                           f"{in_q.zero_point}) to ({node.out.scale:.6g}, {node.out.zero_point})",
+                           "average pooling must reuse its input's quantizer (prepare with qat.quant.prepare)")
 
     def convert(self) -> IntModel:
         input_shape: list[int] = []
@@ -123,13 +166,20 @@ class _Converter:
     def _on_fake_quant(self, node: fx.Node, fq: FakeQuantize) -> None:
         src = node.args[0]
         if src.op == "placeholder":
-            self._emit(IntNode(name="input", op="quantize", inputs=[], out=_tensor_q(fq)), node.name)
+            self._emit(IntNode(name="input", op="quantize", inputs=[], out=_tensor_q(fq, f"input ({src.name})")),
+                       node.name)
             return
         if src.name in self.pending:
             int_node = self.pending.pop(src.name)
-            int_node.out = _tensor_q(fq)
+            int_node.out = _tensor_q(fq, int_node.name)
             if int_node.op in ("conv2d", "linear"):
                 self._requant(int_node, self.qparams[int_node.inputs[0]])
+            elif int_node.op == "add":
+                self._add_params(int_node)
+            elif int_node.op == "cat":
+                self._cat_params(int_node)
+            elif int_node.op == "avg_pool":
+                self._check_same_grid(int_node)
             self.env[node.name] = int_node.name
             self.qparams[int_node.name] = int_node.out
             return
@@ -186,8 +236,10 @@ class _Converter:
         if isinstance(module, nn.AdaptiveAvgPool2d):
             size = module.output_size
             return {"adaptive": True, "output_size": [size, size] if isinstance(size, int) else list(size)}
-        return {"adaptive": False, "kernel_size": module.kernel_size, "stride": module.stride,
-                "padding": module.padding}
+        return {"adaptive": False, "kernel_size": _pair(module.kernel_size),
+                "stride": _pair(module.stride if module.stride is not None else module.kernel_size),
+                "padding": _pair(module.padding), "ceil_mode": bool(module.ceil_mode),
+                "count_include_pad": bool(module.count_include_pad), "divisor_override": module.divisor_override}
 
     @staticmethod
     def _pool_attrs_functional(node: fx.Node) -> dict:
