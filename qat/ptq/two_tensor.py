@@ -76,6 +76,7 @@ def check_convertible(model: nn.Module) -> None:
 
 def relative_weight_error(w: torch.Tensor, q: torch.Tensor) -> float:
     """||W - Q(W)||² / ||W||² (Choukroun's per-layer quantization-error criterion)."""
+    w, q = w.detach(), q.detach()
     return float((w - q).square().sum() / w.square().sum().clamp_min(1e-30))
 
 
