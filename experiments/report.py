@@ -1,7 +1,9 @@
-"""Hydra app: ``python experiments/report.py records=<runs dir> [out=results/report]``.
+"""Hydra app: the report, or one paper table beside our runs.
 
-Writes ``<out>/results.csv`` and ``<out>/tradeoff.{png,pdf}``; on bad input prints one line to stderr and
-exits 1.
+``python experiments/report.py records=<runs dir> [out=results/report] [latency_budget_ms=2] [accuracy_drop=1]``
+writes ``results.csv``, ``summary.csv``, ``summary.md`` and the figures the data supports (PNG and PDF).
+``python experiments/report.py table=<name> records=<runs dir> out=<dir> [where={model.arch: resnet50}]``
+writes ``<name>.md``, ``.tex`` and ``.csv``. On bad input prints one line to stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -12,16 +14,37 @@ import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from qat.analysis.report import write_report
+from qat.analysis.report import write_paper_table, write_report
+from qat.analysis.tables import get_table
 from qat.errors import QatError
 
 
+def _number(cfg: DictConfig, key: str) -> float | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise QatError(f"report.{key}", f"must be a non-negative number, got {value!r}", f"pass {key}=<number>")
+    return float(value)
+
+
 def run(cfg: DictConfig) -> None:
-    """Resolve paths against the launch directory and write the report."""
+    """Resolve paths against the launch directory and write the report or the paper table."""
+    if cfg.get("table") is not None:
+        get_table(str(cfg.table))  # an unknown name fails first, listing the names
     for key in ("records", "out"):
         if OmegaConf.is_missing(cfg, key) or not str(cfg[key]).strip():
             raise QatError(f"report.{key}", "not set", f"pass {key}=<path>")
-    write_report(to_absolute_path(str(cfg.records)), to_absolute_path(str(cfg.out)))
+    records, out = to_absolute_path(str(cfg.records)), to_absolute_path(str(cfg.out))
+    if cfg.get("table") is not None:
+        where = cfg.get("where")
+        if where is not None and not isinstance(where, DictConfig):
+            raise QatError("report.where", f"must be a mapping, got {where!r}", "pass 'where={column: value}'")
+        where = OmegaConf.to_container(where, resolve=True) if where is not None else {}
+        write_paper_table(str(cfg.table), records, out, where=where, dataset_filter=bool(cfg.dataset_filter))
+        return
+    write_report(records, out, latency_budget_ms=_number(cfg, "latency_budget_ms"),
+                 accuracy_drop=_number(cfg, "accuracy_drop"))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="report")

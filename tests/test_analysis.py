@@ -97,7 +97,7 @@ def test_load_records_flattens_sorts_and_skips(runs: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        ({k: v for k, v in BASE.items() if k != "accuracy"}, "missing required field(s): accuracy.top1"),
+        ({k: v for k, v in BASE.items() if k != "accuracy"}, "required field(s): accuracy.top1 or accuracy.map"),
         ({**BASE, "quant": "int8"}, "missing required field(s): quant.precision"),
         ({**BASE, "accuracy": {"top1": "90"}}, "accuracy.top1 must be a finite number"),
         ({**BASE, "accuracy": {"top1": 101.5}}, "outside 0..100"),
@@ -134,7 +134,9 @@ def test_write_report_csv_exact(runs: Path, tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "report"
     result = write_report(runs, out)
     assert result["csv"] == out / "results.csv"
-    assert result["plots"] == [out / "tradeoff.png", out / "tradeoff.pdf"]
+    assert result["plots"] == [out / "tradeoff.png", out / "tradeoff.pdf", out / "sim_int_gap.png",
+                               out / "sim_int_gap.pdf"]  # int8 runs have sim and int top-1: gap plot too
+    assert (out / "summary.csv").exists() and (out / "summary.md").read_text().startswith("# Report")
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     header = list(rows[0])
@@ -142,12 +144,12 @@ def test_write_report_csv_exact(runs: Path, tmp_path: Path, capsys: pytest.Captu
     assert "record_path" in header and "fidelity.sim_vs_int_top1_agreement" in header
     core = [[row[c] for c in (*CORE_COLUMNS, "pareto")] for row in rows]
     assert core == [
-        ["mobilenet_v2-w0.5-r32-float-0000", "mobilenet_v2", "0.5", "32", "float", "32", "32",
-         "91.0", "91.0", "", "", "torch_native_x86", "1", "4.0", "3.6", "4.4", "False"],
-        ["mobilenet_v2-w0.5-r32-int8-0000", "mobilenet_v2", "0.5", "32", "int8", "8", "8",
-         "90.2", "91.0", "90.4", "90.2", "torch_native_x86", "1", "1.9", "1.71", "2.09", "True"],
-        ["mobilenet_v2-w1.0-r32-int8-0000", "mobilenet_v2", "1.0", "32", "int8", "8", "8",
-         "91.5", "91.0", "90.4", "91.5", "torch_native_x86", "1", "3.0", "2.7", "3.3", "True"],
+        ["mobilenet_v2-w0.5-r32-float-0000", "mobilenet_v2", "0.5", "32", "float", "float", "32", "32", "top1",
+         "91.0", "91.0", "91.0", "", "", "torch_native_x86", "", "1", "4.0", "3.6", "4.4", "record", "False"],
+        ["mobilenet_v2-w0.5-r32-int8-0000", "mobilenet_v2", "0.5", "32", "qat", "int8", "8", "8", "top1",
+         "90.2", "90.2", "91.0", "90.4", "90.2", "torch_native_x86", "", "1", "1.9", "1.71", "2.09", "record", "True"],
+        ["mobilenet_v2-w1.0-r32-int8-0000", "mobilenet_v2", "1.0", "32", "qat", "int8", "8", "8", "top1",
+         "91.5", "91.5", "91.0", "90.4", "91.5", "torch_native_x86", "", "1", "3.0", "2.7", "3.3", "record", "True"],
     ]  # fmt: skip
     printed = capsys.readouterr().out
     assert "3 record(s)" in printed and "skipped 2 record(s)" in printed and "corrupt" in printed
@@ -215,7 +217,9 @@ def run_app(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
 def test_report_app_end_to_end(runs: Path, tmp_path: Path) -> None:
     proc = run_app(tmp_path, "records=runs", "out=rep")  # relative to the launch directory
     assert proc.returncode == 0, proc.stderr
-    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"results.csv", "tradeoff.png", "tradeoff.pdf"}
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {
+        "results.csv", "summary.csv", "summary.md", "tradeoff.png", "tradeoff.pdf", "sim_int_gap.png",
+        "sim_int_gap.pdf"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "runs"]  # Hydra left nothing behind
     assert "mobilenet_v2-w1.0-r32-int8-0000" in proc.stdout and "corrupt" in proc.stdout
 

@@ -70,9 +70,9 @@ def float_baseline(df: pd.DataFrame) -> pd.Series:
     values = pd.to_numeric(df[y], errors="coerce")
     is_float = df["method"].eq("float") if "method" in df.columns else pd.Series(False, index=df.index)
     fallback = pd.to_numeric(df[own], errors="coerce") if own in df.columns else pd.Series(math.nan, index=df.index)
-    if not keys or not is_float.any():
+    if df.empty or not keys or not is_float.any():
         return fallback
-    key = df[keys].astype(str).agg("|".join, axis=1)
+    key = df[keys].apply(lambda row: "|".join(map(str, row)), axis=1)
     means = values[is_float].groupby(key[is_float]).mean()
     return key.map(means).astype(float).fillna(fallback)
 

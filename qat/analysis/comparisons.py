@@ -32,7 +32,7 @@ def _metric_unit(df: pd.DataFrame) -> str:
 def method_table(df: pd.DataFrame, value: str = "metric") -> pd.DataFrame:
     """Mean, CI half-width and n of ``value`` per (model, bits) group and method; float runs form their own
     group per model (bits ``float``). Columns: ``group``, ``method``, ``mean``, ``ci95``, ``n``."""
-    if any(c not in df.columns for c in (value, "method")):
+    if df.empty or any(c not in df.columns for c in (value, "method")):
         return pd.DataFrame(columns=["group", "method", "mean", "ci95", "n"])
     with_arch = "model.arch" in df.columns and df["model.arch"].nunique() > 1
     data = df.assign(
@@ -95,8 +95,10 @@ def gap_table(df: pd.DataFrame) -> pd.DataFrame:
     if not parts:
         return empty
     data = pd.concat(parts)
+    if data.empty:
+        return empty
     with_arch = "model.arch" in data.columns and data["model.arch"].nunique() > 1
-    engine = data["latency.engine"].astype(str) if "latency.engine" in data.columns else ""
+    engine = data["latency.engine"].map(str) if "latency.engine" in data.columns else ""
     data = data.assign(config=data.apply(lambda r: f"{model_label(r, with_arch=with_arch)} {_bits(r)} "
                                                    f"{r.get('method', '')}", axis=1) + " · " + engine)
     rows = []
@@ -113,11 +115,13 @@ def plot_sim_int_gap(df: pd.DataFrame, path: str | os.PathLike[str]) -> list[Pat
         raise ValueError("no run has both a simulated and an integer accuracy")
     fig, (ax,) = new_figure(7.0, 1.2 + 0.45 * len(table))
     ys = np.arange(len(table))
-    ax.barh(ys, table["mean"].to_numpy(dtype=float), xerr=table["ci95"].fillna(0.0).to_numpy(dtype=float),
-            capsize=3, color=["C3" if v < 0 else "C2" for v in table["mean"]])
-    for y, (mean, n) in enumerate(zip(table["mean"], table["n"], strict=True)):
-        ax.annotate(f"{mean:+.2f}" + (f" (n={n})" if n > 1 else ""), (mean, y), xytext=(4, 0),
-                    textcoords="offset points", va="center", fontsize=8)
+    err = table["ci95"].fillna(0.0).to_numpy(dtype=float)
+    ax.barh(ys, table["mean"].to_numpy(dtype=float), xerr=err if (err > 0).any() else None, capsize=3,
+            color=["C3" if v < 0 else "C2" for v in table["mean"]])
+    for y, (mean, half, n) in enumerate(zip(table["mean"], err, table["n"], strict=True)):
+        end = mean + half if mean >= 0 else mean - half
+        ax.annotate(f"{mean:+.2f}" + (f" (n={n})" if n > 1 else ""), (end, y), xytext=(4 if mean >= 0 else -4, 0),
+                    textcoords="offset points", va="center", ha="left" if mean >= 0 else "right", fontsize=8)
     ax.axvline(0.0, color="0.2", linewidth=1.0)
     ax.set_yticks(ys, table["config"].tolist(), fontsize=8)
     span = max(0.5, float(np.nanmax(np.abs(table["mean"]) + table["ci95"].fillna(0.0))) * 1.6)

@@ -153,7 +153,7 @@ def _draw_tradeoff(ax, data: pd.DataFrame, labels: pd.Series, x: str, y: str, se
             continue
         color, marker = colors[i % len(colors)], MARKERS[i % len(MARKERS)]
         style = {"color": color, "marker": marker, "markersize": 6}
-        ax.plot(group[x], group[y], linewidth=1.6, label=f"{name} (n={len(group)})", zorder=2, **style)
+        ax.plot(group[x], group[y], linewidth=1.6, label=f"{name} ({len(group)})", zorder=2, **style)
         ax.plot(group[x], group[y], linestyle="none", zorder=5, **style)  # markers above labels and lines
         ey, ex = _numeric_error(group, yerr), _numeric_error(group, xerr)
         if ey is not None or ex is not None:

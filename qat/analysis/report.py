@@ -1,4 +1,6 @@
-"""Records in, tidy ``results.csv`` and the trade-off plot out."""
+"""Records in; out: ``results.csv`` (one row per run and latency measurement), ``summary.csv`` (one row per
+configuration: mean, std, 95% CI and n over seeds), ``summary.md``, the trade-off plot and, when the data
+has them, the bit-depth heatmap, the method comparison and the simulated-vs-integer gap plots."""
 
 from __future__ import annotations
 
@@ -9,17 +11,24 @@ from typing import Any
 
 import pandas as pd
 
-from qat.analysis.pareto import pareto_front
+from qat.analysis.budget import fastest_within, most_accurate_under
+from qat.analysis.comparisons import gap_table, has_method_comparison, plot_methods, plot_sim_int_gap
+from qat.analysis.heatmap import has_bit_grid, plot_bit_heatmap
+from qat.analysis.latency import join_latency, load_latency_records
+from qat.analysis.pareto import pareto_by
 from qat.analysis.plots import plot_tradeoff
 from qat.analysis.records import load_records
+from qat.analysis.stats import aggregate_seeds
+from qat.analysis.tables import build_table, get_table, to_markdown, write_table
 from qat.errors import QatError
 from qat.records import atomic_write_bytes
 
 CORE_COLUMNS = (
     "model_id", "model.arch", "model.width_mult", "model.resolution",
-    "quant.precision", "quant.weight_bits", "quant.act_bits",
-    "accuracy.top1", "accuracy.float_top1", "accuracy.sim_top1", "accuracy.int_top1",
-    "latency.engine", "latency.threads", "latency.median_ms", "latency.p10_ms", "latency.p90_ms",
+    "method", "quant.precision", "quant.weight_bits", "quant.act_bits",
+    "metric_name", "metric", "accuracy.top1", "accuracy.float_top1", "accuracy.sim_top1", "accuracy.int_top1",
+    "latency.engine", "latency.device", "latency.threads", "latency.median_ms", "latency.p10_ms", "latency.p90_ms",
+    "latency.source",
 )  # fmt: skip
 """Always present in ``results.csv``, in this order (empty where no record has them), then ``pareto``,
 then every other record field in alphabetical order."""
@@ -30,7 +39,7 @@ INTEGER_COLUMNS = (
 )  # fmt: skip
 """Written as integers even where some records lack them (no ``32.0``)."""
 
-SUMMARY_COLUMNS = ("model_id", "quant.precision", "accuracy.top1", "latency.median_ms", "pareto")
+SUMMARY_COLUMNS = ("model_id", "method", "quant.precision", "metric", "latency.engine", "latency.median_ms", "pareto")
 
 
 def results_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -39,7 +48,7 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
     for column in CORE_COLUMNS:
         if column not in table.columns:
             table[column] = pd.NA
-    table["pareto"] = pareto_front(table)
+    table["pareto"] = pareto_by(table, ("task", "latency.device"), y="metric")
     rest = sorted(c for c in table.columns if c not in CORE_COLUMNS and c != "pareto")
     table = table[[*CORE_COLUMNS, "pareto", *rest]]
     for column in INTEGER_COLUMNS:
@@ -75,8 +84,89 @@ def precision_pairs(table: pd.DataFrame) -> pd.DataFrame:
     return pairs.dropna().reset_index().rename(columns=lambda c: c.split(".")[-1])
 
 
+def series_labels(df: pd.DataFrame) -> pd.Series:
+    """Trade-off series per row: ``float`` or ``<method> w<W>a<A>``, plus `` · <engine>`` when one such
+    series was measured on more than one engine."""
+    def base(row: pd.Series) -> str:
+        method = str(row.get("method", row.get("quant.precision", "?")))
+        w, a = row.get("quant.weight_bits"), row.get("quant.act_bits")
+        if method == "float" or pd.isna(w) or pd.isna(a):
+            return method
+        return f"{method} w{int(w)}a{int(a)}"
+
+    names = df.apply(base, axis=1) if len(df) else pd.Series(dtype=str)
+    if "latency.engine" not in df.columns or names.empty:
+        return names
+    engines = df["latency.engine"].map(str)
+    several = names.map(engines.groupby(names).nunique()) > 1
+    return names.where(~several, names + " · " + engines)
+
+
+def configurations(table: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (seeds pooled, :func:`qat.analysis.aggregate_seeds`), with ``series`` and a
+    per-(task, device) ``pareto`` flag on the means."""
+    summary = aggregate_seeds(table)
+    summary["series"] = series_labels(summary)
+    if "latency.median_ms.mean" in summary.columns:
+        summary["pareto"] = pareto_by(summary, ("task", "latency.device"), "latency.median_ms.mean", "metric.mean")
+    return summary
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    def text(value: object) -> str:
+        if isinstance(value, float):
+            return "—" if pd.isna(value) else f"{value:.2f}"
+        return "—" if value is None or value is pd.NA else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(text(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+SUMMARY_MD_COLUMNS = {
+    "series": "series", "model.arch": "arch", "model.width_mult": "width", "model.resolution": "resolution",
+    "latency.engine": "engine", "latency.device": "device", "n": "n", "metric.mean": "accuracy (%)",
+    "metric.ci95": "± 95% CI", "latency.median_ms.mean": "latency (ms)", "pareto": "Pareto",
+}  # fmt: skip
+
+
+def summary_markdown(summary: pd.DataFrame, skipped: list[tuple[Path, str]], budgets: dict[str, pd.DataFrame],
+                     plots: list[Path]) -> str:
+    """``summary.md``: the configurations, budget answers, skipped records and the figures written."""
+    columns = {k: v for k, v in SUMMARY_MD_COLUMNS.items() if k in summary.columns}
+    names = sorted(summary["task"].dropna().unique()) if "task" in summary.columns else []
+    lines = ["# Report", "", f"{int(summary['n'].sum())} run(s), {len(summary)} configuration(s); accuracy = "
+             f"{', '.join('top-1' if t == 'classification' else 'COCO mAP' for t in names) or 'top-1'}, mean over "
+             "seeds ± half-width of the 95% Student-t interval (— when n = 1); latency = median ms.", "",
+             _markdown_table(summary[list(columns)].rename(columns=columns)), ""]
+    for title, answer in budgets.items():
+        lines += [f"## {title}", ""]
+        if answer.empty:
+            lines += ["No configuration meets the budget.", ""]
+            continue
+        keep = {k: v for k, v in {**columns, "drop": "drop"}.items() if k in answer.columns and k != "pareto"}
+        lines += [_markdown_table(answer[list(keep)].rename(columns=keep)), ""]
+    if skipped:
+        lines += [f"## Skipped {len(skipped)} record(s)", ""] + [f"- `{path}`: {reason}" for path, reason in skipped]
+        lines.append("")
+    if plots:
+        lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in plots if p.suffix == ".png"] + [""]
+    return "\n".join(lines)
+
+
+def _budgets(summary: pd.DataFrame, latency_ms: float | None, drop: float | None) -> dict[str, pd.DataFrame]:
+    answers = {}
+    if latency_ms is not None and "latency.median_ms.mean" in summary.columns:
+        answers[f"Most accurate under {latency_ms:g} ms (per engine and device)"] = most_accurate_under(
+            summary, latency_ms)
+    if drop is not None and "latency.median_ms.mean" in summary.columns:
+        answers[f"Fastest within {drop:g} points of its float model (per engine and device)"] = fastest_within(
+            summary, drop)
+    return answers
+
+
 def _print_summary(
-    table: pd.DataFrame, skipped: list[tuple[Path, str]], csv_path: Path, plots: list[Path]
+    table: pd.DataFrame, skipped: list[tuple[Path, str]], written: list[Path], budgets: dict[str, pd.DataFrame]
 ) -> None:
     summary = table[list(SUMMARY_COLUMNS)].rename(columns=lambda c: c.split(".")[-1])
     print(f"{len(table)} record(s):")
@@ -89,34 +179,104 @@ def _print_summary(
     if not pairs.empty:
         print("float vs int8 per model size:")
         print(pairs.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"wrote {csv_path}")
-    for path in plots:
+    for title, answer in budgets.items():
+        print(f"{title}:")
+        shown = [c for c in ("latency.engine", "latency.device", "series", "model.width_mult", "metric.mean",
+                             "latency.median_ms.mean", "drop") if c in answer.columns]
+        print(answer[shown].to_string(index=False) if not answer.empty else "  none")
+    for path in written:
         print(f"wrote {path}")
 
 
-def write_report(records_root: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``records_root``; write ``results.csv`` and ``tradeoff.{png,pdf}`` in ``out_dir``.
-
-    Returns ``{"table", "csv", "plots", "skipped"}``. The plot is left out (``plots == []``) when no record
-    has a latency. Raises :class:`QatError` (``report.records``) if the root is missing or holds no valid
-    record, and (``report.out``) if the outputs cannot be written.
-    """
-    root, out = Path(records_root), Path(out_dir)
+def load_store(records_root: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """Run records and separate latency records under ``records_root``, joined (one row per run and
+    measurement). Raises :class:`QatError` (``report.records``) if the root is missing or has no valid record."""
+    root = Path(records_root)
     try:
         frame, skipped = load_records(root)
+        latency, skipped_latency = load_latency_records(root)
     except FileNotFoundError:
         fix = "pass records=<directory of runs>"
         raise QatError("report.records", f"{root} does not exist", fix) from None
     if frame.empty:
         why = f"{len(skipped)} record.json file(s), none valid" if skipped else "no record.json found"
         raise QatError("report.records", f"{why} under {root}", "point records= at finished runs") from None
-    table = results_table(frame)
+    return join_latency(frame, latency), skipped + skipped_latency
+
+
+def _figures(table: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[Path]:
+    """Every figure the data supports (see the module doc)."""
+    plots: list[Path] = []
+    if pd.to_numeric(summary.get("latency.median_ms.mean"), errors="coerce").gt(0).any():
+        devices = summary["latency.device"].nunique() if "latency.device" in summary.columns else 1
+        plots += plot_tradeoff(summary, out / "tradeoff", x="latency.median_ms.mean", y="metric.mean",
+                               series="series", yerr="metric.ci95", xerr="latency.median_ms.ci95",
+                               panel="latency.device" if devices > 1 else None)
+    if has_bit_grid(table):
+        plots += plot_bit_heatmap(table, out / "bits_heatmap")
+    if has_method_comparison(table):
+        plots += plot_methods(table, out / "methods")
+    if not gap_table(table).empty:
+        plots += plot_sim_int_gap(table, out / "sim_int_gap")
+    return plots
+
+
+def write_report(
+    records_root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    latency_budget_ms: float | None = None,
+    accuracy_drop: float | None = None,
+) -> dict[str, Any]:
+    """Read ``records_root`` (run records and ``latency*.json``); write in ``out_dir``: ``results.csv``
+    (per run and measurement), ``summary.csv`` (per configuration over seeds), ``summary.md`` and the
+    figures the data supports: ``tradeoff`` (when any latency), ``bits_heatmap`` (≥ 2 bit settings of one
+    model), ``methods`` (≥ 2 quantization methods at one setting), ``sim_int_gap`` (simulated and integer
+    accuracy), each as PNG and PDF. With a latency budget (ms) or an accuracy-drop budget (points), the
+    budget queries are answered per engine and device in ``summary.md`` and on stdout.
+
+    Returns ``{"table", "summary", "csv", "plots", "skipped", "budgets"}``. Raises :class:`QatError`
+    (``report.records``) if the root is missing or holds no valid record, before writing anything, and
+    (``report.out``) if the outputs cannot be written.
+    """
+    out = Path(out_dir)
+    joined, skipped = load_store(records_root)
+    table = results_table(joined)
+    summary = configurations(table)
+    budgets = _budgets(summary, latency_budget_ms, accuracy_drop)
     csv_path = out / "results.csv"
     try:
         atomic_write_bytes(csv_path, table.to_csv(index=False).encode())
-        has_latency = bool(pd.to_numeric(table["latency.median_ms"], errors="coerce").gt(0).any())
-        plots = plot_tradeoff(table, out / "tradeoff") if has_latency else []
+        atomic_write_bytes(out / "summary.csv", summary.to_csv(index=False).encode())
+        plots = _figures(table, summary, out)
+        atomic_write_bytes(out / "summary.md", summary_markdown(summary, skipped, budgets, plots).encode())
     except OSError as exc:
         raise QatError("report.out", f"cannot write to {out}: {exc.strerror or exc}") from exc
-    _print_summary(table, skipped, csv_path, plots)
-    return {"table": table, "csv": csv_path, "plots": plots, "skipped": skipped}
+    _print_summary(table, skipped, [csv_path, out / "summary.csv", out / "summary.md", *plots], budgets)
+    return {"table": table, "summary": summary, "csv": csv_path, "plots": plots, "skipped": skipped,
+            "budgets": budgets}
+
+
+def write_paper_table(
+    name: str,
+    records_root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    where: dict[str, Any] | None = None,
+    dataset_filter: bool = True,
+) -> dict[str, Any]:
+    """The paper table ``name`` beside our runs: ``<out>/<name>.{md,tex,csv}``; the Markdown is printed.
+    Unknown ``name`` -> :class:`QatError` (``report.table``) listing the names, before reading anything."""
+    get_table(name)
+    joined, skipped = load_store(records_root)
+    table = build_table(joined, name, where=where, dataset_filter=dataset_filter)
+    try:
+        paths = write_table(table, name, out_dir)
+    except OSError as exc:
+        raise QatError("report.out", f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
+    print(to_markdown(table, name))
+    if skipped:
+        print(f"skipped {len(skipped)} record(s): " + "; ".join(f"{p}: {r}" for p, r in skipped))
+    for path in paths:
+        print(f"wrote {path}")
+    return {"table": table, "paths": paths, "skipped": skipped}

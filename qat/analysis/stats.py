@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import stats
 
 CONFIG_KEYS = (
-    "experiment", "task", "data.name", "method", "model.arch", "model.width_mult", "model.resolution",
+    "experiment", "task", "metric_name", "data.name", "method", "model.arch", "model.width_mult", "model.resolution",
     "quant.precision", "quant.weight_bits", "quant.act_bits", "quant.weight_per_channel",
     "quant.weight_symmetric", "quant.act_symmetric", "quant.act_observer", "quant.weight_observer",
     "quant.bn_fold", "quant.activation", "latency.engine", "latency.device", "latency.threads", "latency.batch",
