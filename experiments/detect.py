@@ -1,0 +1,36 @@
+"""One detection run: SSDLite float -> QAT of backbone + heads -> integer core -> COCO mAP and latency -> record.
+
+    python experiments/detect.py experiment=detect_demo                       # synthetic shapes, minutes on CPU
+    python experiments/detect.py -m experiment=detect_demo quant=float,w8a8 model.width_mult=0.5,1.0
+    python experiments/detect.py -m experiment=jacob2018_table4_4 data.root=/datasets/coco
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from _cli import one_line_errors  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from qat.detection.config import DetectRunConfig  # noqa: E402
+from qat.detection.pipeline import run_detection  # noqa: E402
+
+ConfigStore.instance().store(name="detect_schema", node=DetectRunConfig)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="detect")
+@one_line_errors
+def main(cfg: DictConfig) -> float:
+    config = OmegaConf.to_object(cfg)
+    record = run_detection(config, HydraConfig.get().runtime.output_dir)
+    return float(record["accuracy"]["map"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""One detection run, end to end, in the shape of the classification run (``qat.pipeline``):
+
+data (COCO layout; synthetic set generated on first use) -> SSDLite -> float training or float weights ->
+COCO mAP (float) -> prepare the core (backbone + heads) for simulated quantization -> calibrate -> QAT
+fine-tune with the schedule -> mAP (simulated) -> convert the core to the canonical integer model ->
+mAP on the int8 engine (post-processing in float around it) -> batch-1 latency of the whole detector,
+float and int8 -> ``record.json`` with ``accuracy.map`` (Jacob et al. 2018 Table 4.4 layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qat.detection.config import DetectRunConfig
+from qat.detection.data import CocoDetectionSet, CocoSplit, check_split, detection_loader, detection_transforms
+from qat.detection.detector import SSDLiteDetector
+from qat.detection.metric import METRICS
+from qat.detection.models import BACKBONES, build_detector
+from qat.detection.synthetic import make_synthetic_coco
+from qat.detection.train import evaluate, fit
+from qat.engines import torch_native
+from qat.errors import QatError, choice_error
+from qat.intmodel.convert import convert
+from qat.latency.harness import measure
+from qat.latency.host import describe_host
+from qat.models.fold import fold_batch_norm
+from qat.models.registry import count_macs
+from qat.pipeline import ENGINES, PRECISIONS, seed_everything
+from qat.quant.config import QuantConfig
+from qat.quant.prepare import calibration_mode, prepare
+from qat.records import write_record
+from qat.train.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("qat")
+
+DATASETS = ("synthetic", "coco")
+
+
+@dataclass
+class DetectionData:
+    train: DataLoader
+    val: DataLoader
+    val_split: CocoSplit
+    info: dict[str, Any]
+
+
+def validate(cfg: DetectRunConfig) -> None:
+    """Cheap checks of every name before any work is done."""
+    if cfg.model.backbone not in BACKBONES:
+        raise choice_error("model.backbone", cfg.model.backbone, list(BACKBONES))
+    if cfg.quant.precision not in PRECISIONS:
+        raise choice_error("quant.precision", cfg.quant.precision, PRECISIONS)
+    if cfg.latency.engine not in ENGINES:
+        raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
+    if cfg.data.name not in DATASETS:
+        raise choice_error("data.name", cfg.data.name, DATASETS)
+    if cfg.data.name == "coco" and not cfg.data.root:
+        raise QatError("data.root", "is not set", "give the folder holding train2017/, val2017/, annotations/")
+
+
+def cache_dir(cfg: DetectRunConfig) -> Path:
+    from qat.data.synthetic import default_cache_dir
+
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+
+def load_data(cfg: DetectRunConfig) -> DetectionData:
+    d = cfg.data
+    if d.name == "synthetic":
+        root = make_synthetic_coco(cache_dir(cfg) / "data", **asdict(d.synthetic))
+    else:
+        root = Path(str(d.root)).expanduser()
+    train_split, val_split = check_split(root, d.train_split), check_split(root, d.val_split)
+    if train_split.category_ids != val_split.category_ids:
+        raise QatError(str(val_split.annotation_file), "lists other categories than the training annotations",
+                       f"use the same categories as {train_split.annotation_file}")
+    res = cfg.model.resolution
+    train_set = CocoDetectionSet(train_split, detection_transforms(res, True, d.hflip), d.max_train_images)
+    val_set = CocoDetectionSet(val_split, detection_transforms(res, False), d.max_val_images)
+    info = {"name": d.name, "root": str(root), "num_categories": val_split.num_categories,
+            "categories": val_split.category_names, "train_size": len(train_set), "val_size": len(val_set)}
+    return DetectionData(detection_loader(train_set, d.batch_size, True, d.workers, cfg.seed),
+                         detection_loader(val_set, d.eval_batch_size, False, d.workers), val_split, info)
+
+
+def float_key(cfg: DetectRunConfig, data_info: dict[str, Any]) -> str:
+    """Identity of the float training recipe: same key, same float weights."""
+    recipe = {"model": asdict(cfg.model), "data": {**asdict(cfg.data), "root": data_info["root"]},
+              "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1}
+    recipe["model"].pop("weights")
+    return "det-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def float_weights(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRunConfig, run_dir: Path) -> str:
+    """Load or train the float weights; return where they came from."""
+    if cfg.model.weights:
+        return f"file:{cfg.model.weights}"  # loaded by build_detector
+    cached = cache_dir(cfg) / "float" / f"{float_key(cfg, data.info)}.pt"
+    if cfg.train.cache_float and cached.exists():
+        detector.load_state_dict(load_checkpoint(cached)["model"])
+        log.info("[float] loaded float weights trained earlier by the same recipe: %s", cached)
+        return f"cache:{cached}"
+    fit(detector, data.train, cfg.optim, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
+        checkpoint=run_dir / "checkpoints" / "float_last.pt", seed=cfg.seed)
+    if cfg.train.cache_float:
+        save_checkpoint(cached, {"model": detector.state_dict(), "recipe_key": cached.stem})
+    return "trained"
+
+
+def detector_latency(detector: SSDLiteDetector, cfg: DetectRunConfig) -> dict[str, Any]:
+    """Batch latency of the whole detector: resize/normalise, core, anchors, decoding and NMS."""
+    lat = cfg.latency
+    res = cfg.model.resolution
+    example = torch.rand(lat.batch, 3, res, res, generator=torch.Generator().manual_seed(0))
+    detector.eval()
+    stats = measure(lambda x: detector(list(x)), example, threads=lat.threads, warmup=lat.warmup,
+                    repeats=lat.repeats, min_time_s=lat.min_time_s)
+    return {**stats.as_dict(), "device": "cpu", "scope": "detector (core + float post-processing)"}
+
+
+def _with_core(detector: SSDLiteDetector, core: nn.Module) -> SSDLiteDetector:
+    return SSDLiteDetector(core, detector.shell, detector.level_shapes, detector.anchors_per_location,
+                           detector.num_classes)
+
+
+def _map_fields(prefix: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{name}": result[name] for name in METRICS}
+
+
+def model_id(cfg: DetectRunConfig, float_source: str) -> str:
+    q = cfg.quant
+    blob = json.dumps({"model": asdict(cfg.model), "quant": asdict(q), "schedule": asdict(cfg.schedule),
+                       "train": asdict(cfg.train), "data": cfg.data.name, "seed": cfg.seed,
+                       "float": float_source}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    tag = "float" if q.precision == "float" else f"w{q.weight_bits}a{q.act_bits}"
+    return f"ssdlite_{cfg.model.backbone}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
+
+
+def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run the whole detection pipeline for one config and write ``<run_dir>/record.json``; return it."""
+    run_dir = Path(run_dir)
+    started = time.time()
+    validate(cfg)
+    seed_everything(cfg.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = load_data(cfg)
+    m = cfg.model
+    detector = build_detector(m.backbone, num_categories=data.info["num_categories"], width_mult=m.width_mult,
+                              resolution=m.resolution, weights=m.weights, backbone_weights=m.backbone_weights)
+    annotations, category_ids = data.val_split.coco, data.val_split.category_ids
+    timings: dict[str, float] = {}
+
+    t = time.time()
+    float_source = float_weights(detector, data, cfg, run_dir)
+    timings["float_train_s"] = time.time() - t
+    float_result = evaluate(detector, data.val, annotations, category_ids, desc="eval float")
+    accuracy: dict[str, Any] = _map_fields("float_", float_result)
+    log.info("[float] mAP %.2f  AP50 %.2f", float_result["map"], float_result["map_50"])
+    float_latency = detector_latency(_with_core(detector, fold_batch_norm(detector.core)), cfg)
+    log.info("[latency] float detector %.3f ms (median, batch %d)", float_latency["median_ms"], cfg.latency.batch)
+    record: dict[str, Any] = {}
+    if cfg.quant.precision == "float":
+        accuracy.update(_map_fields("", float_result))
+        latency = {"engine": "torch_eager", "engine_version": torch.__version__.split("+")[0], **float_latency}
+        quant: dict[str, Any] = {"precision": "float", "weight_bits": 32, "act_bits": 32}
+    else:
+        q = cfg.quant
+        qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
+        res = m.resolution
+        prepared = prepare(detector.core, qconfig, torch.zeros(1, 3, res, res))
+        qdet = _with_core(detector, prepared)
+        t = time.time()
+        with calibration_mode(prepared), torch.no_grad():
+            for i, (images, _) in enumerate(data.train):
+                if i >= q.calibration_batches:
+                    break
+                prepared(qdet.shell.transform(images)[0].tensors)
+        sched = cfg.schedule
+        fit(qdet, data.train, replace(cfg.optim, warmup_epochs=0.0), phase="qat",  # fine-tuning: no warm-up
+            epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr, checkpoint=run_dir / "checkpoints" / "qat_last.pt",
+            seed=cfg.seed, before_step=lambda step: sched.apply(prepared, step))
+        sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
+        timings["qat_train_s"] = time.time() - t
+        sim_result = evaluate(qdet, data.val, annotations, category_ids, desc="eval simulated")
+        accuracy.update(_map_fields("sim_", sim_result))
+        log.info("[qat] simulated mAP %.2f", sim_result["map"])
+
+        int_model = convert(prepared)  # raises a one-line QatError for ops the integer model lacks
+        int_model.meta.update({"task": "detection", "backbone": m.backbone, "width_mult": m.width_mult,
+                               "resolution": res, "num_classes": detector.num_classes,
+                               "level_shapes": detector.level_shapes,
+                               "anchors_per_location": detector.anchors_per_location})
+        int_model.save(run_dir / "int_model.pt")
+        # latency first, on a fresh engine (see qat.pipeline: the x86 backend slows down after big batches)
+        latency = {**torch_native.engine_info(cfg.latency.backend),
+                   **detector_latency(_with_core(detector, torch_native.build(int_model, cfg.latency.backend)),
+                                      cfg)}
+        log.info("[latency] int8 detector %.3f ms (median)", latency["median_ms"])
+        engine = torch_native.build(int_model, cfg.latency.backend)
+        int_result = evaluate(_with_core(detector, engine), data.val, annotations, category_ids, desc="eval int8")
+        accuracy.update(_map_fields("int_", int_result))
+        accuracy.update(_map_fields("", int_result))
+        record["fidelity"] = core_fidelity(prepared, engine, data.val, qdet, int_model.nodes[-2].out.scale)
+        record["fidelity"]["engine_8bit_container"] = engine.emulated_bits
+        log.info("[int8] mAP %.2f (simulated %.2f)", int_result["map"], sim_result["map"])
+        quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
+        record["latency_float"] = {"engine": "torch_eager", **float_latency}
+        record["coco_summary_simulated"] = sim_result["summary"]
+
+    record = {
+        "run_id": f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+        "model_id": model_id(cfg, float_source),
+        "status": "ok",
+        "task": "detection",
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "experiment": cfg.tag,
+        "seed": cfg.seed,
+        "model": {"arch": f"ssdlite_{m.backbone}", "backbone": m.backbone, "width_mult": m.width_mult,
+                  "resolution": m.resolution, "num_classes": detector.num_classes,
+                  "params": sum(p.numel() for p in detector.parameters()),
+                  "macs": count_macs(detector.core, m.resolution), "float_source": float_source},
+        "data": data.info,
+        "quant": quant,
+        "schedule": asdict(cfg.schedule),
+        "accuracy": accuracy,
+        "coco_summary": (float_result if cfg.quant.precision == "float" else int_result)["summary"],
+        **record,
+        "latency": latency,
+        "host": describe_host(),
+        "timing": {**timings, "total_s": time.time() - started},
+        "run_dir": str(run_dir.resolve()),
+    }
+    path = write_record(run_dir, record)
+    log.info("[record] %s  mAP %.2f  latency %.3f ms", path, accuracy["map"], latency["median_ms"])
+    return record
+
+
+@torch.no_grad()
+def core_fidelity(prepared: nn.Module, engine: nn.Module, loader: DataLoader, qdet: SSDLiteDetector,
+                  out_scale: float) -> dict[str, float]:
+    """Simulated vs integer core outputs on the first validation batch, in output LSBs."""
+    prepared.eval()
+    images, _ = next(iter(loader))
+    x = qdet.shell.transform(images)[0].tensors
+    lsb = (prepared(x) - engine(x)).abs() / out_scale
+    return {"core_max_abs_diff_lsb": float(lsb.max()), "core_mean_abs_diff_lsb": float(lsb.mean())}
