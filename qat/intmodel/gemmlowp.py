@@ -30,7 +30,7 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor | int, b: torch.Tensor
     """gemmlowp ``SaturatingRoundingDoublingHighMul``: the high 32 bits of 2·a·b, rounded to nearest.
 
     ``nudge = ab >= 0 ? 2^30 : 1 - 2^30`` then ``(ab + nudge) / 2^31`` with C++ truncating division; the only
-    overflow, a = b = INT32_MIN, saturates to INT32_MAX. Ties round away from zero.
+    overflow, a = b = INT32_MIN, saturates to INT32_MAX. Ties round up (towards +inf): 1.5 -> 2, -1.5 -> -1.
     """
     a, b = _int64(a), _int64(b)
     ab = a * b  # |a|, |b| <= 2^31, so |ab| <= 2^62: exact in int64
