@@ -65,3 +65,6 @@ class WandbLogger(RunLogger):
         if status == "interrupted":
             self.run.mark_preempting()  # W&B expects the run to be resumed (requeue)
         self.run.finish(exit_code=0 if status == "ok" else 1)
+        # wandb-core buffers the offline run file until its service stops: stop it now, so the file is
+        # complete on disk when the job ends (a later run in this process starts a new service)
+        self._wandb.teardown()
