@@ -15,7 +15,8 @@ def _record(run: Path, precision: str, width: float, top1: float, ms: float) -> 
     run.mkdir(parents=True)
     record = {"schema": "qat.record/1", "model_id": f"mnv2-w{width}-{precision}",
               "model": {"arch": "mobilenet_v2", "width_mult": width, "resolution": 32},
-              "quant": {"precision": precision}, "accuracy": {"top1": top1},
+              "quant": {"precision": precision, "weight_bits": 8 if precision == "int8" else 32,
+                        "act_bits": 8 if precision == "int8" else 32}, "accuracy": {"top1": top1},
               "latency": {"engine": "torch_native_x86", "threads": 1, "batch": 1, "median_ms": ms}}
     (run / "record.json").write_text(json.dumps(record))
 
@@ -34,4 +35,5 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "4 records" in result.stdout and "skipped 1" in result.stdout
+    assert "Table 4.7" in result.stdout and "| 8 | 8 | -0.9 | -0.35 ± 0.21 | +0.55 | 2 |" in result.stdout
     assert (out / "tradeoff.png").stat().st_size > 10_000 and (out / "tradeoff.pdf").exists()
