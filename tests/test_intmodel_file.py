@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 
@@ -153,3 +154,28 @@ def test_unknown_op_in_file_names_the_node(int_model_and_input, tmp_path: Path) 
     path = _write(tmp_path / "damaged.pt", data)
     with pytest.raises(QatError, match=f"node {data['nodes'][1]['name']} uses op 'hardswish'"):
         IntModel.load(path)
+
+
+def _explain_layer_script():  # type: ignore[no-untyped-def]
+    path = Path(__file__).parents[1] / "scripts" / "explain_layer.py"
+    spec = importlib.util.spec_from_file_location("explain_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_explain_layer_walks_through_a_saved_layer(int_model_and_input, tmp_path: Path, capsys) -> None:
+    int_model, _ = int_model_and_input
+    path = int_model.save(tmp_path / "int_model.pt")
+    layer = next(n for n in int_model.nodes if n.op == "conv2d" and n.name != int_model.nodes[1].name)
+    assert _explain_layer_script().main([str(path), "--layer", layer.name, "--channel", "2"]) == 0
+    text = capsys.readouterr().out
+    assert f"layer {layer.name}: conv2d" in text and "M0 = " in text
+    assert "SaturatingRoundingDoublingHighMul(acc, M0)" in text and "(same)" in text
+
+
+def test_explain_layer_rejects_an_unknown_layer(int_model_and_input, tmp_path: Path, capsys) -> None:
+    int_model, _ = int_model_and_input
+    path = int_model.save(tmp_path / "int_model.pt")
+    assert _explain_layer_script().main([str(path), "--layer", "nope"]) == 2
+    assert "--layer: no conv2d/linear layer named 'nope'" in capsys.readouterr().err
