@@ -186,7 +186,10 @@ def _draw_tradeoff(ax, data: pd.DataFrame, labels: pd.Series, x: str, y: str, se
     ax.plot(front[x], front[y], linestyle="--", linewidth=1.1, label="Pareto front", zorder=1, **ring)
     ax.plot(front[x], front[y], linestyle="none", zorder=4, **ring)  # rings above the series lines
 
-    lo, hi = float(data[x].min()), float(data[x].max())
+    spread = _numeric_error(data, xerr)
+    spread = np.zeros(len(data)) if spread is None else spread
+    lo = float(np.min(np.where(data[x] - spread > 0, data[x] - spread, data[x])))
+    hi = float((data[x] + spread).max())
     pad = max(1.2, (hi / lo) ** 0.1)
     ax.set_xscale("log")
     ax.set_xlim(lo / pad, hi * pad)
@@ -255,7 +258,13 @@ def plot_tradeoff(
         fig.suptitle(heading, fontsize=12)
     else:
         axes[0].set_title(heading, fontsize=12)
-    axes[0].legend(title=series.split(".")[-1], fontsize=9, title_fontsize=9, loc="best", framealpha=0.9)
+    handles: dict[str, object] = {}
+    for ax in axes:  # one legend for all panels; "Pareto front" last
+        for handle, text in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(text, handle)
+    handles = {**{k: v for k, v in handles.items() if k != "Pareto front"}, "Pareto front": handles["Pareto front"]}
+    axes[0].legend(list(handles.values()), list(handles), title=series.split(".")[-1], fontsize=9, title_fontsize=9,
+                   loc="best", framealpha=0.9)
     return save_figure(fig, path)
 
 
