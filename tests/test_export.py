@@ -1,0 +1,128 @@
+"""Exports with a manifest: round trip, corruption, bad input, nothing written on failure."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from qat.errors import QatError
+from qat.export import MANIFEST_NAME, MANIFEST_SCHEMA, export_model, verify_export
+from qat.export.manifest import fixed_input
+from qat.intmodel.convert import convert
+from qat.intmodel.graph import IntModel
+from qat.quant.config import QuantConfig
+from qat.quant.prepare import calibration_mode, prepare
+
+torch.set_num_threads(1)
+
+
+class SmallNet(nn.Module):
+    """Conv-BN-ReLU, max-pool, a residual block, global average pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(2)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem(x))
+        return self.head(torch.relu(x + self.block(x)))
+
+
+@pytest.fixture(scope="module")
+def int_model() -> IntModel:
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 16, 16)
+    prepared = prepare(SmallNet(), QuantConfig(act_observer="minmax"), x[:1])
+    with calibration_mode(prepared), torch.no_grad():
+        prepared(x)
+    return convert(prepared)
+
+
+def test_int8_onnx_export_round_trip(int_model, tmp_path) -> None:
+    out = export_model("onnxruntime", int_model, tmp_path / "export", "smallnet-w8a8", seed=3)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["schema"] == MANIFEST_SCHEMA and manifest["model_id"] == "smallnet-w8a8"
+    assert manifest["engine"] == "onnxruntime" and manifest["file"] == "smallnet-w8a8.onnx"
+    assert manifest["sha256"] == hashlib.sha256((out / "smallnet-w8a8.onnx").read_bytes()).hexdigest()
+    assert manifest["input_shape"] == [1, 3, 16, 16] and manifest["input_seed"] == 3
+    assert manifest["precision"] == "int8" and manifest["bits"]["emulated_bits"] is False
+    assert manifest["output_shape"] == [1, 10] and len(manifest["expected_output"]) == 10
+    assert any(v != 0.0 for v in manifest["expected_output"])
+    raw = torch.frombuffer(bytearray((out / "input.f32").read_bytes()), dtype=torch.float32)
+    assert torch.equal(raw, fixed_input([1, 3, 16, 16], 3).reshape(-1))
+    assert sorted(p.name for p in out.iterdir()) == ["input.f32", "manifest.json", "smallnet-w8a8.onnx"]
+    result = verify_export(out)
+    assert result["ok"] and result["max_abs_diff"] <= manifest["tolerance"]["atol"]
+
+
+def test_float_onnx_export_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    out = export_model("onnxruntime", model, tmp_path, "smallnet-float", example=torch.randn(1, 3, 16, 16))
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["precision"] == "float32" and manifest["bits"]["min_bits"] == 32
+    with torch.no_grad():
+        expected = model(fixed_input([1, 3, 16, 16], 0))
+    assert torch.allclose(torch.tensor(manifest["expected_output"]), expected.reshape(-1), atol=1e-5)
+    assert verify_export(out)["ok"]
+
+
+def test_corrupted_file_is_named(int_model, tmp_path) -> None:
+    out = export_model("onnxruntime", int_model, tmp_path, "m")
+    path = out / "m.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(QatError, match=rf"{path}: does not match the sha256 in its manifest"):
+        verify_export(out)
+    path.unlink()
+    with pytest.raises(QatError, match=rf"{path}: does not exist"):
+        verify_export(out)
+
+
+def test_wrong_expected_output_is_detected(int_model, tmp_path) -> None:
+    out = export_model("onnxruntime", int_model, tmp_path, "m")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["expected_output"][0] += 10 * manifest["tolerance"]["atol"] + 1.0
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(QatError, match=r"m.onnx: output differs from the manifest"):
+        verify_export(out)
+
+
+def test_bad_manifest_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(QatError, match="manifest.json: does not exist"):
+        verify_export(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"schema": "other/9"}')
+    with pytest.raises(QatError, match="has schema 'other/9', this qat reads 'qat.export/1'"):
+        verify_export(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(QatError, match="is not valid JSON"):
+        verify_export(tmp_path)
+
+
+def test_unknown_or_unexportable_engine(int_model, tmp_path) -> None:
+    with pytest.raises(QatError, match="latency.engine: unknown value 'tflite'"):
+        export_model("tflite", int_model, tmp_path, "m")
+    with pytest.raises(QatError, match="'torch_native_x86' has no export format"):
+        export_model("torch_native_x86", int_model, tmp_path, "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_export_leaves_nothing(int_model, tmp_path) -> None:
+    wide = IntModel(nodes=[dataclasses.replace(n) for n in int_model.nodes], input_shape=int_model.input_shape)
+    wide.nodes[1].out = dataclasses.replace(wide.nodes[1].out, bits=16, qmax=65535)
+    with pytest.raises(QatError, match="16-bit unsigned activations do not fit"):
+        export_model("onnxruntime", wide, tmp_path / "export", "m")
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(QatError, match="export.example: a float module needs an example input"):
+        export_model("onnxruntime", SmallNet(), tmp_path / "export", "m")
+    assert not (tmp_path / "export").exists()
