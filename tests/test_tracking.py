@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,33 @@ def test_collect_refuses_missing_and_empty_trees(tmp_path: Path, capsys: pytest.
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: records: no valid record.json under")
     assert not (tmp_path / "records.csv").exists()
+
+
+def test_slurm_preset_renders_an_sbatch_script_with_gpus_ddp_tasks_signal_and_requeue(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Map the preset to submitit's SLURM executor as hydra-submitit-launcher does, and render the script
+    (nothing is submitted: an ``srun`` placeholder only satisfies submitit's "am I on a cluster" check)."""
+    import submitit
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    cfg = compose_run(["launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
+                       "hydra.launcher.gpus_per_node=4", "hydra.job.name=run"])
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert isinstance(params, dict)
+    params.pop("_target_")
+    params.pop("submitit_folder")
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm",
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python -c pass", "uid")
+    for flag in ("--partition=gpu", "--account=proj", "--gpus-per-node=4", "--ntasks-per-node=4",
+                 "--cpus-per-task=8", "--time=1440", "--signal=USR2@120", "--requeue", "--mem=64GB"):
+        assert f"#SBATCH {flag}\n" in script, flag
+    assert "export OMP_NUM_THREADS=8" in script
