@@ -8,9 +8,8 @@ master config into each job, so a job and its requeued continuation resolve the 
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
-
-from omegaconf import OmegaConf
 
 RESOLVER = "qat_unique"
 
@@ -21,6 +20,11 @@ def unique_token() -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``${qat_unique:}`` (idempotent)."""
+    """Register ``${qat_unique:}`` (idempotent). Without OmegaConf there are no Hydra configs to resolve and
+    nothing to register: the library stays importable without Hydra."""
+    if importlib.util.find_spec("omegaconf") is None:
+        return
+    from omegaconf import OmegaConf
+
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, unique_token, use_cache=True)
