@@ -78,3 +78,19 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, multiplier: torch.Tensor |
 def check_int32(x: torch.Tensor) -> bool:
     """True when every value fits int32 (gemmlowp assumes accumulators never overflow)."""
     return x.numel() == 0 or (int(x.min()) >= INT32_MIN and int(x.max()) <= INT32_MAX)
+
+
+def multiply_by_quantized_multiplier_single_rounding(x: torch.Tensor, multiplier: torch.Tensor | int,
+                                                     shift: torch.Tensor | int) -> torch.Tensor:
+    """TFLite ``MultiplyByQuantizedMultiplier`` built with ``TFLITE_SINGLE_ROUNDING``: one rounding, not two.
+
+    ``total = 31 + n; (x · M0 + 2^(total-1)) >> total`` in int64 (ties round up, towards +inf). TFLite allows
+    n in [-30, 31]; n > 31 gives 0 as above, and results outside int32 saturate.
+    """
+    x, multiplier, shift = _int64(x), _int64(multiplier), _int64(shift)
+    if bool((shift < -30).any()):
+        raise ValueError(f"single-rounding requantization needs n >= -30, got {shift.min().item()}")
+    total = 31 + torch.clamp(shift, max=31)
+    rounding = torch.bitwise_left_shift(torch.ones_like(total), total - 1)
+    result = saturating_cast(torch.bitwise_right_shift(x * multiplier + rounding, total), INT32_MIN, INT32_MAX)
+    return torch.where(shift > 31, torch.zeros_like(result), result)

@@ -14,6 +14,10 @@ that is integer arithmetic on int32 values held in int64 tensors:
 
 Logits leave through the only other float step, r = S(q - Z). Values outside int32 are a QatError naming the
 layer (gemmlowp assumes accumulators never overflow), never a silent float fallback.
+
+``rounding="double"`` (default) is gemmlowp's and TFLite's default requantization (SRDHM, then
+RoundingDivideByPOT: two roundings); ``rounding="single"`` is TFLite built with ``TFLITE_SINGLE_ROUNDING``
+(one rounding of x·M0·2^-(31+n)), the one that matches a simulation which rounds r/S once per layer.
 """
 
 from __future__ import annotations
@@ -25,10 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import QatError
-from qat.intmodel.gemmlowp import check_int32, multiply_by_quantized_multiplier, saturating_cast
+from qat.intmodel.gemmlowp import (
+    check_int32,
+    multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_single_rounding,
+    saturating_cast,
+)
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
 Kernel = Callable[..., torch.Tensor]
+Requantizer = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor | int], torch.Tensor]
+ROUNDINGS: dict[str, Requantizer] = {"double": multiply_by_quantized_multiplier,
+                                     "single": multiply_by_quantized_multiplier_single_rounding}
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -52,12 +64,12 @@ def dequantize_output(q: torch.Tensor, q_params: TensorQ) -> torch.Tensor:
     return (q.to(torch.int64) - q_params.zero_point).to(torch.float32) * q_params.scale
 
 
-def requantize(acc: torch.Tensor, node: IntNode) -> torch.Tensor:
+def requantize(acc: torch.Tensor, node: IntNode, mbqm: Requantizer) -> torch.Tensor:
     """int32 accumulator → output grid: MBQM per channel, + Z_out, clamp (Jacob eq. 7 and §2.4)."""
     assert node.out is not None
     m0 = _channel_view(node.tensors["multiplier"], acc.dim())
     shift = _channel_view(node.tensors["shift"], acc.dim())
-    q = multiply_by_quantized_multiplier(acc, m0, shift) + node.out.zero_point
+    q = mbqm(acc, m0, shift) + node.out.zero_point
     return saturating_cast(q, int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"])).to(torch.int32)
 
 
@@ -75,7 +87,7 @@ def _matmul_operands(node: IntNode, in_q: TensorQ) -> tuple[torch.Tensor, torch.
     return w - w_zp, node.tensors["bias"].to(torch.int64), in_q.zero_point
 
 
-def conv2d_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
+def conv2d_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
     """Integer convolution: torch's int64 convolution (exact integer GEMM) on zero-centred inputs.
 
     Subtracting Z_in before padding makes the zero padding equal real 0.0 (Jacob §2.1).
@@ -88,12 +100,12 @@ def conv2d_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
         acc = F.conv2d(x.to(torch.int64) - z_in, w, None, stride, padding, dilation, groups)
         acc = acc + bias.reshape(1, -1, 1, 1)
         _check_accumulator(acc, node)
-        return requantize(acc, node)
+        return requantize(acc, node, mbqm)
 
     return run
 
 
-def linear_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
+def linear_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
     """Integer fully connected layer: one int64 matmul, bias, requantization (TFLite FullyConnected)."""
     w, bias, z_in = _matmul_operands(node, in_q)
     w_t = w.t().contiguous()
@@ -101,12 +113,12 @@ def linear_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
     def run(x: torch.Tensor) -> torch.Tensor:
         acc = (x.to(torch.int64) - z_in) @ w_t + bias
         _check_accumulator(acc, node)
-        return requantize(acc, node)
+        return requantize(acc, node, mbqm)
 
     return run
 
 
-def add_kernel(node: IntNode, in_qs: list[TensorQ]) -> Kernel:
+def add_kernel(node: IntNode, in_qs: list[TensorQ], mbqm: Requantizer) -> Kernel:
     """TFLite quantized ADD (reference_ops::AddElementwise): headroom shift, per-input and output multipliers."""
     assert node.out is not None
     left = int(node.attrs["left_shift"])
@@ -118,14 +130,14 @@ def add_kernel(node: IntNode, in_qs: list[TensorQ]) -> Kernel:
         total = torch.zeros((), dtype=torch.int64)
         for i, x in enumerate((a, b)):
             shifted = torch.bitwise_left_shift(x.to(torch.int64) - in_qs[i].zero_point, left)
-            total = total + multiply_by_quantized_multiplier(shifted, int(in_m0[i]), int(in_shift[i]))
-        q = multiply_by_quantized_multiplier(total, out_m0, out_shift) + z_out
+            total = total + mbqm(shifted, int(in_m0[i]), int(in_shift[i]))
+        q = mbqm(total, out_m0, out_shift) + z_out
         return saturating_cast(q, low, high).to(torch.int32)
 
     return run
 
 
-def cat_kernel(node: IntNode, in_qs: list[TensorQ]) -> Kernel:
+def cat_kernel(node: IntNode, in_qs: list[TensorQ], mbqm: Requantizer) -> Kernel:
     """Concatenation: each input requantized to the output grid, (q - Z_i)·2^L · (S_i/S_out)·2^-L + Z_out."""
     assert node.out is not None
     left = int(node.attrs["left_shift"])
@@ -137,7 +149,7 @@ def cat_kernel(node: IntNode, in_qs: list[TensorQ]) -> Kernel:
         parts = []
         for i, x in enumerate(xs):
             shifted = torch.bitwise_left_shift(x.to(torch.int64) - in_qs[i].zero_point, left)
-            q = multiply_by_quantized_multiplier(shifted, int(in_m0[i]), int(in_shift[i]) + left) + z_out
+            q = mbqm(shifted, int(in_m0[i]), int(in_shift[i]) + left) + z_out
             parts.append(saturating_cast(q, low, high))
         return torch.cat(parts, dim).to(torch.int32)
 
@@ -231,10 +243,14 @@ def max_pool_kernel(node: IntNode) -> Kernel:
 class ReferenceExecutor(nn.Module):
     """Runs an :class:`IntModel` with integer arithmetic only; float images in, float logits out."""
 
-    def __init__(self, int_model: IntModel) -> None:
+    def __init__(self, int_model: IntModel, rounding: str = "double") -> None:
         super().__init__()
+        if rounding not in ROUNDINGS:
+            raise QatError("reference.rounding", f"unknown value {rounding!r}", "choose double or single")
         int_model.validate()
         self.int_model = int_model
+        self.rounding = rounding
+        self.mbqm = ROUNDINGS[rounding]
         q_of = {n.name: n.out for n in int_model.nodes}
         self.steps: list[tuple[IntNode, Kernel]] = []
         for node in int_model.nodes:
@@ -242,8 +258,7 @@ class ReferenceExecutor(nn.Module):
             self.steps.append((node, self._kernel(node, in_qs)))
         self._by_name = {node.name: (node, kernel) for node, kernel in self.steps}
 
-    @staticmethod
-    def _kernel(node: IntNode, in_qs: list[TensorQ | None]) -> Kernel:
+    def _kernel(self, node: IntNode, in_qs: list[TensorQ | None]) -> Kernel:
         op = node.op
         if op == "quantize":
             out = node.out
@@ -254,13 +269,13 @@ class ReferenceExecutor(nn.Module):
             assert source is not None
             return lambda q: dequantize_output(q, source)
         if op == "conv2d":
-            return conv2d_kernel(node, in_qs[0])
+            return conv2d_kernel(node, in_qs[0], self.mbqm)
         if op == "linear":
-            return linear_kernel(node, in_qs[0])
+            return linear_kernel(node, in_qs[0], self.mbqm)
         if op == "add":
-            return add_kernel(node, in_qs)
+            return add_kernel(node, in_qs, self.mbqm)
         if op == "cat":
-            return cat_kernel(node, in_qs)
+            return cat_kernel(node, in_qs, self.mbqm)
         if op == "avg_pool":
             return avg_pool_kernel(node, in_qs[0])
         if op == "max_pool":
@@ -304,10 +319,10 @@ class ReferenceExecutor(nn.Module):
         return result
 
 
-def build(int_model: IntModel) -> ReferenceExecutor:
+def build(int_model: IntModel, rounding: str = "double") -> ReferenceExecutor:
     """The engine-style entry point (float images → float logits)."""
-    return ReferenceExecutor(int_model)
+    return ReferenceExecutor(int_model, rounding)
 
 
-def engine_info() -> dict[str, str]:
-    return {"engine": "reference", "engine_version": "gemmlowp-tflite-int32"}
+def engine_info(rounding: str = "double") -> dict[str, str]:
+    return {"engine": f"reference_{rounding}_rounding", "engine_version": "gemmlowp-tflite-int32"}
