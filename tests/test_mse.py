@@ -38,6 +38,17 @@ def test_mse_search_is_exact_to_the_grid_step() -> None:
     assert best <= fine * 1.02  # the 1%-step grid lands within 2% of a 0.1%-step search
 
 
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (8, True), (8, False), (4, False)])
+def test_histogram_search_is_within_one_percent_of_the_exact_search(bits: int, symmetric: bool) -> None:
+    torch.manual_seed(4)
+    x = torch.distributions.StudentT(2.5).sample((400000,))  # longer than SAMPLE: the sampled histogram
+    x = x if symmetric else torch.relu(x) + 0.1 * x  # asymmetric, like activations after a leaky ReLU
+    spec = QuantSpec(bits=bits, signed=symmetric, symmetric=symmetric)
+    exact = mse_optimal_range(x.reshape(1, -1), spec, exact=True)
+    histogram = mse_optimal_range(x.reshape(1, -1), spec, exact=False)
+    assert _mse(x, histogram[0][0], histogram[1][0], spec) <= 1.01 * _mse(x, exact[0][0], exact[1][0], spec)
+
+
 def test_per_channel_search_is_vectorized_row_by_row() -> None:
     torch.manual_seed(2)
     w = torch.distributions.StudentT(3.0).sample((8, 50)) * torch.linspace(0.1, 2.0, 8).reshape(-1, 1)

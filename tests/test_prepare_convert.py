@@ -22,9 +22,12 @@ MODELS = {
     "mobilenet_v1": lambda: build_model("mobilenet_v1", width_mult=0.25, num_classes=10, resolution=32),
     "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10),
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "mobilenet_v3_large": lambda: torchvision.models.mobilenet_v3_large(num_classes=10),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
     "resnet34": lambda: torchvision.models.resnet34(num_classes=10),
     "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "resnet101": lambda: torchvision.models.resnet101(num_classes=10),
+    "resnet152": lambda: torchvision.models.resnet152(num_classes=10),
     "inception_v3": lambda: torchvision.models.inception_v3(num_classes=10, aux_logits=False, init_weights=False),
 }
 RESOLUTION = {"inception_v3": 75}  # Inception v3's smallest input; 32 for the others
@@ -75,6 +78,29 @@ def test_untraceable_model_is_a_clear_error() -> None:
 
     with pytest.raises(QatError, match="model: DataDependent cannot be traced"):
         prepare(DataDependent(), QuantConfig(), torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize(("axis", "works"), [(0, True), (1, True), (-1, True), (4, False), (-5, False)])
+def test_weight_channel_axis_is_checked_per_layer(axis: int, works: bool) -> None:
+    config = QuantConfig(weight_ch_axis=axis)
+    if works:
+        model = prepare(MODELS["resnet18"](), config, torch.randn(1, 3, 32, 32))
+        fq = model.get_submodule("layer1.0.conv1").weight_fq
+        channels = model.get_submodule("layer1.0.conv1").conv.weight.shape[axis]
+        model(torch.randn(2, 3, 32, 32))
+        assert fq.scale.numel() == channels
+        return
+    with pytest.raises(QatError, match=rf"quant.weight_ch_axis: layer conv1 has a 4-d weight .*axis {axis} does not"):
+        prepare(MODELS["resnet18"](), config, torch.randn(1, 3, 32, 32))
+
+
+def test_per_input_channel_weights_do_not_convert() -> None:
+    model = prepare(MODELS["mobilenet_v1"](), QuantConfig(weight_ch_axis=1, act_observer="minmax"),
+                    torch.randn(1, 3, 32, 32))
+    with calibration_mode(model), torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    with pytest.raises(QatError, match="quant.weight_ch_axis: 1 .*has no integer form"):
+        convert(model)
 
 
 @pytest.mark.parametrize("real", [0.5, 0.0037, 1e-5, 0.999999999, 1.7, 2.0**-20])

@@ -31,6 +31,7 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
     weight_per_channel: bool = True
+    weight_ch_axis: int = 0  # axis of the per-channel weight grids (0 = output channels, whitepaper §2.4)
     weight_symmetric: bool = True
     weight_narrow_range: bool = True
     act_symmetric: bool = False
@@ -57,7 +58,7 @@ class QuantConfig:
     def weight_spec(self, bits: int | None = None) -> QuantSpec:
         return QuantSpec(bits=bits or self.weight_bits, signed=True, symmetric=self.weight_symmetric,
                          narrow_range=self.weight_narrow_range, per_channel=self.weight_per_channel,
-                         ch_axis=0, key="quant.weight")
+                         ch_axis=self.weight_ch_axis, key="quant.weight")
 
     def act_spec(self, bits: int | None = None) -> QuantSpec:
         signed = self.act_symmetric

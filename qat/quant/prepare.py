@@ -118,9 +118,13 @@ class _Preparer:
                 found = found or o
         return found
 
-    def _weight_fq(self, bits: int | None, ch_axis: int = 0) -> FakeQuantize:
+    def _weight_fq(self, bits: int | None, layer: str, weight: torch.Tensor) -> FakeQuantize:
         spec = self.config.weight_spec(bits)
-        observer = make_observer(self.config.weight_observer, per_channel=spec.per_channel, ch_axis=ch_axis,
+        if spec.per_channel and not -weight.dim() <= spec.ch_axis < weight.dim():
+            raise QatError("quant.weight_ch_axis", f"layer {layer} has a {weight.dim()}-d weight "
+                           f"{tuple(weight.shape)}; axis {spec.ch_axis} does not exist",
+                           f"use an axis in [{-weight.dim()}, {weight.dim() - 1}] (0 = output channels)")
+        observer = make_observer(self.config.weight_observer, per_channel=spec.per_channel, ch_axis=spec.ch_axis,
                                  key="quant.weight_observer", spec=spec, weights=True,
                                  percentile=self.config.percentile)
         return FakeQuantize(spec, observer, observe_in_eval=True)
@@ -142,7 +146,8 @@ class _Preparer:
                 if override and override.keep_float:
                     continue
                 linear = self.modules[node.target]
-                q = QLinear(linear, self._weight_fq(override.weight_bits if override else None))
+                q = QLinear(linear, self._weight_fq(override.weight_bits if override else None, node.target,
+                                                    linear.weight))
                 self.gm.add_submodule(node.target, q)
         graph.lint()
         self.gm.delete_all_unused_submodules()
@@ -165,8 +170,8 @@ class _Preparer:
         if activation != "none" and self.config.activation:
             activation = self.config.activation
         bn = self.modules[bn_node.target] if bn_node is not None else None
-        fused = QConvBnAct(conv, bn, activation, self._weight_fq(override.weight_bits if override else None),
-                           self.config.bn_fold)
+        weight_fq = self._weight_fq(override.weight_bits if override else None, conv_node.target, conv.weight)
+        fused = QConvBnAct(conv, bn, activation, weight_fq, self.config.bn_fold)
         self.gm.add_submodule(conv_node.target, fused)
         if bn_node is not None:  # now owned by the fused module; the old path would shadow it
             self.gm.delete_submodule(bn_node.target)
