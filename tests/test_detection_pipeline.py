@@ -97,6 +97,16 @@ def test_presets_compose_to_typed_configs(experiment: str, backbone: str, data: 
     assert (cfg.model.backbone, cfg.data.name, cfg.quant.precision) == (backbone, data, "int8")
 
 
+def test_float_run_records_float_map_and_eager_latency(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    cfg.quant.precision = "float"
+    record = run_detection(cfg, tmp_path / "run")
+    assert record["accuracy"]["map"] == record["accuracy"]["float_map"] and "sim_map" not in record["accuracy"]
+    assert record["latency"]["engine"] == "torch_eager" and record["quant"]["precision"] == "float"
+    assert not (tmp_path / "run" / "int_model.pt").exists()
+
+
 @pytest.mark.parametrize(("overrides", "key"), [
     (["experiment=detect_demo", "model.backbone=resnet9000"], "model.backbone: unknown value 'resnet9000'"),
     (["experiment=jacob2018_table4_4"], "data.root: is not set"),

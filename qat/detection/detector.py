@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSD
+from torchvision.ops import box_iou
 
 from qat.errors import QatError
 
@@ -109,9 +110,3 @@ class SSDLiteDetector(nn.Module):
             return self.shell.compute_loss(targets, head_outputs, anchors, matched)
         detections = self.shell.postprocess_detections(head_outputs, anchors, image_list.image_sizes)
         return self.shell.transform.postprocess(detections, image_list.image_sizes, original_sizes)
-
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    from torchvision.ops import box_iou as _box_iou
-
-    return _box_iou(a, b)

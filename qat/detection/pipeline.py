@@ -62,9 +62,9 @@ def validate(cfg: DetectRunConfig) -> None:
     if cfg.quant.precision not in PRECISIONS:
         raise choice_error("quant.precision", cfg.quant.precision, PRECISIONS)
     engine = registry.entry(engine_name(cfg))
-    if cfg.quant.precision not in engine.precisions:
-        raise QatError("latency.engine", f"engine {engine.name!r} has no {cfg.quant.precision} path",
-                       f"it runs: {', '.join(engine.precisions)}")
+    if cfg.quant.precision == "int8" and "int8" not in engine.precisions:
+        raise QatError("latency.engine", f"engine {engine.name!r} has no int8 path",
+                       f"it runs: {', '.join(engine.precisions)}; choose an int8 engine or quant=float")
     if cfg.data.name not in DATASETS:
         raise choice_error("data.name", cfg.data.name, DATASETS)
     if cfg.data.name == "coco" and not cfg.data.root:
