@@ -54,7 +54,7 @@ def test_few_step_qat_run_writes_record_with_map_and_integer_core(tmp_path: Path
     assert abs(acc["int_map"] - acc["sim_map"]) <= MAP_TOLERANCE
     assert record["quant"]["precision"] == "int8" and record["model"]["arch"] == "ssdlite_mobilenet_v2"
     assert record["latency"]["engine"] == "torch_native_x86" and record["latency"]["median_ms"] > 0
-    assert record["latency_float"]["median_ms"] > 0
+    assert record["latency_float"]["median_ms"] > 0 and record["latency"]["core_median_ms"] > 0
     fidelity = record["fidelity"]
     assert fidelity["core_mean_abs_diff_lsb"] < 0.5 and fidelity["core_max_abs_diff_lsb"] <= 16
     int_model = IntModel.load(run_dir / "int_model.pt")

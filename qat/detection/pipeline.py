@@ -143,6 +143,14 @@ def detector_latency(detector: SSDLiteDetector, cfg: DetectRunConfig) -> dict[st
     return {**stats.as_dict(), "device": "cpu", "scope": "detector (core + float post-processing)"}
 
 
+def core_latency(core: nn.Module | registry.Engine, cfg: DetectRunConfig) -> float:
+    """Median batch latency (ms) of the core alone (backbone + heads, no post-processing)."""
+    lat, res = cfg.latency, cfg.model.resolution
+    example = torch.rand(lat.batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return measure(core, example, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
+                   min_time_s=lat.min_time_s).median_ms
+
+
 def _with_core(detector: SSDLiteDetector, core: nn.Module | registry.Engine) -> SSDLiteDetector:
     return SSDLiteDetector(core, detector.shell, detector.level_shapes, detector.anchors_per_location,
                            detector.num_classes)
@@ -187,8 +195,10 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
     float_engine = registry.build_float(float_engine_name(cfg), detector.core, torch.zeros(lat.batch, 3, res, res),
                                         lat.threads)
     float_latency = {**registry.engine_info(float_engine_name(cfg)),
-                     **detector_latency(_with_core(detector, float_engine), cfg)}
-    log.info("[latency] float detector %.3f ms (median, batch %d)", float_latency["median_ms"], cfg.latency.batch)
+                     **detector_latency(_with_core(detector, float_engine), cfg),
+                     "core_median_ms": core_latency(float_engine, cfg)}
+    log.info("[latency] float detector %.3f ms, core %.3f ms (median, batch %d)", float_latency["median_ms"],
+             float_latency["core_median_ms"], cfg.latency.batch)
     record: dict[str, Any] = {}
     if cfg.quant.precision == "float":
         accuracy.update(_map_fields("", float_result))
@@ -223,9 +233,11 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
         int_model.save(run_dir / "int_model.pt")
         # latency first, on a fresh engine (see qat.pipeline: the x86 backend slows down after big batches)
         name = engine_name(cfg)
-        latency = {**registry.engine_info(name),
-                   **detector_latency(_with_core(detector, registry.build_int(name, int_model, lat.threads)), cfg)}
-        log.info("[latency] int8 detector %.3f ms (median, %s)", latency["median_ms"], name)
+        int_engine = registry.build_int(name, int_model, lat.threads)
+        latency = {**registry.engine_info(name), **detector_latency(_with_core(detector, int_engine), cfg),
+                   "core_median_ms": core_latency(int_engine, cfg)}
+        log.info("[latency] int8 detector %.3f ms, core %.3f ms (median, %s)", latency["median_ms"],
+                 latency["core_median_ms"], name)
         engine = registry.build_int(name, int_model, lat.threads)
         int_result = evaluate(_with_core(detector, engine), data.val, annotations, category_ids, desc="eval int8")
         accuracy.update(_map_fields("int_", int_result))
