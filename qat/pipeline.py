@@ -7,6 +7,7 @@ model -> evaluate it on a real int8 engine -> measure batch-1 latency of float a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -31,13 +32,23 @@ from qat.latency.harness import measure
 from qat.latency.host import describe_host
 from qat.models.fold import fold_batch_norm
 from qat.models.registry import MODELS, build_model, count_macs
+from qat.ptq.driver import check_method, not_convertible_reason, prepare_and_post_train, record_method
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.records import write_record
 from qat.schema import RunConfig
 from qat.tracking import RUN_ID_KEY, RunLogger
-from qat.train.checkpoint import load_checkpoint, save_checkpoint
-from qat.train.loop import build_optimizer, lr_at, predict, top1, train_epoch
+from qat.train.checkpoint import (
+    load_checkpoint,
+    previous_path,
+    resume_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from qat.train.distributed import Runtime, amp_dtype, wrap
+from qat.train.distributed import setup as setup_runtime
+from qat.train.loop import NonFiniteLoss, build_optimizer, lr_at, predict, top1, train_epoch
 
 log = logging.getLogger("qat")
 
@@ -58,6 +69,7 @@ def validate(cfg: RunConfig) -> None:
         raise choice_error("model.arch", cfg.model.arch, list(MODELS))
     if cfg.quant.precision not in PRECISIONS:
         raise choice_error("quant.precision", cfg.quant.precision, PRECISIONS)
+    check_method(cfg.method)
     if cfg.latency.engine not in ENGINES:
         raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
     if cfg.data.name not in DATASETS:
@@ -72,7 +84,7 @@ def cache_dir(cfg: RunConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
-def load_data(cfg: RunConfig) -> tuple[ClassificationData, dict[str, Any]]:
+def load_data(cfg: RunConfig, distributed: bool = False) -> tuple[ClassificationData, dict[str, Any]]:
     d = cfg.data
     if d.name == "demo":
         root = make_demo_dataset(cache_dir(cfg) / "data", **asdict(d.demo))
@@ -80,7 +92,7 @@ def load_data(cfg: RunConfig) -> tuple[ClassificationData, dict[str, Any]]:
         root = Path(str(d.root)).expanduser()
     data = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.batch_size,
                                         workers=d.workers, train_crop_scale=tuple(d.train_crop_scale),
-                                        resize_ratio=d.resize_ratio, seed=cfg.seed)
+                                        resize_ratio=d.resize_ratio, seed=cfg.seed, distributed=distributed)
     val = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.eval_batch_size,
                                        workers=d.workers, resize_ratio=d.resize_ratio, seed=cfg.seed).val
     data = ClassificationData(data.train, val, data.class_names)
@@ -98,42 +110,84 @@ def float_key(cfg: RunConfig, data_info: dict[str, Any]) -> str:
 
 
 def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: str, epochs: int, lr: float,
-        checkpoint: Path, before_step=None, tracker: RunLogger | None = None) -> nn.Module:  # type: ignore[no-untyped-def]
-    """Train ``epochs`` epochs, checkpointing each epoch atomically; resume from ``checkpoint`` if present.
-    Per-step loss, lr and epoch go to ``tracker``; its run id is kept in the checkpoint (qat.tracking)."""
+        checkpoint: Path, before_step=None, tracker: RunLogger | None = None,  # type: ignore[no-untyped-def]
+        runtime: Runtime | None = None) -> nn.Module:
+    """Train ``epochs`` epochs, checkpointing atomically each epoch and every ``train.checkpoint_every_steps``
+    steps; resume from the newest good checkpoint (``checkpoint`` or its previous one, qat.train.checkpoint),
+    mid-epoch included: consumed batches are skipped and the RNG state restored, so a resumed run trains exactly
+    as an uninterrupted one. A NaN/Inf loss or weights stop the run with the last good checkpoint kept.
+    Per-step loss, lr and epoch go to ``tracker``; its run id is kept in the checkpoint (qat.tracking).
+    Under DDP (``runtime``) every rank trains its shard and rank 0 alone writes checkpoints."""
     tracker = tracker or RunLogger()
+    runtime = runtime or Runtime()
+    amp = amp_dtype(cfg.train.amp, runtime.device)
+    scaler = torch.amp.GradScaler(runtime.device.type) if amp is torch.float16 else None
+    train_model = wrap(model, runtime)
     optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)  # fine-tuning: no warm-up
     optimizer = build_optimizer(model, optim, lr)
     steps_per_epoch = len(data.train)
     total = epochs * steps_per_epoch
-    start_epoch, step = 0, 0
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
+    lr_key = "optim.lr" if phase == "float" else "train.qat_lr"
+    every = cfg.train.checkpoint_every_steps
+    start_epoch, step, skip, rng = 0, 0, 0, None
+    found = resume_state(checkpoint)
+    if found is not None:
+        state, source = found
+        model.load_state_dict(state["model"])  # tensors land on the model's device
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step = state["epoch"], state["step"]
-        log.info("[%s] resuming from %s at epoch %d", phase, checkpoint, start_epoch)
-    for epoch in range(start_epoch, epochs):
-        t0 = time.time()
-        # every epoch's randomness (shuffle, augmentation) depends only on (seed, epoch): resumes are exact
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        if data.train.generator is not None:
-            data.train.generator.manual_seed(cfg.seed * 1000 + epoch)
-        if hasattr(data.train.sampler, "set_epoch"):
-            data.train.sampler.set_epoch(epoch)
-        step, loss = train_epoch(model, data.train, optimizer, step=step, before_step=before_step,
-                                 after_step=lambda s, loss, lr: tracker.log_step(
-                                     phase, s, {"loss": loss, "lr": lr, "epoch": (s + 1) / steps_per_epoch}),
-                                 lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
-                                 desc=f"{phase} {epoch + 1}/{epochs}")
+        skip, rng = state.get("batch_in_epoch", 0), state.get("rng")
+        log.info("[%s] resuming from %s at epoch %d, batch %d", phase, source, start_epoch, skip)
+
+    def save(epoch: int, batch: int, next_step: int) -> None:
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise NonFiniteLoss(next_step - 1, float("nan"), what=f"weight {bad}")
         save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch + 1, "step": step, "phase": phase, RUN_ID_KEY: tracker.run_id})
-        log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)
+                                     "epoch": epoch, "batch_in_epoch": batch, "step": next_step, "phase": phase,
+                                     "rng": rng_state(), RUN_ID_KEY: tracker.run_id,
+                                     **({"scaler": scaler.state_dict()} if scaler is not None else {})})
+
+    def after_step(s: int, loss: float, lr_now: float, epoch: int, first_step: int) -> None:
+        tracker.log_step(phase, s, {"loss": loss, "lr": lr_now, "epoch": (s + 1) / steps_per_epoch})
+        batch = s + 1 - first_step
+        if every and runtime.is_main and (s + 1) % every == 0 and batch < steps_per_epoch:
+            save(epoch, batch, s + 1)
+
+    try:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.time()
+            # every epoch's randomness (shuffle, augmentation) depends only on (seed, epoch): resumes are exact
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            if data.train.generator is not None:
+                data.train.generator.manual_seed(cfg.seed * 1000 + epoch)
+            if hasattr(data.train.sampler, "set_epoch"):
+                data.train.sampler.set_epoch(epoch)
+            first_step, saved_rng = step - skip, rng
+            step, loss = train_epoch(train_model, data.train, optimizer, step=step, before_step=before_step,
+                                     device=runtime.device, amp=amp, scaler=scaler,
+                                     after_step=lambda s, loss, lr_now, e=epoch, f=first_step: after_step(
+                                         s, loss, lr_now, e, f),
+                                     lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
+                                     desc=f"{phase} {epoch + 1}/{epochs}", skip_batches=skip,
+                                     after_skip=None if saved_rng is None else lambda r=saved_rng: set_rng_state(r))
+            skip, rng = 0, None
+            if runtime.is_main:
+                save(epoch + 1, 0, step)
+            runtime.barrier()  # nobody runs ahead of the checkpoint it would resume from
+            log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)
+    except NonFiniteLoss as exc:
+        kept = next((p for p in (checkpoint, previous_path(checkpoint)) if p.exists()), None)
+        where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
+        raise QatError(lr_key, f"{exc.what} became {exc.value} at step {exc.step} of the {phase} phase",
+                       f"lower {lr_key}; {where}") from exc
     return model
 
 
 def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, data_info: dict[str, Any],
-                  run_dir: Path, tracker: RunLogger | None = None) -> str:
+                  run_dir: Path, tracker: RunLogger | None = None, runtime: Runtime | None = None) -> str:
     """Load or train the float weights; return where they came from."""
     if cfg.model.weights:
         return f"file:{cfg.model.weights}"  # loaded by build_model
@@ -143,8 +197,8 @@ def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, da
         log.info("[float] loaded float weights trained earlier by the same recipe: %s", cached)
         return f"cache:{cached}"
     fit(model, data, cfg, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
-        checkpoint=run_dir / "checkpoints" / "float_last.pt", tracker=tracker)
-    if cfg.train.cache_float:
+        checkpoint=run_dir / "checkpoints" / "float_last.pt", tracker=tracker, runtime=runtime)
+    if cfg.train.cache_float and (runtime is None or runtime.is_main):
         save_checkpoint(cached, {"model": model.state_dict(), "recipe_key": cached.stem})
     return "trained"
 
@@ -162,10 +216,31 @@ def model_id(cfg: RunConfig, float_source: str) -> str:
     q = cfg.quant
     blob = json.dumps({"model": asdict(cfg.model), "quant": asdict(q), "schedule": asdict(cfg.schedule),
                        "train": asdict(cfg.train), "data": cfg.data.name, "seed": cfg.seed,
-                       "float": float_source}, sort_keys=True, default=str)
+                       "float": float_source, **({"ptq": asdict(cfg.ptq)} if cfg.method == "ptq" else {})},
+                      sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
     tag = "float" if q.precision == "float" else f"w{q.weight_bits}a{q.act_bits}"
     return f"{cfg.model.arch}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
+
+
+def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunConfig, run_dir: Path,
+                          tracker: RunLogger, runtime: Runtime) -> nn.Module:
+    """Prepare simulated quantization, calibrate the ranges, then QAT fine-tuning with the schedule."""
+    q = cfg.quant
+    qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
+    example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution, device=runtime.device)
+    prepared = prepare(model, qconfig, example)
+    with calibration_mode(prepared), torch.no_grad():
+        for i, (images, _) in enumerate(data.train):
+            if i >= q.calibration_batches:
+                break
+            prepared(images.to(runtime.device))
+    sched = cfg.schedule
+    fit(prepared, data, cfg, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
+        checkpoint=run_dir / "checkpoints" / "qat_last.pt",
+        before_step=lambda step: sched.apply(prepared, step), tracker=tracker, runtime=runtime)
+    sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
+    return prepared
 
 
 def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger | None = None) -> dict[str, Any]:
@@ -175,23 +250,29 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
     run_dir = Path(run_dir)
     started = time.time()
     validate(cfg)
+    runtime = setup_runtime(cfg.train.device)
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    data, data_info = load_data(cfg)
+    data, data_info = load_data(cfg, distributed=runtime.distributed)
     model = build_model(cfg.model.arch, width_mult=cfg.model.width_mult, num_classes=data_info["num_classes"],
-                        resolution=cfg.model.resolution, weights=cfg.model.weights)
+                        resolution=cfg.model.resolution, weights=cfg.model.weights).to(runtime.device)
+    device = runtime.device
     timings: dict[str, float] = {}
 
     t = time.time()
-    float_source = float_weights(model, data, cfg, data_info, run_dir, tracker)
+    float_source = float_weights(model, data, cfg, data_info, run_dir, tracker, runtime)
     timings["float_train_s"] = time.time() - t
-    _, float_pred, targets = predict(model, data.val, desc="eval float")
+    if not runtime.is_main:  # DDP: the other ranks only train; rank 0 evaluates, measures, writes the record
+        if cfg.quant.precision != "float" and cfg.method == "qat":  # PTQ has no training to share
+            quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime)
+        return {}
+    _, float_pred, targets = predict(model, data.val, desc="eval float", device=device)
     accuracy = {"float_top1": top1(float_pred, targets)}
     log.info("[float] top-1 %.2f%%", accuracy["float_top1"])
 
     host = describe_host()
-    float_latency = _latency(fold_batch_norm(model), cfg)
+    float_latency = _latency(fold_batch_norm(copy.deepcopy(model).cpu()), cfg)
     log.info("[latency] float %.3f ms (median, batch %d, %d thread(s))", float_latency["median_ms"],
              cfg.latency.batch, cfg.latency.threads)
     record: dict[str, Any] = {}
@@ -201,26 +282,29 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         quant = {"precision": "float", "weight_bits": 32, "act_bits": 32}
     else:
         q = cfg.quant
-        qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
-        example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution)
-        prepared = prepare(model, qconfig, example)
         t = time.time()
-        with calibration_mode(prepared), torch.no_grad():
-            for i, (images, _) in enumerate(data.train):
-                if i >= q.calibration_batches:
-                    break
-                prepared(images)
-        sched = cfg.schedule
-        fit(prepared, data, cfg, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
-            checkpoint=run_dir / "checkpoints" / "qat_last.pt",
-            before_step=lambda step: sched.apply(prepared, step), tracker=tracker)
-        sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
-        timings["qat_train_s"] = time.time() - t
-        sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated")
+        if cfg.method == "ptq":  # post-training methods of cfg.ptq (qat.ptq) instead of QAT fine-tuning
+            prepared, record["ptq"] = prepare_and_post_train(
+                model, q, cfg.ptq, data_root=data_info["root"], resolution=cfg.model.resolution,
+                batch_size=cfg.data.batch_size, resize_ratio=cfg.data.resize_ratio, seed=cfg.seed,
+                workers=cfg.data.workers, device=device)
+            timings["ptq_s"] = time.time() - t
+        else:
+            prepared = quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime)
+            timings["qat_train_s"] = time.time() - t
+        sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated", device=device)
         accuracy["sim_top1"] = top1(sim_pred, targets)
-        log.info("[qat] simulated top-1 %.2f%%", accuracy["sim_top1"])
-
-        int_model = convert(prepared)
+        log.info("[%s] simulated top-1 %.2f%%", cfg.method, accuracy["sim_top1"])
+    reason = None if cfg.quant.precision == "float" else not_convertible_reason(prepared)
+    if reason is not None:  # e.g. two-tensor layers (Choukroun §3.3): simulated results only
+        accuracy["top1"] = accuracy["sim_top1"]
+        record["fidelity"] = {"integer_model": f"not convertible: {reason}"}
+        latency = {"engine": "none (simulated only, no integer model)", "median_ms": None}
+        quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
+        record["latency_float"] = {"engine": "torch_eager", **float_latency}
+        log.warning("[%s] no integer model: %s", cfg.method, reason)
+    elif cfg.quant.precision != "float":
+        int_model = convert(prepared.cpu())
         int_model.meta.update({"arch": cfg.model.arch, "width_mult": cfg.model.width_mult,
                                "resolution": cfg.model.resolution, "num_classes": data_info["num_classes"]})
         int_model.save(run_dir / "int_model.pt")
@@ -245,6 +329,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
 
     record = {
         "run_id": f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
+        "method": record_method(cfg.method, cfg.quant.precision, cfg.ptq),
         "model_id": model_id(cfg, float_source),
         "status": "ok",
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -267,5 +352,6 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
     tracker.log_metrics({key if key == "top1" else f"top1/{key.removesuffix('_top1')}": value
                          for key, value in accuracy.items()})
     tracker.log_record(record)
-    log.info("[record] %s  top-1 %.2f%%  latency %.3f ms", path, accuracy["top1"], latency["median_ms"])
+    log.info("[record] %s  top-1 %.2f%%  latency %s ms", path, accuracy["top1"],
+             "n/a" if latency["median_ms"] is None else f"{latency['median_ms']:.3f}")
     return record

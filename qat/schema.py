@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qat.data.synthetic import DEMO_DEFAULTS
+from qat.ptq.config import PtqConfig
 from qat.quant.config import QuantConfig
 from qat.quant.schedule import QuantSchedule
 from qat.train.loop import OptimConfig
@@ -55,6 +56,9 @@ class TrainConfig:
     qat_lr: float = 0.005
     threads: int | None = None  # torch threads for training (default: all cores)
     cache_float: bool = True  # reuse float weights trained by an identical earlier run
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0: each epoch only); exact resume
+    device: str = "auto"  # auto (GPU when visible) | cpu | cuda
+    amp: str = "none"  # mixed precision of the forward pass: none | fp16 (GPU) | bf16; fake quant stays float32
 
 
 @dataclass
@@ -85,6 +89,9 @@ class LoggerConfig:
 class RunConfig:
     tag: str = "default"  # free label of the study, copied into the record as "experiment"
     seed: int = 0
+    # qat: calibrate, then fine-tune with simulated quantization; ptq: post-training methods of `ptq` only
+    # (qat.ptq.apply.run_ptq), no fine-tuning. With quant=float either gives the float baseline.
+    method: str = "qat"
     cache_dir: str | None = None  # default $QAT_CACHE or ~/.cache/qat
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -94,3 +101,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ptq: PtqConfig = field(default_factory=PtqConfig)  # used when method=ptq

@@ -144,3 +144,24 @@ def test_loading_a_foreign_file_is_a_clear_error(tmp_path) -> None:
     torch.save({"weights": 1}, path)
     with pytest.raises(QatError, match="not a qat integer model"):
         IntModel.load(path)
+
+
+def test_simulated_bias_is_the_integer_models_int32_bias() -> None:
+    torch.manual_seed(0)
+    float_model = MODELS["resnet18"]()
+    for bn in (m for m in float_model.modules() if isinstance(m, nn.BatchNorm2d)):
+        nn.init.normal_(bn.bias, std=0.3)
+        nn.init.normal_(bn.running_mean, std=0.3)
+    model = prepare(float_model, QuantConfig(act_observer="minmax"), torch.randn(1, 3, 32, 32))
+    with calibration_mode(model), torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    int_model = convert(model)
+    layer = model.get_submodule("layer1.0.conv1")
+    w, b = layer.folded_weight_and_bias()
+    layer.weight_fq(w)
+    simulated = layer.quantized_bias(b, layer.weight_fq)
+    node = next(n for n in int_model.nodes if n.name == "layer1_0_conv1")
+    integer = node.tensors["bias"].double() * node.tensors["bias_scale"].double()
+    assert not torch.equal(simulated, b)  # the float bias was moved onto the int32 grid
+    assert torch.allclose(simulated.double(), integer, rtol=1e-6, atol=1e-12)

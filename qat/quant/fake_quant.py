@@ -47,6 +47,8 @@ class FakeQuantize(nn.Module):
             self.scale, self.zero_point = choose_qparams(self.observer.min_val, self.observer.max_val, self.spec)
 
     def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):  # mixed precision: ranges and grids stay in float32
+            x = x.float()
         if self.observing and observe and (self.training or self.observe_in_eval):
             self.observer(x)
             self.update_qparams()

@@ -26,6 +26,30 @@ BN_FOLD_MODES = ("jacob", "whitepaper", "unfolded")
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
+class IntegerBias:
+    """Simulates the int32 bias of the integer model: b -> S_in·S_w·round(b / (S_in·S_w)), straight-through
+    gradient (Jacob §2.4: bias quantized with zero point 0 and scale S_in·S_w). Active only while the input
+    and weight quantizers both quantize; the input quantizer is bound by :func:`qat.quant.prepare.prepare`."""
+
+    weight_ndim = 4  # conv; QLinear: 2
+
+    def bind_input_quantizer(self, fq: FakeQuantize) -> None:
+        object.__setattr__(self, "_input_fq", fq)  # a reference, not a submodule: no duplicate state
+
+    def quantized_bias(self, bias: torch.Tensor | None, weight_fq: FakeQuantize) -> torch.Tensor | None:
+        fq = getattr(self, "_input_fq", None)
+        if bias is None or fq is None or not (fq.quantizing and fq.observer.initialized and weight_fq.quantizing
+                                              and weight_fq.observer.initialized):
+            return bias
+        spec = weight_fq.spec
+        if spec.per_channel and spec.ch_axis % self.weight_ndim != 0:
+            return bias  # per-input-channel weight grids (weight_ch_axis != 0) have no integer bias
+        # float64 like the conversion (qat.intmodel.convert), so both round the same ties
+        scale = fq.scale.to(bias.device).double().reshape(()) * weight_fq.scale.to(bias.device).double().reshape(-1)
+        rounded = torch.round(bias.double() / scale).clamp(-(2**31), 2**31 - 1) * scale
+        return bias + (rounded.to(bias.dtype) - bias).detach()
+
+
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return F.relu(x)
@@ -34,7 +58,7 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     return x
 
 
-class QConvBnAct(nn.Module):
+class QConvBnAct(IntegerBias, nn.Module):
     """conv -> (BN) -> activation with a weight fake-quantizer applied after folding."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: str,
@@ -80,7 +104,8 @@ class QConvBnAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is None:
             w, b = self.folded_weight_and_bias()
-            y = self._conv(x, self.weight_fq(w), b)
+            w_q = self.weight_fq(w)
+            y = self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
         elif self.bn_fold == "unfolded":
             y = self.bn(self._conv(x, self.weight_fq(self.conv.weight), self.conv.bias))
         elif self.bn_fold == "jacob":
@@ -93,6 +118,8 @@ class QConvBnAct(nn.Module):
         """Batch mean and biased variance per channel; update the running statistics like nn.BatchNorm2d."""
         bn = self.bn
         assert bn is not None
+        if y.dtype in (torch.float16, torch.bfloat16):  # batch moments in float32 under autocast
+            y = y.float()
         var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
         n = y.numel() / y.shape[1]
         momentum = self._momentum()
@@ -106,21 +133,24 @@ class QConvBnAct(nn.Module):
         assert bn is not None
         if not self._use_batch_stats():
             w, b = self.folded_weight_and_bias()
-            return self._conv(x, self.weight_fq(w), b)
+            w_q = self.weight_fq(w)
+            return self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
         mean, var = self._batch_moments(self._conv(x, self.conv.weight, self.conv.bias))
         inv_std = torch.rsqrt(var + bn.eps)
         gamma, beta = bn.weight, bn.bias
         w_fold = self.conv.weight * (gamma * inv_std).reshape(-1, 1, 1, 1)
         conv_bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(mean)
         b_fold = beta + (conv_bias - mean) * gamma * inv_std
-        return self._conv(x, self.weight_fq(w_fold), b_fold)
+        w_q = self.weight_fq(w_fold)
+        return self._conv(x, w_q, self.quantized_bias(b_fold, self.weight_fq))
 
     def _forward_whitepaper(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         assert bn is not None
         if not self._use_batch_stats():
             w, b = self.folded_weight_and_bias()
-            return self._conv(x, self.weight_fq(w), b)
+            w_q = self.weight_fq(w)
+            return self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
         running_std = torch.sqrt(bn.running_var + bn.eps)
         scale = bn.weight / running_std
         y = self._conv(x, self.weight_fq(self.conv.weight * scale.reshape(-1, 1, 1, 1)))
@@ -139,8 +169,10 @@ class QConvBnAct(nn.Module):
         return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
 
 
-class QLinear(nn.Module):
+class QLinear(IntegerBias, nn.Module):
     """Linear layer with fake-quantized weights (per output channel = axis 0)."""
+
+    weight_ndim = 2
 
     def __init__(self, linear: nn.Linear, weight_fq: FakeQuantize) -> None:
         super().__init__()
@@ -153,4 +185,5 @@ class QLinear(nn.Module):
         return w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_fq(self.linear.weight), self.linear.bias)
+        w_q = self.weight_fq(self.linear.weight)
+        return F.linear(x, w_q, self.quantized_bias(self.linear.bias, self.weight_fq))

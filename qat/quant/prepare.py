@@ -232,6 +232,15 @@ class _Preparer:
         self.gm.recompile()
         self.modules = dict(self.gm.named_modules())
 
+    def bind_bias_quantizers(self) -> None:
+        """Give each conv/linear the quantizer of its input, so its bias is simulated as the int32 bias of
+        scale S_in·S_w that the integer model adds (Jacob §2.4, eq. 9-10)."""
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module" and isinstance(self.modules[node.target], QConvBnAct | QLinear):
+                source = self._producer_fq(node.args[0])
+                if source is not None:
+                    self.modules[node.target].bind_input_quantizer(self.modules[source.target])
+
     def check_overrides(self) -> None:
         unused = [pattern for pattern, hits in self.override_hits.items() if hits == 0]
         if unused:
@@ -252,6 +261,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None,
     preparer = _Preparer(copy.deepcopy(model), config, example_input)
     preparer.fuse()
     preparer.insert_act_quant()
+    preparer.bind_bias_quantizers()
     preparer.check_overrides()
     gm = preparer.gm
     gm.qat_config = config  # type: ignore[attr-defined]

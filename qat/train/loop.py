@@ -73,26 +73,54 @@ def lr_at(cfg: OptimConfig, base_lr: float, step: int, total_steps: int, steps_p
     raise choice_error("optim.schedule", cfg.schedule, ["cosine", "step", "constant"])
 
 
+class NonFiniteLoss(QatError):
+    """The loss (or, see ``qat.pipeline.fit``, the weights) became NaN or Inf at ``step``."""
+
+    def __init__(self, step: int, value: float, what: str = "loss") -> None:
+        super().__init__("optim.lr", f"{what} became {value} at step {step}", "lower the learning rate")
+        self.step, self.value, self.what = step, value, what
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, step: int,
                 lr_fn: Callable[[int], float], before_step: Callable[[int], None] | None = None,
                 after_step: Callable[[int, float, float], None] | None = None,
-                desc: str = "train") -> tuple[int, float]:
-    """One pass over ``loader``; returns (next global step, mean loss). Stops on a non-finite loss.
-    ``after_step(step, loss, lr)`` is called after each optimizer step (metrics logging)."""
+                desc: str = "train", device: torch.device | None = None, amp: torch.dtype | None = None,
+                scaler: torch.amp.GradScaler | None = None, skip_batches: int = 0,
+                after_skip: Callable[[], None] | None = None) -> tuple[int, float]:
+    """One pass over ``loader``; returns (next global step, mean loss). Stops on a non-finite loss
+    (:class:`NonFiniteLoss`). A resumed epoch passes ``skip_batches``: those batches are drawn (so shuffling and
+    augmentation stay in step) but not trained on, and ``after_skip()`` runs before the next one is drawn
+    (to restore the RNG state saved with a mid-epoch checkpoint).
+    ``after_step(step, loss, lr)`` is called after each optimizer step (metrics logging). Batches go to
+    ``device``; ``amp`` is the autocast dtype (None: float32), ``scaler`` the fp16 loss scaler."""
+    from qat.train.distributed import autocast
+
     model.train()
     total, count = 0.0, 0
-    for images, targets in progress(loader, len(loader), desc):
+    device = device or torch.device("cpu")
+    for index, (images, targets) in enumerate(progress(loader, len(loader), desc)):
+        if index < skip_batches:
+            if index == skip_batches - 1 and after_skip is not None:
+                after_skip()
+            continue
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
         if before_step is not None:
             before_step(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_fn(step)
-        loss = F.cross_entropy(model(images), targets)
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(images).float(), targets)
         if not torch.isfinite(loss):
-            raise QatError("optim.lr", f"loss became {loss.item()} at step {step}",
-                           "lower the learning rate; the last good checkpoint is kept")
+            raise NonFiniteLoss(step, loss.item())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         loss_value = loss.item()
         total += loss_value * images.shape[0]
         count += images.shape[0]
@@ -103,14 +131,17 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
 
 
 @torch.no_grad()
-def predict(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, desc: str = "eval"
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, predicted classes and targets over ``loader`` (in loader order)."""
+def predict(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, desc: str = "eval",
+            device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, predicted classes and targets over ``loader`` (in loader order), on the CPU; images go to
+    ``device`` first when given (engines take CPU tensors)."""
     if isinstance(model, nn.Module):
         model.eval()
     logits, targets = [], []
     for images, target in progress(loader, len(loader), desc):
-        logits.append(model(images).float())
+        if device is not None:
+            images = images.to(device, non_blocking=True)
+        logits.append(model(images).float().cpu())
         targets.append(target)
     out = torch.cat(logits)
     return out, out.argmax(1), torch.cat(targets)

@@ -1,0 +1,53 @@
+"""DDP through torchrun with 2 CPU processes (gloo): same weights as one process; the app writes one record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_run_app import ROOT, TINY
+
+WORKER = ROOT / "tests" / "ddp_worker.py"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "QAT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("QAT_DEBUG", None)
+    return env
+
+
+def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+    single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "single.pt")], cwd=tmp_path,
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _torchrun([str(WORKER), str(tmp_path / "ddp.pt")], tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert a.keys() == b.keys()
+    for key in a:  # same global batches, gradients averaged over ranks: equal up to float summation order
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    assert not torch.equal(a["0.weight"], torch.zeros_like(a["0.weight"]))
+
+
+@pytest.mark.slow
+def test_app_under_torchrun_writes_one_record(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = _torchrun([str(ROOT / "experiments" / "run.py"), *TINY, "quant=w8a8", "train.threads=1",
+                        f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["quant"]["precision"] == "int8" and record["accuracy"]["int_top1"] >= 0
+    assert record["fidelity"]["sim_vs_int_top1_agreement"] >= 90.0
+    assert "[ddp] rank 0/2" in result.stderr + result.stdout
