@@ -5,7 +5,7 @@ every level's box regressions, each flattened in (anchor, column, y, x) order. O
 add, flatten and cat, so it goes through ``qat.quant.prepare`` and converts to today's integer model.
 
 Shell (torchvision's ``SSD`` without backbone and head): resize/normalise, default boxes, SSD's matching and
-loss, box decoding, per-class NMS, all in float, as TFLite's detection post-process (Jacob et al. 2018 §4.3).
+loss, box decoding, per-class NMS, all in float, as TFLite's detection post-process op runs in float.
 """
 
 from __future__ import annotations
