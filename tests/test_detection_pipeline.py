@@ -146,3 +146,16 @@ def test_integer_core_runs_on_every_int8_engine(engine: str, prepared_core) -> N
     assert float(lsb.mean()) < 0.5 and float(lsb.max()) <= 16  # stated tolerance, in output LSBs
     split = detector.split(simulated)  # the flat core output splits into torchvision's head outputs
     assert split["cls_logits"].shape[:2] == split["bbox_regression"].shape[:2] and split["cls_logits"].shape[2] == 4
+
+
+def test_rerun_in_the_same_directory_resumes_from_checkpoints(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    cfg.quant.precision = "float"
+    cfg.train.cache_float = False
+    first = run_detection(cfg, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "float_last.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    second = run_detection(cfg, tmp_path / "run")  # every epoch is checkpointed: nothing left to train
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert second["accuracy"]["float_map"] == first["accuracy"]["float_map"]
