@@ -230,6 +230,10 @@ def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunCo
     qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
     example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution, device=runtime.device)
     prepared = prepare(model, qconfig, example)
+    # calibration batches depend on the seed alone, not on what ran before: a resumed run skips float training
+    torch.manual_seed(cfg.seed)
+    if data.train.generator is not None:
+        data.train.generator.manual_seed(cfg.seed)
     with calibration_mode(prepared), torch.no_grad():
         for i, (images, _) in enumerate(data.train):
             if i >= q.calibration_batches:
