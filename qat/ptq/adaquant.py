@@ -36,9 +36,18 @@ def _per_channel_view(p: torch.Tensor, w: torch.Tensor, spec: QuantSpec) -> torc
     return p.reshape(shape)
 
 
+class CalibratedRange:
+    """The "observer" of a quantizer whose range is fixed by calibration: initialized, observes nothing."""
+
+    initialized = True
+
+
 class LearnableWeightQuantizer(nn.Module):
     """Fake-quantizer with step size S = S_0 · |a| (``a`` learnable, 1 at start) and rounding through the
     straight-through estimator, so the loss reaches both the weights and the step (LSQ-style)."""
+
+    quantizing = True  # always on; the range is the calibrated one (read by the simulated int32 bias)
+    observing = False
 
     def __init__(self, fq: FakeQuantize) -> None:
         super().__init__()
@@ -46,12 +55,15 @@ class LearnableWeightQuantizer(nn.Module):
         self.register_buffer("base_scale", fq.scale.detach().clone().float())
         self.register_buffer("zero_point", fq.zero_point.detach().clone().float())
         self.factor = nn.Parameter(torch.ones_like(self.base_scale))
+        self.observer = CalibratedRange()
 
+    @property
     def scale(self) -> torch.Tensor:
+        """S = S_0 · |a|; also the weight scale of the simulated int32 bias S_in·S_w (Jacob §2.4)."""
         return self.base_scale * self.factor.abs().clamp_min(1e-3)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        s = _per_channel_view(self.scale(), w, self.spec)
+        s = _per_channel_view(self.scale, w, self.spec)
         z = _per_channel_view(self.zero_point, w, self.spec)
         x = w / s + z
         q = (x + (torch.round(x) - x).detach()).clamp(self.spec.qmin, self.spec.qmax)
@@ -102,7 +114,7 @@ def adaquant_layer(layer: QuantLayer, x_q: torch.Tensor, y_float: torch.Tensor, 
         weight.grad = bias.grad = None
     old_scale = fq.scale.clone()
     with torch.no_grad():
-        fq.scale = learnable.scale().detach().to(fq.scale.dtype).reshape(fq.scale.shape)
+        fq.scale = learnable.scale.detach().to(fq.scale.dtype).reshape(fq.scale.shape)
     after = _mse(layer, x_q, y_float, 256)
     if not after < before:  # keep what was there
         with torch.no_grad():

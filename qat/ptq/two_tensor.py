@@ -21,6 +21,19 @@ from qat.quant.mse import mse_optimal_range
 from qat.quant.scheme import QuantSpec, choose_qparams, fake_quantize
 
 
+class NoIntegerForm:
+    """Observer of a two-tensor quantizer: its range is fixed (``initialized``); integer conversion, which
+    asks for more (e.g. ``observer.to(device)``), gets the not-convertible error naming the layer."""
+
+    initialized = True
+
+    def __init__(self, layer_name: str) -> None:
+        self.layer_name = layer_name
+
+    def __getattr__(self, name: str) -> object:
+        raise not_convertible(self.layer_name)
+
+
 class TwoTensorWeightQuantizer(nn.Module):
     """Drop-in weight quantizer of a QConvBnAct/QLinear: returns Q1(w) + Q2(w - Q1(w))."""
 
@@ -37,9 +50,10 @@ class TwoTensorWeightQuantizer(nn.Module):
         self.register_buffer("residual_zero_point", residual_zero_point.detach().clone())
 
     @property
-    def observer(self) -> None:
-        """Integer conversion reads a weight quantizer's observer: a two-tensor layer has no integer form."""
-        raise not_convertible(self.layer_name)
+    def observer(self) -> NoIntegerForm:
+        """Ranges are fixed (``initialized``, read by the simulated int32 bias); anything else that integer
+        conversion asks of the observer raises: a two-tensor layer has no integer form."""
+        return NoIntegerForm(self.layer_name)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_name}, bits={self.spec.bits}+{self.spec.bits}, quantizing={self.quantizing}"
