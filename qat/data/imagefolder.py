@@ -3,6 +3,9 @@
 Expected layout: ``<root>/train/<class>/*.jpg|png`` and ``<root>/val/<class>/*.jpg|png`` with the same
 class folders in both splits. The layout is checked before any loading work; problems raise
 :class:`~qat.errors.QatError` with key ``data.root``.
+
+Unreadable images: the run stops at the first file that cannot be decoded, with one line naming it
+(:class:`UnreadableImage`); nothing is skipped silently, so every record's accuracy is over the whole split.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -22,6 +26,30 @@ from qat.errors import QatError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUT = "expected <root>/train/<class>/*.jpg|png and <root>/val/<class>/*.jpg|png with the same classes"
+
+
+_UNREADABLE = ": cannot be read as an image"
+
+
+class UnreadableImage(QatError):
+    """An image file that cannot be decoded. Policy: stop with its path (fix the file, re-run: the run resumes
+    from its last checkpoint), never skip it."""
+
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        if reason is None and _UNREADABLE in path:  # rebuilt from its message by a DataLoader worker's re-raise
+            line = next(ln for ln in reversed(path.splitlines()) if _UNREADABLE in ln)
+            path, _, rest = line.partition(_UNREADABLE)
+            path, reason = path.split("UnreadableImage: ", 1)[-1], rest.strip(" ()").split(") (")[0]
+        super().__init__(path, f"cannot be read as an image ({reason})", "replace or delete the file")
+
+
+def read_image(path: str) -> Image.Image:
+    """Open ``path`` as RGB (torchvision's loader), or raise :class:`UnreadableImage` naming it."""
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
 
 
 class ClassificationData(NamedTuple):
@@ -125,8 +153,8 @@ def build_classification_loaders(
     train_tf, val_tf = classification_transforms(
         resolution, train_crop_scale=train_crop_scale, resize_ratio=resize_ratio
     )
-    train_set = ImageFolder(str(root / "train"), transform=train_tf)
-    val_set = ImageFolder(str(root / "val"), transform=val_tf)
+    train_set = ImageFolder(str(root / "train"), transform=train_tf, loader=read_image)
+    val_set = ImageFolder(str(root / "val"), transform=val_tf, loader=read_image)
     if distributed:
         train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=False)
         val_sampler = DistributedSampler(val_set, shuffle=False)
