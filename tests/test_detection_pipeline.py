@@ -159,3 +159,23 @@ def test_rerun_in_the_same_directory_resumes_from_checkpoints(tmp_path: Path) ->
     second = run_detection(cfg, tmp_path / "run")  # every epoch is checkpointed: nothing left to train
     assert checkpoint.stat().st_mtime_ns == stamp
     assert second["accuracy"]["float_map"] == first["accuracy"]["float_map"]
+
+
+def test_detector_weights_load_from_local_files_only(tmp_path: Path) -> None:
+    from qat.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    source = build_detector("mobilenet_v1", num_categories=2, width_mult=0.25, resolution=64)
+    save_checkpoint(tmp_path / "cached.pt", {"model": source.state_dict()})  # what the float cache writes
+    torch.save(source.state_dict(), tmp_path / "plain.pt")
+    for name in ("cached.pt", "plain.pt"):
+        loaded = build_detector("mobilenet_v1", num_categories=2, width_mult=0.25, resolution=64,
+                                weights=str(tmp_path / name))
+        assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values(),
+                                                     strict=True))
+    with pytest.raises(QatError, match="model.weights: .*missing.pt does not exist"):
+        build_detector("mobilenet_v1", num_categories=2, width_mult=0.25, resolution=64,
+                       weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(QatError, match="model.weights: .*does not fit this model"):
+        build_detector("mobilenet_v1", num_categories=3, width_mult=0.25, resolution=64,
+                       weights=str(tmp_path / "plain.pt"))

@@ -83,11 +83,15 @@ def load_state(module: nn.Module, path: str, key: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise QatError(key, f"{file} does not exist", "give a local .pt/.pth state-dict file (no downloads)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    from qat.train.checkpoint import MAGIC, read_checkpoint_file
+
+    with file.open("rb") as handle:
+        ours = handle.read(len(MAGIC)) == MAGIC
+    try:  # our checksummed checkpoints (e.g. cached float weights), else a plain state dict, weights only
+        state = read_checkpoint_file(file) if ours else torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line message
         raise QatError(key, f"{file} cannot be read as a state dict ({type(exc).__name__})",
-                       "give a file written by torch.save(model.state_dict())") from exc
+                       "give a file written by torch.save(model.state_dict()) or a qat checkpoint") from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     try:
