@@ -35,15 +35,23 @@ def int_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_int_model(model, resolution=32).save(tmp_path_factory.mktemp("m") / "int_model.pt")
 
 
-@pytest.mark.parametrize(("engine", "precision", "threads"), [
-    ("torch_eager", "float", 1),  # PyTorch: float eager ...
-    ("onnxruntime", "int8", 2),  # ... and a second engine, int8, on two threads
+@pytest.mark.parametrize(("engine", "precision", "threads", "compiled"), [
+    ("torch_eager", "float", 1, False),  # PyTorch: float eager ...
+    ("onnxruntime", "int8", 2, False),  # ... and a second engine, int8, on two threads
+    ("onnxruntime", "int8", 1, True),  # the same engine loading a compiled .onnx (qat.export format)
 ])
-def test_child_returns_stats_with_threads_fixed(int_model_path: Path, engine: str, precision: str,
-                                               threads: int) -> None:
+def test_child_returns_stats_with_threads_fixed(int_model_path: Path, tmp_path: Path, engine: str, precision: str,
+                                               threads: int, compiled: bool) -> None:
     torch.set_num_threads(1)  # the parent's own setting must not leak into the child
+    engine_file = None
+    if compiled:
+        from qat.export import onnx as onnx_format
+        from qat.intmodel.graph import IntModel
+
+        engine_file = tmp_path / "m.onnx"
+        engine_file.write_bytes(onnx_format.int_bytes(IntModel.load(int_model_path)))
     spec = MeasureSpec(engine=engine, precision=precision, int_model=str(int_model_path), threads=threads,
-                       **TINY, **FAST)
+                       engine_file=str(engine_file) if engine_file else None, **TINY, **FAST)
     result = measure_in_subprocess(spec, timeout_s=300)
     stats, child = result["stats"], result["child"]
     assert stats["n"] == 4 and stats["warmup"] == 1 and stats["threads"] == threads and stats["batch"] == 1
@@ -73,6 +81,8 @@ def test_bad_specs_fail_in_the_parent_with_one_line(int_model_path: Path, tmp_pa
         measure_in_subprocess(replace(base, threads=0))
     with pytest.raises(QatError, match="latency.affinity"):
         measure_in_subprocess(replace(base, affinity=[10_000]))
+    with pytest.raises(QatError, match="does not load compiled files"):
+        measure_in_subprocess(replace(base, engine_file=str(int_model_path)))
     with pytest.raises(QatError, match="needs an input resolution"):
         measure_in_subprocess(replace(base, precision="float", engine="torch_eager", arch="resnet18"))
 

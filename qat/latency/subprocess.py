@@ -37,6 +37,9 @@ from qat.errors import QatError
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PRECISIONS = ("float", "int8")
+ENGINE_FILES = {"onnxruntime": ("qat.engines.onnxruntime_qdq", "load"),
+                "executorch_xnnpack": ("qat.engines.executorch_xnnpack", "load_pte")}
+"""Engines that can load a compiled file (module, loader): lowering once, measuring at many thread counts."""
 
 
 @dataclass
@@ -57,6 +60,7 @@ class MeasureSpec:
     repeats: int = 50
     min_time_s: float = 0.0
     affinity: str | list[int] = "auto"  # "auto" | "none" | explicit CPU ids
+    engine_file: str | None = None  # a compiled .onnx / .pte (qat.export) to load instead of building the engine
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +91,13 @@ class MeasureSpec:
             raise QatError("latency.arch", "a float measurement needs a model architecture", "set arch=...")
         elif self.resolution is None:
             raise QatError("latency.resolution", "a float measurement needs an input resolution", "set e.g. 224")
+        if self.engine_file is not None:
+            if self.engine not in ENGINE_FILES:
+                raise QatError("latency.engine_file", f"engine {self.engine!r} does not load compiled files",
+                               f"engine files are for: {', '.join(ENGINE_FILES)}")
+            if not Path(self.engine_file).is_file():
+                raise QatError("latency.engine_file", f"{self.engine_file} does not exist",
+                               "give a .onnx / .pte file written by qat.export")
         _cpu_list(self.affinity, self.threads)
 
 
@@ -163,6 +174,16 @@ def _pin(spec: MeasureSpec) -> list[int] | None:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
+def _load_engine_file(spec: MeasureSpec, shape: list[int]):  # type: ignore[no-untyped-def]
+    import importlib
+
+    import torch
+
+    module, loader = ENGINE_FILES[spec.engine]
+    fn = getattr(importlib.import_module(module), loader)(spec.engine_file, threads=spec.threads)
+    return fn, torch.randn(*shape, generator=torch.Generator().manual_seed(spec.seed))
+
+
 def _build(spec: MeasureSpec):  # type: ignore[no-untyped-def]  # -> (engine callable, example tensor)
     import dataclasses
 
@@ -185,6 +206,8 @@ def _build(spec: MeasureSpec):  # type: ignore[no-untyped-def]  # -> (engine cal
             raise QatError("latency.resolution", f"{spec.int_model} does not record its input size",
                            "set resolution=...")
         shape = [spec.batch, channels, *size]
+        if spec.engine_file:
+            return _load_engine_file(spec, shape)
         if shape != own:  # engines that compile for one input shape (ExecuTorch) compile for this one
             model = dataclasses.replace(model, input_shape=shape)
         example = torch.randn(*shape, generator=generator)
@@ -192,6 +215,8 @@ def _build(spec: MeasureSpec):  # type: ignore[no-untyped-def]  # -> (engine cal
     from qat.models import build_model
 
     resolution = int(spec.resolution or 0)
+    if spec.engine_file:
+        return _load_engine_file(spec, [spec.batch, 3, resolution, resolution])
     module = build_model(spec.arch or "", width_mult=spec.width_mult, num_classes=spec.num_classes,
                          resolution=resolution, weights=spec.weights).eval()
     example = torch.randn(spec.batch, 3, resolution, resolution, generator=generator)
