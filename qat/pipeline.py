@@ -46,7 +46,7 @@ from qat.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from qat.train.distributed import Runtime, amp_dtype, wrap
+from qat.train.distributed import Runtime, amp_dtype, exact_float32, wrap
 from qat.train.distributed import setup as setup_runtime
 from qat.train.loop import NonFiniteLoss, build_optimizer, lr_at, predict, top1, train_epoch
 
@@ -296,7 +296,8 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         else:
             prepared = quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime)
             timings["qat_train_s"] = time.time() - t
-        sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated", device=device)
+        with exact_float32():
+            sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated", device=device)
         accuracy["sim_top1"] = top1(sim_pred, targets)
         log.info("[%s] simulated top-1 %.2f%%", cfg.method, accuracy["sim_top1"])
     reason = None if cfg.quant.precision == "float" else not_convertible_reason(prepared)

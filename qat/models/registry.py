@@ -106,7 +106,7 @@ def count_macs(model: nn.Module, resolution: int) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, resolution, resolution))
+        model(torch.zeros(1, 3, resolution, resolution, device=next(model.parameters()).device))
     model.train(was_training)
     for h in handles:
         h.remove()

@@ -115,3 +115,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """No TF32 inside (cuDNN convolutions and matmuls): the simulated model's evaluation must be float32 to be
+    compared with the integer model LSB by LSB."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul

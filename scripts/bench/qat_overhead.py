@@ -24,11 +24,15 @@ from qat.quant.prepare import prepare
 
 def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     loss = nn.functional.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()
     opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -45,7 +49,7 @@ def torch_ao_peer(model: nn.Module) -> nn.Module | None:
             peer.train()
             peer.fuse_model(is_qat=True)
             peer.qconfig = get_default_qat_qconfig("x86")
-            return prepare_qat(peer)
+            return prepare_qat(peer).to(next(model.parameters()).device)
     except Exception as exc:  # noqa: BLE001 - the peer is optional and deprecated
         print(f"  (torch.ao peer unavailable: {type(exc).__name__}: {exc})")
         return None
@@ -57,16 +61,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.resolution, args.resolution)
-    y = torch.randint(0, 10, (args.batch,))
-    print(f"batch {args.batch}, {args.resolution}x{args.resolution}, {args.threads} thread(s), w8a8 per-channel; "
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU thread(s)"
+    print(f"batch {args.batch}, {args.resolution}x{args.resolution}, {where}, w8a8 per-channel; "
           f"median of {args.steps} interleaved steps")
     print(f"{'model':<14}{'variant':<22}{'ms/step':>10}{'ratio':>8}")
     for name in ("resnet18", "mobilenet_v2"):
-        model = getattr(torchvision.models, name)(num_classes=10).train()
+        model = getattr(torchvision.models, name)(num_classes=10).to(device).train()
         variants: dict[str, nn.Module] = {"float": model}
         for mode in ("jacob", "whitepaper", "unfolded"):
             variants[f"qat bn_fold={mode}"] = prepare(copy.deepcopy(model), QuantConfig(bn_fold=mode), x[:1]).train()
