@@ -48,6 +48,11 @@ def run_bias_correction(model: nn.Module, images: torch.Tensor,
         target = _channel_mean(reference.get_submodule(name), capture(reference, name, images))
         actual = _channel_mean(layer, capture(model, name, images))
         delta = target - actual
+        # ``actual`` saw the bias rounded to its int32 grid (S_in·S_w); correct the float bias by that rounding
+        # too, so the corrected bias rounds to within half a grid step of the target mean
+        _, folded_bias = layer.folded_weight_and_bias()
+        rounded = layer.quantized_bias(folded_bias, layer.weight_fq)
+        delta = delta + (rounded - folded_bias).float()
         bias = bias_parameter(layer)
         bias.add_(delta.to(bias.dtype))
         shifts[name] = float(delta.abs().mean())
