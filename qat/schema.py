@@ -70,6 +70,9 @@ class LatencyConfig:
     warmup: int = 10
     repeats: int = 50
     min_time_s: float = 0.5
+    # engines that evaluate the integer model on the validation set (fidelity against the simulated model);
+    # "reference" is the integer-only executor; the latency engine is always evaluated
+    eval_engines: list[str] = field(default_factory=lambda: ["reference", "onnxruntime"])
 
 
 @dataclass

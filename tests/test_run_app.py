@@ -30,7 +30,8 @@ def run_app(args: list[str], tmp_path: Path, run_dir: Path) -> subprocess.Comple
 @pytest.mark.slow
 def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_app([*TINY, "quant=w8a8"], tmp_path, run_dir)
+    engines = ["reference", "onnxruntime", "executorch_xnnpack"]
+    result = run_app([*TINY, "quant=w8a8", f"latency.eval_engines=[{','.join(engines)}]"], tmp_path, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "record.json").read_text())
     assert record["schema"] == "qat.record/1" and record["quant"]["precision"] == "int8"
@@ -39,6 +40,12 @@ def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
     assert record["latency"]["engine"] == "torch_native_x86" and record["latency"]["n"] >= 20
     assert record["latency"]["median_ms"] > 0 and record["latency_float"]["median_ms"] > 0
     assert record["fidelity"]["sim_vs_int_top1_agreement"] >= 90.0
+    fidelity = record["fidelity"]["engines"]
+    assert set(fidelity) == {"torch_native_x86", *engines}
+    for name, result in fidelity.items():  # every engine ran the integer model and was compared LSB by LSB
+        assert result["status"] == "ok" and result["agreement_with_sim"] >= 90.0, name
+        assert result["logits_within_1lsb"] > 0 and result["engine_version"], name
+    assert fidelity["reference"]["engine"] == "reference_single_rounding"
     # the saved integer model runs on the int8 engine and reproduces the recorded predictions' accuracy class
     int_model = IntModel.load(run_dir / "int_model.pt")
     logits = build(int_model)(torch.zeros(2, 3, 32, 32))
