@@ -40,3 +40,18 @@ def test_mobilenet_v1_macs_follow_the_paper() -> None:
     # Howard et al. 2017 Table 1: 569 M mult-adds at 224 with alpha = 1
     macs = count_macs(build_model("mobilenet_v1", num_classes=1000, resolution=224), 224)
     assert 560e6 < macs < 580e6
+
+
+def test_float_weights_from_a_qat_checkpoint_and_garbage(tmp_path) -> None:
+    from qat.models.registry import load_float_weights
+    from qat.train.checkpoint import save_checkpoint
+
+    source = build_model("mobilenet_v1", width_mult=0.25, num_classes=10, resolution=32)
+    save_checkpoint(tmp_path / "float.pt", {"model": source.state_dict()})
+    target = build_model("mobilenet_v1", width_mult=0.25, num_classes=10, resolution=32)
+    load_float_weights(target, str(tmp_path / "float.pt"))  # checksummed qat checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values(),
+                                                  strict=True))
+    (tmp_path / "junk.pt").write_bytes(b"not a state dict")
+    with pytest.raises(QatError, match=r"model.weights: .*junk.pt is not a readable state dict"):
+        load_float_weights(target, str(tmp_path / "junk.pt"))

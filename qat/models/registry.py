@@ -73,7 +73,17 @@ def load_float_weights(model: nn.Module, path: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise QatError("model.weights", f"{file} does not exist", "give a local .pt/.pth state-dict file")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    from qat.train.checkpoint import MAGIC, read_checkpoint_file
+
+    with open(file, "rb") as handle:
+        ours = handle.read(len(MAGIC)) == MAGIC
+    try:  # qat's own checksummed checkpoints (cached float weights, run checkpoints), else a plain state dict
+        state = read_checkpoint_file(file) if ours else torch.load(file, map_location="cpu", weights_only=True)
+    except QatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise QatError("model.weights", f"{file} is not a readable state dict ({type(exc).__name__})",
+                       "give a .pt/.pth file written by torch.save(model.state_dict())") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     try:
