@@ -1,0 +1,241 @@
+"""Bad input, table-driven, through the real command-line apps (issue 10 item 4).
+
+Every case: non-zero exit, one line naming the config key or path and the fix (Hydra's own compose errors for
+an unknown preset or a misspelt key are Hydra's several lines, without a traceback), no record written, no
+traceback unless QAT_DEBUG=1. Most cases call the app's ``main`` in this process (fast); those marked
+``subprocess`` run the script as a user would, one of them with a broken ``onnxruntime`` package shadowing the
+real one on PYTHONPATH (an engine that is not installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from qat.train.checkpoint import previous_path, read_checkpoint_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.width_mult=0.35", "model.resolution=32", "train.float_epochs=1", "train.qat_epochs=1",
+        "data.batch_size=4", "data.eval_batch_size=4", "latency.repeats=2", "latency.warmup=1",
+        "latency.min_time_s=0", "train.threads=1", "train.cache_float=false"]
+
+
+def _image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def _tree(root: Path, classes: dict[str, tuple[str, ...]] | None = None) -> Path:
+    """A tiny ImageFolder tree: 2 classes, 4 train and 2 val images each (or the classes given per split)."""
+    classes = classes or {"train": ("a", "b"), "val": ("a", "b")}
+    for split, names in classes.items():
+        for c, name in enumerate(names):
+            for i in range(4 if split == "train" else 2):
+                _image(root / split / name / f"{i}.png", seed=100 * c + i + (50 if split == "val" else 0))
+    return root
+
+
+def _good(tmp: Path) -> str:
+    return str(_tree(tmp / "data"))
+
+
+def _unreadable(tmp: Path) -> str:
+    root = _tree(tmp / "data")
+    (root / "train" / "b" / "9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return str(root)
+
+
+def _no_val(tmp: Path) -> str:
+    return str(_tree(tmp / "data", {"train": ("a", "b")}))
+
+
+def _class_without_images(tmp: Path) -> str:
+    root = _tree(tmp / "data")
+    (root / "val" / "c").mkdir()
+    (root / "train" / "c").mkdir()
+    (root / "train" / "c" / "notes.txt").write_text("no images here")
+    return str(root)
+
+
+def _classes_differ(tmp: Path) -> str:
+    return str(_tree(tmp / "data", {"train": ("a", "b"), "val": ("a", "z")}))
+
+
+def _empty(tmp: Path) -> str:
+    (tmp / "data").mkdir()
+    return str(tmp / "data")
+
+
+def _other_arch_weights(tmp: Path) -> str:
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp / "resnet18.pth")
+    return str(tmp / "resnet18.pth")
+
+
+def _coco(tmp: Path, train_json: str | None) -> str:
+    root = tmp / "coco"
+    for split in ("train2017", "val2017"):
+        _image(root / split / "1.jpg", seed=1)
+    ann = root / "annotations"
+    ann.mkdir(parents=True)
+    good = {"images": [{"id": 1, "file_name": "1.jpg", "width": 40, "height": 40}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100,
+                             "iscrowd": 0}], "categories": [{"id": 1, "name": "thing"}]}
+    if train_json is not None:
+        (ann / "instances_train2017.json").write_text(train_json)
+    (ann / "instances_val2017.json").write_text(json.dumps(good))
+    return str(root)
+
+
+def _broken_onnxruntime(tmp: Path) -> str:
+    """A package named onnxruntime whose import fails, first on PYTHONPATH: the engine 'is not installed'."""
+    package = tmp / "shadow" / "onnxruntime"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('onnxruntime is broken on this machine (test)')\n")
+    return str(tmp / "shadow")
+
+
+@dataclass
+class Case:
+    id: str
+    app: str  # run | detect | report | latency
+    args: list[str]
+    key: str  # what the message line starts with (after "error: "), {x} filled from setup
+    hint: str = ""  # must appear in the line too
+    setup: Callable[[Path], object] | None = None  # makes the files of the case under {x}, the test's tmp dir
+    subprocess: bool = False
+    hydra: bool = False  # Hydra's own compose error: several lines, still no traceback
+    env: dict[str, str] = field(default_factory=dict)
+    check: Callable[[Path], None] | None = None
+
+
+def _nan_keeps_last_good_checkpoint(run_dir: Path) -> None:
+    last = run_dir / "checkpoints" / "float_last.pt"
+    assert read_checkpoint_file(last)["epoch"] == 1  # epoch 1 ended well; epoch 2 diverged and was not saved
+    assert not previous_path(last).exists()
+
+
+DATA = ["data=imagefolder", "data.root={x}/data", "data.workers=0"]
+CASES = [
+    Case("unknown model", "run", ["model.arch=resnet9000"], "model.arch", "valid choices: ", subprocess=True),
+    Case("unknown precision", "run", ["quant.precision=int3"], "quant.precision", "valid choices: "),
+    Case("unknown engine", "run", ["latency.engine=tvm"], "latency.engine", "valid choices: "),
+    Case("unknown dataset", "run", ["data.name=cifar10"], "data.name", "valid choices: "),
+    Case("unknown preset", "run", ["experiment=no_such_preset"], "", "experiment/no_such_preset", hydra=True),
+    Case("misspelt key", "run", ["model.widht_mult=0.5"], "", "widht_mult", hydra=True),
+    Case("weight bits too low", "run", ["quant.weight_bits=1"], "quant.weight.bits", "from 2 to 16"),
+    Case("activation bits too high", "run", ["quant.act_bits=17"], "quant.act.bits", "from 2 to 16"),
+    Case("per-channel axis 7", "run", ["quant.weight_ch_axis=7", *DATA], "quant.weight_ch_axis", "0", _good),
+    Case("unknown optimizer", "run", ["optim.name=adamax", *DATA], "optim.name", "valid choices: ", _good),
+    Case("negative schedule step", "run", ["schedule.act_quant_delay=-1"], "schedule.act_quant_delay", ">= 0"),
+    Case("data root missing", "run", ["data=imagefolder", "data.root=/no/such/folder"], "data.root",
+         "/no/such/folder", subprocess=True),
+    Case("data root not set", "run", ["data=imagefolder"], "data.root", "train/ and val/"),
+    Case("data root empty", "run", DATA, "data.root", "{x}/data/train is missing", _empty),
+    Case("no val split", "run", DATA, "data.root", "{x}/data/val is missing", _no_val),
+    Case("class folder without images", "run", DATA, "data.root", "has no images", _class_without_images),
+    Case("classes differ between splits", "run", DATA, "data.root", "only in val: ['z']", _classes_differ),
+    Case("unreadable image", "run", [*DATA, "quant=float", "data.workers=2"],  # raised in a loader worker
+         "{x}/data/train/b/9_broken.png", "replace or delete", _unreadable, subprocess=True),
+    Case("weights of another architecture", "run", ["model.weights={x}/resnet18.pth", *DATA], "model.weights",
+         "does not fit this architecture", lambda tmp: (_good(tmp), _other_arch_weights(tmp))),
+    Case("weights file missing", "run", ["model.weights=/no/such/weights.pt", *DATA], "model.weights",
+         "does not exist", _good),
+    Case("resolution too small", "run", ["model.resolution=16", *DATA], "model.resolution", "at least 32x32",
+         _good),
+    Case("resolution too small for inception", "run", ["model=inception_v3", "model.resolution=64", *DATA],
+         "model.resolution", "at least 75x75", _good),
+    Case("NaN/Inf loss", "run", [*DATA, "quant=float", "train.float_epochs=2", "optim.schedule=step",
+                                 "optim.step_epochs=1", "optim.step_gamma=1e38"],
+         "optim.lr", "last good checkpoint", _good, check=_nan_keeps_last_good_checkpoint),
+    Case("malformed COCO JSON", "detect", ["data.name=coco", "data.root={x}/coco"],
+         "{x}/coco/annotations/instances_train2017.json", "is not valid JSON",
+         lambda tmp: _coco(tmp, '{"images": [ {"id": 1,'), subprocess=True),
+    Case("COCO annotations missing", "detect", ["data.name=coco", "data.root={x}/coco"],
+         "{x}/coco/annotations/instances_train2017.json", "does not exist", lambda tmp: _coco(tmp, None)),
+    Case("unknown backbone", "detect", ["model.backbone=vgg16"], "model.backbone", "valid choices: "),
+    Case("report records missing", "report", ["records=/no/such/runs", "out={x}/report"], "", "/no/such/runs"),
+    Case("unknown paper table", "report", ["table=no_such_table", "records={x}", "out={x}/report"], "",
+         "no_such_table"),
+    Case("latency engine unknown", "latency", ["arch=mobilenet_v2", "resolution=32", "out={x}/lat",
+                                              "float_engine=tvm"], "latency.engine", "valid choices: "),
+    Case("engine not installed", "latency", ["arch=mobilenet_v2", "resolution=32", "out={x}/lat",
+                                             "float_engine=onnxruntime", "width_mult=0.35"],
+         "latency.engine", "pip install onnxruntime", _broken_onnxruntime, subprocess=True,
+         env={"PYTHONPATH": "{x}/shadow"}),
+]
+
+
+def _invoke(case: Case, args: list[str], tmp_path: Path, env: dict[str, str], capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    script = ROOT / "experiments" / f"{case.app}.py"
+    if case.subprocess:
+        result = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=300)
+        return result.returncode, result.stdout, result.stderr
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("QAT_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(script), run_name="__main__")  # as `python experiments/<app>.py`, in this process
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.set_num_threads(1)
+    x = str(tmp_path)
+    if case.setup is not None:
+        case.setup(tmp_path)
+    run_dir = tmp_path / "run"
+    base = TINY if case.app == "run" else ["latency.repeats=2"] if case.app == "detect" else []
+    args = [*base, *(a.replace("{x}", x) for a in case.args)]
+    if case.app in ("run", "detect"):
+        args.append(f"hydra.run.dir={run_dir}")
+    env = {**os.environ, "QAT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           **{k: v.replace("{x}", x) for k, v in case.env.items()}}
+    env.pop("QAT_DEBUG", None)
+    code, out, err = _invoke(case, args, tmp_path, env, capsys, monkeypatch)
+
+    assert code != 0, err[-2000:]
+    assert "Traceback" not in out + err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    hint = case.hint.replace("{x}", x)
+    if case.hydra:
+        assert hint in err
+    else:
+        assert len(lines) == 1, err
+        line = lines[0].removeprefix("error: ")
+        assert line.startswith(case.key.replace("{x}", x)), line
+        assert hint in line, line
+    assert not list(tmp_path.rglob("record.json"))
+    if case.check is not None:
+        case.check(run_dir)
+
+
+def test_qat_debug_shows_the_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "QAT_DEBUG": "1", "QAT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "model.arch=resnet9000",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "QatError" in result.stderr and "model.arch" in result.stderr
