@@ -57,6 +57,11 @@ def test_few_step_qat_run_writes_record_with_map_and_integer_core(tmp_path: Path
     assert record["latency_float"]["median_ms"] > 0 and record["latency"]["core_median_ms"] > 0
     fidelity = record["fidelity"]
     assert fidelity["core_mean_abs_diff_lsb"] < 0.5 and fidelity["core_max_abs_diff_lsb"] <= 16
+    assert fidelity["primary_engine"] == "torch_native_x86"
+    for name in ("torch_native_x86", "reference", "onnxruntime"):  # latency.eval_engines' defaults
+        engine = fidelity["engines"][name]
+        assert engine["status"] == "ok" and abs(engine["map"] - acc["sim_map"]) <= MAP_TOLERANCE, name
+        assert engine["core_mean_abs_diff_lsb"] < 0.5, name
     int_model = IntModel.load(run_dir / "int_model.pt")
     assert int_model.meta["task"] == "detection"
     flat = build(int_model)(torch.zeros(2, 3, 64, 64))

@@ -32,7 +32,9 @@ from qat.detection.synthetic import make_synthetic_coco
 from qat.detection.train import evaluate, fit
 from qat.engines import registry
 from qat.errors import QatError, choice_error
+from qat.fidelity import build_engine, check_engine_names, output_lsb
 from qat.intmodel.convert import convert
+from qat.intmodel.graph import IntModel
 from qat.latency.harness import measure
 from qat.latency.host import describe_host
 from qat.models.registry import count_macs
@@ -65,6 +67,7 @@ def validate(cfg: DetectRunConfig) -> None:
     if cfg.quant.precision == "int8" and "int8" not in engine.precisions:
         raise QatError("latency.engine", f"engine {engine.name!r} has no int8 path",
                        f"it runs: {', '.join(engine.precisions)}; choose an int8 engine or quant=float")
+    check_engine_names(cfg.latency.eval_engines)
     if cfg.data.name not in DATASETS:
         raise choice_error("data.name", cfg.data.name, DATASETS)
     if cfg.data.name == "coco" and not cfg.data.root:
@@ -238,13 +241,11 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
                    "core_median_ms": core_latency(int_engine, cfg)}
         log.info("[latency] int8 detector %.3f ms, core %.3f ms (median, %s)", latency["median_ms"],
                  latency["core_median_ms"], name)
-        engine = registry.build_int(name, int_model, lat.threads)
-        int_result = evaluate(_with_core(detector, engine), data.val, annotations, category_ids, desc="eval int8")
+        record["fidelity"], int_result = engine_fidelity(int_model, prepared, detector, data,
+                                                         [name, *cfg.latency.eval_engines], lat.threads)
         accuracy.update(_map_fields("int_", int_result))
         accuracy.update(_map_fields("", int_result))
-        record["fidelity"] = core_fidelity(prepared, engine, data.val, qdet, int_model.nodes[-2].out.scale)
-        record["fidelity"]["engine_8bit_container"] = bool(getattr(engine, "emulated_bits", False))
-        log.info("[int8] mAP %.2f (simulated %.2f)", int_result["map"], sim_result["map"])
+        log.info("[int8] %s mAP %.2f (simulated %.2f)", name, int_result["map"], sim_result["map"])
         quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
         record["latency_float"] = float_latency
         record["coco_summary_simulated"] = sim_result["summary"]
@@ -277,12 +278,44 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-@torch.no_grad()
-def core_fidelity(prepared: nn.Module, engine: registry.Engine, loader: DataLoader, qdet: SSDLiteDetector,
-                  out_scale: float) -> dict[str, float]:
-    """Simulated vs integer core outputs on the first validation batch, in output LSBs."""
+def engine_fidelity(int_model: IntModel, prepared: nn.Module, detector: SSDLiteDetector, data: DetectionData,
+                    names: list[str], threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """COCO mAP of the integer detector on every engine of ``names`` (the first is the primary one and must
+    run), and each engine's core outputs against the simulated core on the first validation batch, in
+    output LSBs. An engine that cannot run the core is recorded as unsupported with its one-line reason.
+    Returns the record's fidelity block and the primary engine's COCO result."""
+    lsb = output_lsb(int_model)
+    images, _ = next(iter(data.val))
+    x = detector.shell.transform(images)[0].tensors
     prepared.eval()
-    images, _ = next(iter(loader))
-    x = qdet.shell.transform(images)[0].tensors
-    lsb = (prepared(x) - engine(x)).abs() / out_scale
-    return {"core_max_abs_diff_lsb": float(lsb.max()), "core_mean_abs_diff_lsb": float(lsb.mean())}
+    with torch.no_grad():
+        simulated = prepared(x)
+    engines: dict[str, Any] = {}
+    primary = names[0]
+    results: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(names):
+        started = time.time()
+        try:
+            engine, info = build_engine(name, int_model, threads)
+            with torch.no_grad():
+                diff = (engine(x) - simulated).abs() / lsb
+            results[name] = evaluate(_with_core(detector, engine), data.val, data.val_split.coco,
+                                     data.val_split.category_ids, desc=f"eval {name}")
+        except QatError as exc:
+            if name == primary:
+                raise
+            engines[name] = {"status": "unsupported", "reason": exc.one_line()}
+            log.warning("[fidelity] %s cannot run this model: %s", name, exc.one_line())
+            continue
+        engines[name] = {"status": "ok", **info, **_map_fields("", results[name]),
+                         "core_max_abs_diff_lsb": float(diff.max()), "core_mean_abs_diff_lsb": float(diff.mean()),
+                         "core_within_1lsb": float((diff <= 1 + 1e-3).float().mean() * 100),
+                         "eval_s": time.time() - started}
+        log.info("[fidelity] %-20s mAP %.2f  core max |Δ| %.1f LSB, mean %.3f LSB", name, results[name]["map"],
+                 engines[name]["core_max_abs_diff_lsb"], engines[name]["core_mean_abs_diff_lsb"])
+    main = engines[primary]
+    block = {"primary_engine": primary, "output_lsb": lsb, "engines": engines,
+             "core_max_abs_diff_lsb": main["core_max_abs_diff_lsb"],
+             "core_mean_abs_diff_lsb": main["core_mean_abs_diff_lsb"],
+             "engine_8bit_container": bool(main.get("emulated_bits", False))}
+    return block, results[primary]
