@@ -49,7 +49,7 @@ from qat.train.checkpoint import (
 )
 from qat.train.distributed import Runtime, amp_dtype, exact_float32, wrap
 from qat.train.distributed import setup as setup_runtime
-from qat.train.loop import NonFiniteLoss, build_optimizer, lr_at, predict, top1, train_epoch
+from qat.train.loop import NonFiniteLoss, build_optimizer, lr_at, predict, top1, top5, train_epoch
 
 log = logging.getLogger("qat")
 
@@ -278,8 +278,8 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         if cfg.quant.precision != "float" and cfg.method == "qat":  # PTQ has no training to share
             quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime)
         return {}
-    _, float_pred, targets = predict(model, data.val, desc="eval float", device=device)
-    accuracy = {"float_top1": top1(float_pred, targets)}
+    float_logits, float_pred, targets = predict(model, data.val, desc="eval float", device=device)
+    accuracy = {"float_top1": top1(float_pred, targets), "float_top5": top5(float_logits, targets)}
     log.info("[float] top-1 %.2f%%", accuracy["float_top1"])
 
     host = describe_host()
@@ -288,7 +288,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
              cfg.latency.batch, cfg.latency.threads)
     record: dict[str, Any] = {}
     if cfg.quant.precision == "float":
-        accuracy["top1"] = accuracy["float_top1"]
+        accuracy["top1"], accuracy["top5"] = accuracy["float_top1"], accuracy["float_top5"]
         latency = {"engine": "torch_eager", "engine_version": torch.__version__.split("+")[0], **float_latency}
         quant = {"precision": "float", "weight_bits": 32, "act_bits": 32}
     else:
@@ -305,11 +305,12 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
             timings["qat_train_s"] = time.time() - t
         with exact_float32():
             sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated", device=device)
+        accuracy["sim_top5"] = top5(sim_logits, targets)
         accuracy["sim_top1"] = top1(sim_pred, targets)
         log.info("[%s] simulated top-1 %.2f%%", cfg.method, accuracy["sim_top1"])
     reason = None if cfg.quant.precision == "float" else not_convertible_reason(prepared)
     if reason is not None:  # e.g. two-tensor layers (Choukroun §3.3): simulated results only
-        accuracy["top1"] = accuracy["sim_top1"]
+        accuracy["top1"], accuracy["top5"] = accuracy["sim_top1"], accuracy["sim_top5"]
         record["fidelity"] = {"integer_model": f"not convertible: {reason}"}
         latency = {"engine": "none (simulated only, no integer model)", "median_ms": None}
         quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
@@ -326,9 +327,10 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
                    **_latency(torch_native.build(int_model, cfg.latency.backend), cfg)}
         log.info("[latency] int8 %.3f ms (median)", latency["median_ms"])
         primary = primary_int8_engine(cfg)
-        record["fidelity"], _ = evaluate_engines(int_model, data.val, sim_logits, sim_pred, targets,
+        record["fidelity"], int_logits = evaluate_engines(int_model, data.val, sim_logits, sim_pred, targets,
                                                  cfg.latency.eval_engines, primary, cfg.latency.threads)
         accuracy["int_top1"] = accuracy["top1"] = record["fidelity"]["engines"][primary]["top1"]
+        accuracy["int_top5"] = accuracy["top5"] = top5(int_logits, targets)
         log.info("[int8] %s top-1 %.2f%%  (agreement with simulated %.2f%%; lowest over engines %.2f%%)",
                  primary, accuracy["int_top1"], record["fidelity"]["sim_vs_int_top1_agreement"],
                  record["fidelity"]["min_agreement_with_sim"])

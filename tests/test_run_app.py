@@ -37,6 +37,7 @@ def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
     assert record["schema"] == "qat.record/1" and record["quant"]["precision"] == "int8"
     acc = record["accuracy"]
     assert {"float_top1", "sim_top1", "int_top1", "top1"} <= set(acc) and acc["top1"] == acc["int_top1"]
+    assert acc["top5"] == acc["int_top5"] >= acc["int_top1"] and acc["float_top5"] >= acc["float_top1"]
     assert record["latency"]["engine"] == "torch_native_x86" and record["latency"]["n"] >= 20
     assert record["latency"]["median_ms"] > 0 and record["latency_float"]["median_ms"] > 0
     assert record["fidelity"]["sim_vs_int_top1_agreement"] >= 90.0

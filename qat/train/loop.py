@@ -150,3 +150,9 @@ def predict(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, d
 def top1(predicted: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * (predicted == targets).float().mean().item()
+
+
+def top5(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-5 accuracy (recall@5, Jacob Table 4.3) in percent; top-k with k = number of classes below 5."""
+    k = min(5, logits.shape[1])
+    return 100.0 * (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).float().mean().item()
