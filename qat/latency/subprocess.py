@@ -233,7 +233,7 @@ def _engine_threads(engine: str, fn: object) -> int | None:
 
 
 def run_spec(spec: MeasureSpec) -> dict[str, Any]:
-    """The child's work (also callable in-process, e.g. by tests of the child logic)."""
+    """The child's work: pins *the calling process* (affinity), fixes its threads, builds, measures."""
     affinity = _pin(spec)
     import torch
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -77,7 +78,8 @@ def harness_overhead(int_model: Any, engine: str, resolution: int, rounds: int, 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     installed = {name for name in ENGINES if is_installed(name)}
-    results: dict[str, Any] = {"host": describe_host(), "rows": [], "args": vars(args)}
+    results: dict[str, Any] = {"host": describe_host(), "rows": [], "args": vars(args), "loadavg_before":
+                               list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     with tempfile.TemporaryDirectory(prefix="qat-bench-engines-") as tmp:
         folder = Path(tmp)
         for arch in args.models:
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["overhead"] = {"model": arch, "engine": args.overhead_engine,
                                        **harness_overhead(int_model, args.overhead_engine, args.resolution,
                                                           args.overhead_rounds, args.repeats)}
+    results["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return results
 
 
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     host = results["host"]
     print(f"\nhost: {host['cpu']} ({', '.join(host['cpu_flags'])}), {host['usable_cores']} usable cores, "
-          f"{host['os']}, torch {host['torch']}")
+          f"{host['os']}, torch {host['torch']}; load average (1/5/15 min) before {results['loadavg_before']}, "
+          f"after {results['loadavg_after']} (other processes share these cores: 2-thread rows suffer most)")
     print(table(results))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(results, indent=1, default=str) + "\n").encode())
