@@ -7,7 +7,6 @@ model -> evaluate it on a real int8 engine -> measure batch-1 latency of float a
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -25,13 +24,11 @@ from torch import nn
 
 from qat.data.imagefolder import ClassificationData, build_classification_loaders, check_layout
 from qat.data.synthetic import default_cache_dir, make_demo_dataset
-from qat.engines import torch_native
+from qat.engines import registry
 from qat.errors import QatError, choice_error
 from qat.fidelity import check_engine_names, evaluate_engines
 from qat.intmodel.convert import convert
-from qat.latency.harness import measure
-from qat.latency.host import describe_host
-from qat.models.fold import fold_batch_norm
+from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.models.registry import MODELS, build_model, count_macs
 from qat.ptq.driver import check_method, not_convertible_reason, prepare_and_post_train, record_method
 from qat.quant.config import QuantConfig
@@ -54,7 +51,8 @@ from qat.train.loop import NonFiniteLoss, build_optimizer, lr_at, predict, top1,
 log = logging.getLogger("qat")
 
 PRECISIONS = ("float", "int8")
-ENGINES = ("torch_native",)
+# latency.engine: torch_native (with latency.backend) or any int8 engine of the registry
+ENGINES = ("torch_native", *[name for name, e in registry.ENGINES.items() if "int8" in e.precisions])
 DATASETS = ("demo", "imagefolder")
 
 
@@ -205,13 +203,19 @@ def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, da
     return "trained"
 
 
-def _latency(fn, cfg: RunConfig) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def measure_latency(cfg: RunConfig, *, engine: str, precision: str, int_model: Path | None = None,
+                    num_classes: int = 1000) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Latency of the run's float or int8 model measured in a fresh subprocess with fixed threads and CPU
+    affinity (qat.latency.subprocess); returns (latency block, host description of the measuring process).
+    Float models are timed with the run's architecture (weights do not change the work done)."""
     lat = cfg.latency
-    example = torch.randn(lat.batch, 3, cfg.model.resolution, cfg.model.resolution,
-                          generator=torch.Generator().manual_seed(0))
-    stats = measure(fn, example, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
-                    min_time_s=lat.min_time_s)
-    return {**stats.as_dict(), "device": "cpu"}
+    spec = MeasureSpec(engine=engine, precision=precision, int_model=str(int_model) if int_model else None,
+                       arch=cfg.model.arch, width_mult=cfg.model.width_mult, num_classes=num_classes,
+                       resolution=cfg.model.resolution, batch=lat.batch, threads=lat.threads, warmup=lat.warmup,
+                       repeats=lat.repeats, min_time_s=lat.min_time_s, seed=cfg.seed)
+    result = measure_in_subprocess(spec)
+    block = {**result["engine"], **result["stats"], "device": "cpu", "threads_in_child": result["child"]}
+    return block, result["host"]
 
 
 def model_id(cfg: RunConfig, float_source: str) -> str:
@@ -282,14 +286,14 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
     accuracy = {"float_top1": top1(float_pred, targets), "float_top5": top5(float_logits, targets)}
     log.info("[float] top-1 %.2f%%", accuracy["float_top1"])
 
-    host = describe_host()
-    float_latency = _latency(fold_batch_norm(copy.deepcopy(model).cpu()), cfg)
+    float_latency, host = measure_latency(cfg, engine="torch_eager", precision="float",
+                                          num_classes=data_info["num_classes"])
     log.info("[latency] float %.3f ms (median, batch %d, %d thread(s))", float_latency["median_ms"],
              cfg.latency.batch, cfg.latency.threads)
     record: dict[str, Any] = {}
     if cfg.quant.precision == "float":
         accuracy["top1"], accuracy["top5"] = accuracy["float_top1"], accuracy["float_top5"]
-        latency = {"engine": "torch_eager", "engine_version": torch.__version__.split("+")[0], **float_latency}
+        latency = float_latency
         quant = {"precision": "float", "weight_bits": 32, "act_bits": 32}
     else:
         q = cfg.quant
@@ -321,10 +325,8 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         int_model.meta.update({"arch": cfg.model.arch, "width_mult": cfg.model.width_mult,
                                "resolution": cfg.model.resolution, "num_classes": data_info["num_classes"]})
         int_model.save(run_dir / "int_model.pt")
-        # Latency first, on a fresh engine: after the batch-250 evaluation the x86 backend ran batch 1
-        # about 2x slower in the same process (seen with torch 2.14.1; not reproduced in isolation).
-        latency = {**torch_native.engine_info(cfg.latency.backend),
-                   **_latency(torch_native.build(int_model, cfg.latency.backend), cfg)}
+        latency, _ = measure_latency(cfg, engine=primary_int8_engine(cfg), precision="int8",
+                                     int_model=run_dir / "int_model.pt")
         log.info("[latency] int8 %.3f ms (median)", latency["median_ms"])
         primary = primary_int8_engine(cfg)
         record["fidelity"], int_logits = evaluate_engines(int_model, data.val, sim_logits, sim_pred, targets,

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from qat.data.imagefolder import check_layout, classification_transforms
+from qat.data.imagefolder import check_layout, classification_transforms, read_image
 from qat.errors import QatError
 
 
@@ -26,7 +26,7 @@ def calibration_loader(root: str | os.PathLike[str], *, resolution: int, batch_s
     if batch_size < 1:
         raise QatError("data.batch_size", f"{batch_size} is not positive", "use a batch size >= 1")
     _, val_tf = classification_transforms(resolution, resize_ratio=resize_ratio)
-    images = ImageFolder(str(Path(root) / "train"), transform=val_tf)
+    images = ImageFolder(str(Path(root) / "train"), transform=val_tf, loader=read_image)
     return DataLoader(images, batch_size=batch_size, shuffle=True, num_workers=workers,
                       generator=torch.Generator().manual_seed(seed))
 
