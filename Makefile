@@ -25,6 +25,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Benchmarks print ratios measured in one run (never asserted); quick settings for a 2-core machine.
+bench: $(STAMP)
+	$(PY) scripts/bench/qat_overhead.py --resolution 64 --batch 32 --steps 5
+	$(PY) scripts/bench/calibration_cost.py --resolution 64 --batch 32 --batches 2 --repeats 3 --threads 1
+	$(PY) scripts/bench/engines.py --repeats 15 --warmup 3
+	$(PY) scripts/bench/ptq.py --widths 0.35
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qat experiments scripts tests notebooks
 
