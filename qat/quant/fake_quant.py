@@ -4,6 +4,9 @@ Activation ranges are updated only in training mode (``model.train()``); PTQ cal
 nodes in training mode (:func:`qat.quant.prepare.calibration_mode`). Two switches drive the schedule
 (:mod:`qat.quant.schedule`): ``observing`` (ranges still being estimated; off after the range-freeze step)
 and ``quantizing`` (off before the quantization delay, Jacob §3.1).
+
+Per-tensor EMA quantizers (the activation default) take the fewer-kernel path of :mod:`qat.quant.fused`,
+which gives the same numbers as the generic path below (``QAT_UNFUSED_FAKE_QUANT=1`` forces the generic one).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat.quant import fused
 from qat.quant.observers import Observer
 from qat.quant.scheme import QuantSpec, choose_qparams, fake_quantize
 
@@ -49,7 +53,10 @@ class FakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):  # mixed precision: ranges and grids stay in float32
             x = x.float()
-        if self.observing and observe and (self.training or self.observe_in_eval):
+        observe = self.observing and observe and (self.training or self.observe_in_eval)
+        if fused.applies(self, x):
+            return fused.ema_fake_quantize(self, x, observe)
+        if observe:
             self.observer(x)
             self.update_qparams()
         if not self.quantizing or not self.observer.initialized:

@@ -1,0 +1,151 @@
+"""Fewer-kernel fake quantization for per-tensor EMA activation quantizers (Jacob §3.1 and eq. 12).
+
+:class:`~qat.quant.fake_quant.FakeQuantize` with an :class:`~qat.quant.observers.EmaMinMaxObserver` runs, per
+training step, the EMA range update ``m <- decay·m + (1 - decay)·batch`` (first batch sets the range),
+:func:`qat.quant.scheme.choose_qparams` and the straight-through fake quantizer. Unfused, that is about 20
+small kernels plus several Python module calls per quantizer; on a GPU the launches dominate. This module
+computes the *same float32 results bit for bit* in 14 (asymmetric) or 11 (symmetric) ops and no module calls:
+
+* the EMA for min and max is done by 3 ``torch._foreach_*`` ops on the pair instead of 6 ops;
+* the symmetric ``max(-min(m, 0), max(M, 0))`` becomes ``max(-m, M)`` clamped at 0 (3 ops instead of 4);
+* ``qmin - min/S`` is one ``addcdiv`` (``qmin + (-1)·min/S``: the negation is exact, one rounding each);
+* the fake quantizer is called without the ``ones`` tensor the public op allocates on every call.
+
+Every new value is a fresh tensor re-bound to the same attributes as the unfused path (``observer.min_val``,
+``observer.max_val``, ``scale``, ``zero_point``), so checkpoints, the schedule flags, conversion and DDP see
+exactly what they saw before; no buffer is written in place.
+
+torch's private ``torch._fused_moving_avg_obs_fq_helper`` (torch.ao's ``FusedMovingAvgObsFakeQuantize``) would
+do all of this in one call, and this module is the only place in qat allowed to touch it. It is deliberately
+**not** called, because its semantics differ from ours: its EMA is ``m + c·(b - m)`` (a different float
+rounding: ranges differ in the last bit on about half of the steps); its symmetric scale is
+``max(|min|/128, max/127)`` for int8 (``max|r|/127.5`` here) and ignores the narrow range; its zero point
+picks between ``qmin - min/S`` and ``qmax - max/S`` in double precision; a zero range gets S = 0.1 (and on CPU
+a minimum scale of about 6e-5) instead of ``eps``; and its CPU and CUDA kernels differ from each other
+(float vs double range). The private ops used instead are ``torch._foreach_mul``/``_foreach_add`` and
+``torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams`` (the kernel and STE gradient behind
+``torch.fake_quantize_per_tensor_affine``).
+
+Set ``QAT_UNFUSED_FAKE_QUANT=1`` (or ``qat.quant.fused.ENABLED = False``, or use :func:`unfused_path`) to
+force the unfused reference path, e.g. to compare the two.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+from qat.errors import QatError
+from qat.quant.observers import EmaMinMaxObserver
+from qat.quant.scheme import QuantSpec
+
+if TYPE_CHECKING:
+    from qat.quant.fake_quant import FakeQuantize
+
+ENV_VAR = "QAT_UNFUSED_FAKE_QUANT"
+EPS = 1e-8  # the default eps of qat.quant.scheme.choose_qparams
+
+
+def _enabled_from_env() -> bool:
+    value = os.environ.get(ENV_VAR, "")
+    if value not in ("", "0", "1"):
+        raise QatError(ENV_VAR, f"{value!r} is not 0 or 1", f"set {ENV_VAR}=1 to force the unfused path, else unset it")
+    return value != "1"
+
+
+ENABLED: bool = _enabled_from_env()
+
+_ONES: dict[torch.device, torch.Tensor] = {}  # the "fake quant enabled" flag of the cachemask op, per device
+_QMIN: dict[tuple[torch.device, int], torch.Tensor] = {}  # qmin as a float32 0-d tensor, per device
+
+
+@contextmanager
+def unfused_path() -> Iterator[None]:
+    """Run the block with the unfused reference path (for equality tests and benchmarks)."""
+    global ENABLED
+    saved, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = saved
+
+
+def _constant(cache: dict, key: object, make) -> torch.Tensor:  # type: ignore[type-arg, no-untyped-def]
+    value = cache.get(key)
+    if value is None:
+        with torch.inference_mode(False):  # a normal tensor even if first built under inference mode
+            value = cache[key] = make()
+    return value
+
+
+def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype and t.device == device
+
+
+def applies(fq: FakeQuantize, x: torch.Tensor) -> bool:
+    """Whether :func:`ema_fake_quantize` reproduces the unfused path for ``fq`` on ``x``.
+
+    Needs a per-tensor EMA observer (exactly :class:`EmaMinMaxObserver`, not a subclass), a float32 input and
+    the state in float32/int32 on the input's device (the reference path handles every other case).
+    """
+    obs = fq.observer
+    if not ENABLED or type(obs) is not EmaMinMaxObserver or fq.spec.per_channel or obs.per_channel:
+        return False
+    device = x.device
+    if x.dtype != torch.float32 or not _on(fq.scale, device, torch.float32):
+        return False
+    if not _on(fq.zero_point, device, torch.int32):
+        return False
+    low = obs.min_val
+    return low.numel() == 0 or (low.dim() == 0 and _on(low, device, torch.float32)
+                                and _on(obs.max_val, device, torch.float32))
+
+
+def ema_update(obs: EmaMinMaxObserver, x: torch.Tensor) -> None:
+    """Jacob §3.1: m <- decay·m + (1 - decay)·batch for min and max; the first batch sets the range."""
+    low, high = torch.aminmax(x.detach())
+    if obs.min_val.numel() == 0:
+        obs.min_val, obs.max_val = low, high
+        return
+    batch = [low, high]
+    torch._foreach_mul_(batch, 1 - obs.decay)  # fresh tensors from aminmax: safe to scale in place
+    running = torch._foreach_mul([obs.min_val, obs.max_val], obs.decay)
+    torch._foreach_add_(running, batch)
+    obs.min_val, obs.max_val = running
+
+
+def qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, Z) equal bit for bit to :func:`qat.quant.scheme.choose_qparams` on float32 0-d ranges."""
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:  # max(-min(m, 0), max(M, 0)) == max(max(-m, M), 0)
+        absmax = torch.maximum(torch.neg(min_val), max_val).clamp_min_(0.0)
+        scale = absmax.div_((qmax - qmin) / 2).clamp_min_(EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    low = torch.clamp(min_val, max=0.0)
+    high = torch.clamp(max_val, min=0.0)
+    scale = torch.sub(high, low).div_(float(qmax - qmin)).clamp_min_(EPS)
+    qmin_t = _constant(_QMIN, (low.device, qmin), lambda: torch.tensor(float(qmin), device=low.device))
+    zero_point = torch.addcdiv(qmin_t, low, scale, value=-1).round_().clamp_(qmin, qmax)
+    return scale, zero_point.to(torch.int32)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """S·(clamp(round(x/S) + Z) - Z) with the STE gradient: the kernel of qat.quant.scheme.fake_quantize."""
+    ones = _constant(_ONES, x.device, lambda: torch.ones(1, dtype=torch.long, device=x.device))
+    return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+        x, scale, zero_point, ones, spec.qmin, spec.qmax)[0]
+
+
+def ema_fake_quantize(fq: FakeQuantize, x: torch.Tensor, observe: bool) -> torch.Tensor:
+    """The body of FakeQuantize.forward for a float32 ``x`` when :func:`applies` holds."""
+    obs = fq.observer
+    if observe:
+        ema_update(obs, x)
+        fq.scale, fq.zero_point = qparams(obs.min_val, obs.max_val, fq.spec)
+    if not fq.quantizing or obs.min_val.numel() == 0:
+        return x
+    return fake_quantize(x, fq.scale, fq.zero_point, fq.spec)
