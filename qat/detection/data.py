@@ -41,8 +41,11 @@ class CocoSplit:
         return len(self.category_ids)
 
 
-def check_split(root: str | Path, split: str) -> CocoSplit:
-    """Read and check ``<root>/annotations/instances_<split>.json`` and the images it names."""
+def check_split(root: str | Path, split: str, keep_annotations: bool = True) -> CocoSplit:
+    """Read and check ``<root>/annotations/instances_<split>.json`` and the images it names.
+
+    ``keep_annotations=False`` drops the parsed JSON once checked (COCO's training file is ~450 MB; the
+    loader reads its own copy), leaving ``coco`` empty."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise QatError("data.root", f"{root} is not a directory", "give the folder holding train2017/, val2017/, "
@@ -90,7 +93,7 @@ def check_split(root: str | Path, split: str) -> CocoSplit:
     if missing:
         raise QatError(missing[0], f"is missing ({len(missing)} annotated image(s) missing under {images_dir})",
                        f"restore the images or remove their annotations from {ann_file}")
-    return CocoSplit(images_dir, ann_file, category_ids, names, coco)
+    return CocoSplit(images_dir, ann_file, category_ids, names, coco if keep_annotations else {})
 
 
 def detection_transforms(resolution: int, train: bool, hflip: float = 0.5) -> v2.Compose:

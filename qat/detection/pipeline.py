@@ -98,7 +98,7 @@ def load_data(cfg: DetectRunConfig) -> DetectionData:
         root = make_synthetic_coco(cache_dir(cfg) / "data", **asdict(d.synthetic))
     else:
         root = Path(str(d.root)).expanduser()
-    train_split, val_split = check_split(root, d.train_split), check_split(root, d.val_split)
+    train_split, val_split = check_split(root, d.train_split, keep_annotations=False), check_split(root, d.val_split)
     if train_split.category_ids != val_split.category_ids:
         raise QatError(str(val_split.annotation_file), "lists other categories than the training annotations",
                        f"use the same categories as {train_split.annotation_file}")
