@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ def main(cfg: DictConfig) -> float:
     config = OmegaConf.to_object(cfg)
     validate(config)  # bad names and paths stop here, before a tracker run is created
     run_dir = HydraConfig.get().runtime.output_dir
+    if int(os.environ.get("RANK", "0")) != 0:  # DDP: rank 0 alone tracks and writes the record
+        run_classification(config, run_dir)
+        return float("nan")
     with open_logger(config.logger, run_dir, **tracking_context(cfg)) as tracker:
         record = run_classification(config, run_dir, tracker=tracker)
     return float(record["accuracy"]["top1"])

@@ -7,6 +7,7 @@ model -> evaluate it on a real int8 engine -> measure batch-1 latency of float a
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -183,6 +184,9 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
         where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
         raise QatError(lr_key, f"{exc.what} became {exc.value} at step {exc.step} of the {phase} phase",
                        f"lower {lr_key}; {where}") from exc
+    if train_model is not model:  # DDP: drop the wrapper now; its reducer's autograd hooks go with it
+        del train_model
+        gc.collect()
     return model
 
 

@@ -44,8 +44,10 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_app_under_torchrun_writes_one_record(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = _torchrun([str(ROOT / "experiments" / "run.py"), *TINY, "quant=w8a8", "train.threads=1",
-                        f"hydra.run.dir={run_dir}"], tmp_path)
+    # min/max activation ranges: with EMA ranges, QAT of this tiny model on 16-image shards diverges within
+    # 3 steps, in one process too (a numerical issue of the recipe at this batch size, not of DDP)
+    result = _torchrun([str(ROOT / "experiments" / "run.py"), *TINY, "quant=w8a8", "quant.act_observer=minmax",
+                        "train.threads=1", f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "record.json").read_text())
     assert record["quant"]["precision"] == "int8" and record["accuracy"]["int_top1"] >= 0
