@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
-from _cli import one_line_errors, register_schemas  # noqa: E402
+from _cli import check_overrides, one_line_errors, register_schemas  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -137,4 +137,5 @@ def info_line(info: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    check_overrides("eval")
     main()

@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
-from _cli import one_line_errors  # noqa: E402
+from _cli import check_overrides, one_line_errors  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
@@ -136,4 +136,5 @@ def main(dict_cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
+    check_overrides("latency_app")
     main()

@@ -9,10 +9,14 @@ writes ``<name>.md``, ``.tex`` and ``.csv``. On bad input prints one line to std
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import check_overrides  # noqa: E402
 
 from qat.analysis.report import write_paper_table, write_report
 from qat.analysis.tables import get_table
@@ -57,4 +61,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("report")
     main()

@@ -130,7 +130,8 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
     total = epochs * steps_per_epoch
     lr_key = "optim.lr" if phase == "float" else "train.qat_lr"
     every = cfg.train.checkpoint_every_steps
-    start_epoch, step, skip, rng = 0, 0, 0, None
+    start_epoch, step, skip, rng, best = 0, 0, 0, None, float("-inf")
+    best_path = checkpoint.with_name(checkpoint.name.replace("_last", "_best"))
     found = resume_state(checkpoint)
     if found is not None:
         state, source = found
@@ -140,6 +141,7 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = state["epoch"], state["step"]
         skip, rng = state.get("batch_in_epoch", 0), state.get("rng")
+        best = state.get("best_top1", best)
         log.info("[%s] resuming from %s at epoch %d, batch %d", phase, source, start_epoch, skip)
 
     def save(epoch: int, batch: int, next_step: int) -> None:
@@ -148,7 +150,7 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
             raise NonFiniteLoss(next_step - 1, float("nan"), what=f"weight {bad}")
         save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                      "epoch": epoch, "batch_in_epoch": batch, "step": next_step, "phase": phase,
-                                     "rng": rng_state(), RUN_ID_KEY: tracker.run_id,
+                                     "rng": rng_state(), RUN_ID_KEY: tracker.run_id, "best_top1": best,
                                      **({"scaler": scaler.state_dict()} if scaler is not None else {})})
 
     def after_step(s: int, loss: float, lr_now: float, epoch: int, first_step: int) -> None:
@@ -176,6 +178,15 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
                                      after_skip=None if saved_rng is None else lambda r=saved_rng: set_rng_state(r))
             skip, rng = 0, None
             if runtime.is_main:
+                if cfg.train.keep_best:  # <phase>_best.pt: the weights with the best validation top-1 so far
+                    _, predicted, targets = predict(model, data.val, desc=f"val {phase} {epoch + 1}",
+                                                    device=runtime.device)
+                    accuracy = top1(predicted, targets)
+                    if accuracy > best:
+                        best = accuracy
+                        save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch + 1,
+                                                    "top1": accuracy, "phase": phase}, keep_previous=False)
+                    log.info("[%s] epoch %d val top-1 %.2f%% (best %.2f%%)", phase, epoch + 1, accuracy, best)
                 save(epoch + 1, 0, step)
             runtime.barrier()  # nobody runs ahead of the checkpoint it would resume from
             log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)
@@ -316,7 +327,14 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         accuracy["sim_top5"] = top5(sim_logits, targets)
         accuracy["sim_top1"] = top1(sim_pred, targets)
         log.info("[%s] simulated top-1 %.2f%%", cfg.method, accuracy["sim_top1"])
-    reason = None if cfg.quant.precision == "float" else not_convertible_reason(prepared)
+    reason, int_model = None, None
+    if cfg.quant.precision != "float":
+        reason = not_convertible_reason(prepared)
+        if reason is None:
+            try:
+                int_model = convert(prepared.cpu())
+            except QatError as exc:  # e.g. MobileNet v3's hardswish: simulated results, the reason recorded
+                reason = exc.one_line()
     if reason is not None:  # e.g. two-tensor layers (Choukroun §3.3): simulated results only
         accuracy["top1"], accuracy["top5"] = accuracy["sim_top1"], accuracy["sim_top5"]
         record["fidelity"] = {"integer_model": f"not convertible: {reason}"}
@@ -324,8 +342,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
         record["latency_float"] = {"engine": "torch_eager", **float_latency}
         log.warning("[%s] no integer model: %s", cfg.method, reason)
-    elif cfg.quant.precision != "float":
-        int_model = convert(prepared.cpu())
+    elif int_model is not None:
         int_model.meta.update({"arch": cfg.model.arch, "width_mult": cfg.model.width_mult,
                                "resolution": cfg.model.resolution, "num_classes": data_info["num_classes"]})
         int_model.save(run_dir / "int_model.pt")

@@ -58,6 +58,7 @@ class TrainConfig:
     cache_float: bool = True  # reuse float weights trained by an identical earlier run
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0: each epoch only); exact resume
     device: str = "auto"  # auto (GPU when visible) | cpu | cuda
+    keep_best: bool = True  # evaluate after each epoch and keep <phase>_best.pt (the run's result is the last)
     amp: str = "none"  # mixed precision of the forward pass: none | fp16 (GPU) | bf16; fake quant stays float32
 
 

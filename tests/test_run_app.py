@@ -107,3 +107,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     record = json.loads((run_dir / "record.json").read_text())
     assert record["accuracy"] == expected["accuracy"]
     assert record["fidelity"]["sim_vs_int_top1_agreement"] == expected["fidelity"]["sim_vs_int_top1_agreement"]
+
+
+@pytest.mark.slow
+def test_model_without_integer_form_records_simulated_results_and_best_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_app([*TINY, "model=mobilenet_v3_small", "model.resolution=32", "quant=w8a8"], tmp_path, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["fidelity"]["integer_model"].startswith("not convertible: ")
+    assert "Hardswish" in record["fidelity"]["integer_model"]  # the op without an integer form is named
+    assert record["accuracy"]["top1"] == record["accuracy"]["sim_top1"] and record["latency"]["median_ms"] is None
+    assert not (run_dir / "int_model.pt").exists()
+    for phase in ("float", "qat"):  # the best-validation checkpoint of each phase is kept beside the last
+        assert (run_dir / "checkpoints" / f"{phase}_best.pt").exists()

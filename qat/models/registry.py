@@ -41,10 +41,19 @@ def _inception_v3(width_mult: float, num_classes: int) -> nn.Module:
     return torchvision.models.inception_v3(num_classes=num_classes, aux_logits=False, init_weights=True)
 
 
+def _mobilenet_v3(name: str) -> Callable[[float, int], nn.Module]:
+    """torchvision MobileNet v3 (Howard et al. 2019); hardswish/SE simulate, but have no integer form yet."""
+    def build(width_mult: float, num_classes: int) -> nn.Module:
+        return getattr(torchvision.models, name)(width_mult=width_mult, num_classes=num_classes)
+    return build
+
+
 MODELS: dict[str, Callable[[float, int], nn.Module]] = {
     "inception_v3": _inception_v3,
     "mobilenet_v1": _mobilenet_v1,
     "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v3_small": _mobilenet_v3("mobilenet_v3_small"),
+    "mobilenet_v3_large": _mobilenet_v3("mobilenet_v3_large"),
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
 }
 
