@@ -244,6 +244,14 @@ def model_id(cfg: RunConfig, float_source: str) -> str:
     return f"{cfg.model.arch}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
 
 
+def metric_name(key: str) -> str:
+    """Tracker name of an accuracy key: top1, top1/float, top1/sim, top1/int, top5, top5/float, ..."""
+    if key in ("top1", "top5"):
+        return key
+    stage, _, kind = key.rpartition("_")
+    return f"{kind}/{stage}"
+
+
 def primary_int8_engine(cfg: RunConfig) -> str:
     """The engine whose int8 accuracy is the run's top-1 (the latency engine)."""
     return f"torch_native_{cfg.latency.backend}" if cfg.latency.engine == "torch_native" else cfg.latency.engine
@@ -382,8 +390,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         "run_dir": str(run_dir.resolve()),
     }
     path = write_record(run_dir, record)
-    tracker.log_metrics({key if key == "top1" else f"top1/{key.removesuffix('_top1')}": value
-                         for key, value in accuracy.items()})
+    tracker.log_metrics({metric_name(key): value for key, value in accuracy.items()})
     tracker.log_record(record)
     log.info("[record] %s  top-1 %.2f%%  latency %s ms", path, accuracy["top1"],
              "n/a" if latency["median_ms"] is None else f"{latency['median_ms']:.3f}")

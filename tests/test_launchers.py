@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from qat.tracking.offline import summarize
+from qat.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["experiment=demo", "model.width_mult=0.35", "train.float_epochs=2", "train.qat_epochs=1",
@@ -59,7 +60,7 @@ def preempt_when(log_file: Path, line: str, proc: subprocess.Popen[str], timeout
 
 
 def state_dict(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "qat_last.pt", map_location="cpu", weights_only=False)["model"]
+    return load_checkpoint(run_dir / "checkpoints" / "qat_last.pt")["model"]  # verifies the checksum header
 
 
 @pytest.mark.slow
@@ -115,4 +116,5 @@ def test_submitit_local_multirun_with_a_preempted_job(tmp_path: Path) -> None:
     steps = {phase: {int(r["step"]) for r in rows if r["phase"] == phase and r["key"] == "loss"}
              for phase in ("float", "qat")}
     assert steps["qat"] == set(range(len(qat_rows))) and len(steps["float"]) == 2 * len(qat_rows)
-    assert {r["key"] for r in rows if r["phase"] == "eval"} == {"top1", "top1/float", "top1/sim", "top1/int"}
+    assert {r["key"] for r in rows if r["phase"] == "eval"} == {f"top{k}{stage}" for k in (1, 5)
+                                                               for stage in ("", "/float", "/sim", "/int")}
