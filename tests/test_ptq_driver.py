@@ -122,3 +122,19 @@ def test_two_tensor_layers_give_a_simulated_only_record(ptq_run: tuple[Path, Pat
     assert record["latency"]["median_ms"] is None and record["latency_float"]["median_ms"] > 0
     assert not (tmp_path / "int_model.pt").exists()
     assert json.loads((tmp_path / "record.json").read_text())["method"] == "ptq_mse+two_tensor"
+
+
+@pytest.mark.slow
+def test_adaquant_beats_minmax_at_w4a8_on_demo_data(tmp_path: Path) -> None:
+    """Issue 8 / Hubara et al. Table 1 in miniature: same float model (trained once, shared through the float
+    cache), W4A8 post-training, min/max ranges against min/max + sequential AdaQuant; integer top-1."""
+    data = ["data.demo.num_classes=6", "data.demo.train_per_class=200", "data.demo.val_per_class=50",
+            "train.float_epochs=8", "data.batch_size=32"]
+    base = [*TINY, *data, "method=ptq", "quant=w4a8", "ptq.calibration_batches=2", "latency.eval_engines=[]"]
+    top1 = {}
+    for name in ("minmax", "adaquant"):
+        run_dir = tmp_path / name
+        result = app("run.py", [*base, f"ptq={name}", f"hydra.run.dir={run_dir}"], tmp_path / "cache", tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        top1[name] = json.loads((run_dir / "record.json").read_text())["accuracy"]["top1"]
+    assert top1["adaquant"] > top1["minmax"], top1
