@@ -121,6 +121,10 @@ def build_float(name: str, module: nn.Module, example: torch.Tensor, threads: in
 def engine_info(name: str) -> dict[str, str]:
     """``{"engine": name, "engine_version": ...}`` for records."""
     e = entry(name)
+    if e.backend is not None:  # torch_native: also which kernel ran the depthwise convolutions
+        from qat.engines import torch_native
+
+        return {**torch_native.engine_info(e.backend), "engine": name}
     if e.package == "torch":
         return {"engine": name, "engine_version": torch.__version__.split("+")[0]}
     info = dict(adapter(name).engine_info())

@@ -3,6 +3,12 @@
 These kernels (and quantized tensors) are deprecated upstream; this file is the only place that touches
 them. Activations run as quint8 and weights as qint8; grids narrower than 8 bits run exactly in 8-bit
 containers, and signed activation grids are shifted by 128 into quint8 (same scale, Z + 128), which is exact.
+
+fbgemm's (and the x86 backend's) depthwise int8 convolution sums uint8×int8 products in saturating 16-bit
+arithmetic: with large weights and input codes it is off by tens of LSB (up to 95 on the demo's MobileNet v2),
+where every other op is within one LSB of the integer-only reference. By default those backends therefore run
+depthwise convolutions on qnnpack's kernel (a weight prepacked by qnnpack runs qnnpack's kernel whatever engine is
+selected); ``exact_depthwise=False`` keeps fbgemm's, and :func:`engine_info` records which one ran.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from qat.errors import QatError
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
+SATURATING_DEPTHWISE = ("x86", "fbgemm")  # backends whose depthwise int8 kernel saturates 16-bit sums
 
 
 def _uint8_zero_point(q: TensorQ) -> int:
@@ -53,13 +60,14 @@ def _bias_float(node: IntNode) -> torch.Tensor:
 class TorchNativeModel(nn.Module):
     """Runs an :class:`IntModel` on ``torch.ops.quantized`` kernels; float in, float logits out."""
 
-    def __init__(self, model: IntModel, backend: str = "x86") -> None:
+    def __init__(self, model: IntModel, backend: str = "x86", exact_depthwise: bool = True) -> None:
         super().__init__()
         if backend not in torch.backends.quantized.supported_engines:
             raise QatError("engine.backend", f"{backend!r} is not available in this PyTorch build",
                            "choose one of: " + ", ".join(torch.backends.quantized.supported_engines))
         torch.backends.quantized.engine = backend
         self.backend = backend
+        self.depthwise_backend = depthwise_backend(backend, exact_depthwise)
         self.int_model = model
         self.steps: list[tuple[str, list[str], Callable[..., torch.Tensor]]] = []
         self.packed: list[object] = []  # keeps prepacked weights alive
@@ -79,8 +87,13 @@ class TorchNativeModel(nn.Module):
             return lambda x: x.dequantize()
         if node.op == "conv2d":
             a = node.attrs
-            packed = q.conv2d_prepack(_weight_tensor(node), _bias_float(node), a["stride"], a["padding"],
-                                      a["dilation"], a["groups"])
+            if a["groups"] > 1 and self.depthwise_backend != self.backend:
+                torch.backends.quantized.engine = self.depthwise_backend
+            try:
+                packed = q.conv2d_prepack(_weight_tensor(node), _bias_float(node), a["stride"], a["padding"],
+                                          a["dilation"], a["groups"])
+            finally:
+                torch.backends.quantized.engine = self.backend
             self.packed.append(packed)
             scale, zp = out.scale, _uint8_zero_point(out)
             kernel = q.conv2d_relu if a["activation"] in ("relu", "relu6") else q.conv2d
@@ -134,10 +147,18 @@ class TorchNativeModel(nn.Module):
         return result
 
 
-def build(model: IntModel, backend: str = "x86") -> TorchNativeModel:
+def depthwise_backend(backend: str, exact_depthwise: bool = True) -> str:
+    """The backend whose kernel runs depthwise convolutions for ``backend``."""
+    if exact_depthwise and backend in SATURATING_DEPTHWISE and "qnnpack" in torch.backends.quantized.supported_engines:
+        return "qnnpack"
+    return backend
+
+
+def build(model: IntModel, backend: str = "x86", exact_depthwise: bool = True) -> TorchNativeModel:
     """The engine adapter's entry point."""
-    return TorchNativeModel(model, backend)
+    return TorchNativeModel(model, backend, exact_depthwise)
 
 
-def engine_info(backend: str = "x86") -> dict[str, str]:
-    return {"engine": f"torch_native_{backend}", "engine_version": torch.__version__.split("+")[0]}
+def engine_info(backend: str = "x86", exact_depthwise: bool = True) -> dict[str, str]:
+    return {"engine": f"torch_native_{backend}", "engine_version": torch.__version__.split("+")[0],
+            "depthwise_kernels": depthwise_backend(backend, exact_depthwise)}
