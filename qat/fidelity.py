@@ -63,6 +63,32 @@ def compare(sim_logits: torch.Tensor, sim_pred: torch.Tensor, logits: torch.Tens
             "logits_within_1lsb": float((diff <= 1 + 1e-3).float().mean() * 100)}
 
 
+def primary_engine(engine: str, backend: str) -> str:
+    """The registry name of a run's primary int8 engine (``latency.engine``, ``latency.backend``)."""
+    return f"torch_native_{backend}" if engine == "torch_native" else engine
+
+
+def on_engines(int_model: IntModel, names: Sequence[str], primary: str, threads: int,
+               run: Callable[[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, Any]]) -> dict[str, Any]:
+    """``run(name, engine)`` on every engine of ``names`` built from ``int_model`` (``primary`` first; it must
+    run). Returns ``{name: {"status": "ok", engine info, run's fields, "eval_s"}}``; an engine that cannot run
+    the model is ``{"status": "unsupported", "reason": <one line>}``."""
+    engines: dict[str, Any] = {}
+    for name in dict.fromkeys([primary, *names]):
+        started = time.time()
+        try:
+            engine, info = build_engine(name, int_model, threads)
+            fields = run(name, engine)
+        except QatError as exc:
+            if name == primary:
+                raise
+            engines[name] = {"status": "unsupported", "reason": exc.one_line()}
+            log.warning("[fidelity] %s cannot run this model: %s", name, exc.one_line())
+            continue
+        engines[name] = {"status": "ok", **info, **fields, "eval_s": time.time() - started}
+    return engines
+
+
 def evaluate_engines(int_model: IntModel, loader: DataLoader, sim_logits: torch.Tensor, sim_pred: torch.Tensor,
                      targets: torch.Tensor, names: Sequence[str], primary: str, threads: int = 1
                      ) -> tuple[dict[str, Any], torch.Tensor]:
@@ -71,27 +97,17 @@ def evaluate_engines(int_model: IntModel, loader: DataLoader, sim_logits: torch.
     Returns the fidelity block of the record and the primary engine's logits.
     """
     lsb = output_lsb(int_model)
-    ordered = [primary, *[n for n in names if n != primary]]
-    engines: dict[str, Any] = {}
-    primary_logits: torch.Tensor | None = None
-    for name in ordered:
-        started = time.time()
-        try:
-            engine, info = build_engine(name, int_model, threads)
-            logits, _, _ = predict(engine, loader, desc=f"eval {name}")
-        except QatError as exc:
-            if name == primary:
-                raise
-            engines[name] = {"status": "unsupported", "reason": exc.one_line()}
-            log.warning("[fidelity] %s cannot run this model: %s", name, exc.one_line())
-            continue
-        engines[name] = {"status": "ok", **info, **compare(sim_logits, sim_pred, logits, targets, lsb),
-                         "eval_s": time.time() - started}
+    logits_of: dict[str, torch.Tensor] = {}
+
+    def run(name: str, engine: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        logits_of[name], _, _ = predict(engine, loader, desc=f"eval {name}")
+        fields = compare(sim_logits, sim_pred, logits_of[name], targets, lsb)
         log.info("[fidelity] %-20s top-1 %.2f%%  agreement with simulated %.2f%%  max |Δ| %.1f LSB", name,
-                 engines[name]["top1"], engines[name]["agreement_with_sim"], engines[name]["logit_max_abs_diff_lsb"])
-        if name == primary:
-            primary_logits = logits
-    assert primary_logits is not None
+                 fields["top1"], fields["agreement_with_sim"], fields["logit_max_abs_diff_lsb"])
+        return fields
+
+    engines = on_engines(int_model, names, primary, threads, run)
+    primary_logits = logits_of[primary]
     main = engines[primary]
     block = {"primary_engine": primary, "output_lsb": lsb, "engines": engines,
              # the primary engine's numbers at the top level, as before

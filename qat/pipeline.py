@@ -27,7 +27,7 @@ from qat.data.imagefolder import ClassificationData, build_classification_loader
 from qat.data.synthetic import default_cache_dir, make_demo_dataset
 from qat.engines import registry
 from qat.errors import QatError, choice_error
-from qat.fidelity import check_engine_names, evaluate_engines
+from qat.fidelity import check_engine_names, evaluate_engines, primary_engine
 from qat.intmodel.convert import convert
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.models.registry import MODELS, build_model, count_macs
@@ -254,7 +254,7 @@ def metric_name(key: str) -> str:
 
 def primary_int8_engine(cfg: RunConfig) -> str:
     """The engine whose int8 accuracy is the run's top-1 (the latency engine)."""
-    return f"torch_native_{cfg.latency.backend}" if cfg.latency.engine == "torch_native" else cfg.latency.engine
+    return primary_engine(cfg.latency.engine, cfg.latency.backend)
 
 
 def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunConfig, run_dir: Path,

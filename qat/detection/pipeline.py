@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,7 @@ from qat.detection.synthetic import make_synthetic_coco
 from qat.detection.train import evaluate, fit
 from qat.engines import registry
 from qat.errors import QatError, choice_error
-from qat.fidelity import build_engine, check_engine_names, output_lsb
+from qat.fidelity import check_engine_names, on_engines, output_lsb, primary_engine
 from qat.intmodel.convert import convert
 from qat.intmodel.graph import IntModel
 from qat.latency.harness import measure
@@ -76,8 +77,7 @@ def validate(cfg: DetectRunConfig) -> None:
 
 def engine_name(cfg: DetectRunConfig) -> str:
     """The engine registry's name: ``torch_native`` + ``latency.backend`` or a registry name as is."""
-    lat = cfg.latency
-    return f"torch_native_{lat.backend}" if lat.engine == "torch_native" else lat.engine
+    return primary_engine(cfg.latency.engine, cfg.latency.backend)
 
 
 def float_engine_name(cfg: DetectRunConfig) -> str:
@@ -290,29 +290,21 @@ def engine_fidelity(int_model: IntModel, prepared: nn.Module, detector: SSDLiteD
     prepared.eval()
     with torch.no_grad():
         simulated = prepared(x)
-    engines: dict[str, Any] = {}
     primary = names[0]
     results: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(names):
-        started = time.time()
-        try:
-            engine, info = build_engine(name, int_model, threads)
-            with torch.no_grad():
-                diff = (engine(x) - simulated).abs() / lsb
-            results[name] = evaluate(_with_core(detector, engine), data.val, data.val_split.coco,
-                                     data.val_split.category_ids, desc=f"eval {name}")
-        except QatError as exc:
-            if name == primary:
-                raise
-            engines[name] = {"status": "unsupported", "reason": exc.one_line()}
-            log.warning("[fidelity] %s cannot run this model: %s", name, exc.one_line())
-            continue
-        engines[name] = {"status": "ok", **info, **_map_fields("", results[name]),
-                         "core_max_abs_diff_lsb": float(diff.max()), "core_mean_abs_diff_lsb": float(diff.mean()),
-                         "core_within_1lsb": float((diff <= 1 + 1e-3).float().mean() * 100),
-                         "eval_s": time.time() - started}
+
+    def run(name: str, engine: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        with torch.no_grad():
+            diff = (engine(x) - simulated).abs() / lsb
+        results[name] = evaluate(_with_core(detector, engine), data.val, data.val_split.coco,
+                                 data.val_split.category_ids, desc=f"eval {name}")
         log.info("[fidelity] %-20s mAP %.2f  core max |Δ| %.1f LSB, mean %.3f LSB", name, results[name]["map"],
-                 engines[name]["core_max_abs_diff_lsb"], engines[name]["core_mean_abs_diff_lsb"])
+                 float(diff.max()), float(diff.mean()))
+        return {**_map_fields("", results[name]), "core_max_abs_diff_lsb": float(diff.max()),
+                "core_mean_abs_diff_lsb": float(diff.mean()),
+                "core_within_1lsb": float((diff <= 1 + 1e-3).float().mean() * 100)}
+
+    engines = on_engines(int_model, names, primary, threads, run)
     main = engines[primary]
     block = {"primary_engine": primary, "output_lsb": lsb, "engines": engines,
              "core_max_abs_diff_lsb": main["core_max_abs_diff_lsb"],
