@@ -38,9 +38,9 @@ from qat.records import write_record
 from qat.schema import RunConfig
 from qat.tracking import RUN_ID_KEY, RunLogger
 from qat.train.checkpoint import (
-    load_checkpoint,
     previous_path,
     resume_state,
+    reuse_or_train,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -206,16 +206,11 @@ def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, da
     """Load or train the float weights; return where they came from."""
     if cfg.model.weights:
         return f"file:{cfg.model.weights}"  # loaded by build_model
-    cached = cache_dir(cfg) / "float" / f"{float_key(cfg, data_info)}.pt"
-    if cfg.train.cache_float and cached.exists():
-        model.load_state_dict(load_checkpoint(cached)["model"])
-        log.info("[float] loaded float weights trained earlier by the same recipe: %s", cached)
-        return f"cache:{cached}"
-    fit(model, data, cfg, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
-        checkpoint=run_dir / "checkpoints" / "float_last.pt", tracker=tracker, runtime=runtime)
-    if cfg.train.cache_float and (runtime is None or runtime.is_main):
-        save_checkpoint(cached, {"model": model.state_dict(), "recipe_key": cached.stem})
-    return "trained"
+    return reuse_or_train(
+        model, cache_dir(cfg) / "float" / f"{float_key(cfg, data_info)}.pt", enabled=cfg.train.cache_float,
+        write=runtime is None or runtime.is_main,
+        train=lambda: fit(model, data, cfg, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
+                          checkpoint=run_dir / "checkpoints" / "float_last.pt", tracker=tracker, runtime=runtime))
 
 
 def measure_latency(cfg: RunConfig, *, engine: str, precision: str, int_model: Path | None = None,

@@ -43,7 +43,7 @@ from qat.pipeline import PRECISIONS, seed_everything
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.records import write_record
-from qat.train.checkpoint import load_checkpoint, save_checkpoint
+from qat.train.checkpoint import reuse_or_train
 
 log = logging.getLogger("qat")
 
@@ -123,16 +123,10 @@ def float_weights(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRun
     """Load or train the float weights; return where they came from."""
     if cfg.model.weights:
         return f"file:{cfg.model.weights}"  # loaded by build_detector
-    cached = cache_dir(cfg) / "float" / f"{float_key(cfg, data.info)}.pt"
-    if cfg.train.cache_float and cached.exists():
-        detector.load_state_dict(load_checkpoint(cached)["model"])
-        log.info("[float] loaded float weights trained earlier by the same recipe: %s", cached)
-        return f"cache:{cached}"
-    fit(detector, data.train, cfg.optim, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
-        checkpoint=run_dir / "checkpoints" / "float_last.pt", seed=cfg.seed)
-    if cfg.train.cache_float:
-        save_checkpoint(cached, {"model": detector.state_dict(), "recipe_key": cached.stem})
-    return "trained"
+    return reuse_or_train(
+        detector, cache_dir(cfg) / "float" / f"{float_key(cfg, data.info)}.pt", enabled=cfg.train.cache_float,
+        train=lambda: fit(detector, data.train, cfg.optim, phase="float", epochs=cfg.train.float_epochs,
+                          lr=cfg.optim.lr, checkpoint=run_dir / "checkpoints" / "float_last.pt", seed=cfg.seed))
 
 
 def detector_latency(detector: SSDLiteDetector, cfg: DetectRunConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reuse_or_train(model: torch.nn.Module, cached: Path, *, enabled: bool, train: Callable[[], object],
+                   write: bool = True) -> str:
+    """Float weights from ``cached`` when an identical recipe trained them before (``enabled``), else ``train()``
+    and keep the result there (when ``write``: DDP rank 0 only). Returns where the weights came from."""
+    if enabled and cached.exists():
+        model.load_state_dict(load_checkpoint(cached)["model"])
+        log.info("[float] loaded float weights trained earlier by the same recipe: %s", cached)
+        return f"cache:{cached}"
+    train()
+    if enabled and write:
+        save_checkpoint(cached, {"model": model.state_dict(), "recipe_key": cached.stem})
+    return "trained"
