@@ -15,6 +15,10 @@ that is integer arithmetic on int32 values held in int64 tensors:
 Logits leave through the only other float step, r = S(q - Z). Values outside int32 are a QatError naming the
 layer (gemmlowp assumes accumulators never overflow), never a silent float fallback.
 
+``accumulation="pair16"`` emulates x86 int8 kernels without VNNI: conv (groups 1) and linear layers sum
+uint8 × int8 product pairs in saturating int16 before int32 (:mod:`qat.intmodel.saturation`), so a VNNI or ARM
+machine shows what an AVX2 deployment of the same integer model returns.
+
 ``rounding="double"`` (default) is gemmlowp's and TFLite's default requantization (SRDHM, then
 RoundingDivideByPOT: two roundings); ``rounding="single"`` is TFLite built with ``TFLITE_SINGLE_ROUNDING``
 (one rounding of x·M0·2^-(31+n)), the one that matches a simulation which rounds r/S once per layer.
@@ -36,11 +40,13 @@ from qat.intmodel.gemmlowp import (
     saturating_cast,
 )
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
+from qat.intmodel.saturation import is_pair16_layer, saturated_accumulator
 
 Kernel = Callable[..., torch.Tensor]
 Requantizer = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor | int], torch.Tensor]
 ROUNDINGS: dict[str, Requantizer] = {"double": multiply_by_quantized_multiplier,
                                      "single": multiply_by_quantized_multiplier_single_rounding}
+ACCUMULATIONS = ("int32", "pair16")  # exact int32 (Jacob eq. 7) | x86 without VNNI (16-bit pair sums)
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -85,6 +91,17 @@ def _matmul_operands(node: IntNode, in_q: TensorQ) -> tuple[torch.Tensor, torch.
     w = node.tensors["weight"].to(torch.int64)
     w_zp = node.tensors["weight_zero_point"].to(torch.int64).reshape([-1] + [1] * (w.dim() - 1))
     return w - w_zp, node.tensors["bias"].to(torch.int64), in_q.zero_point
+
+
+def pair16_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
+    """Conv/linear as an x86 kernel without VNNI computes it: 16-bit saturating pair sums, then int32."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        acc = saturated_accumulator(x, node, in_q)
+        _check_accumulator(acc, node)
+        return requantize(acc, node, mbqm)
+
+    return run
 
 
 def conv2d_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
@@ -243,13 +260,16 @@ def max_pool_kernel(node: IntNode) -> Kernel:
 class ReferenceExecutor(nn.Module):
     """Runs an :class:`IntModel` with integer arithmetic only; float images in, float logits out."""
 
-    def __init__(self, int_model: IntModel, rounding: str = "double") -> None:
+    def __init__(self, int_model: IntModel, rounding: str = "double", accumulation: str = "int32") -> None:
         super().__init__()
         if rounding not in ROUNDINGS:
             raise QatError("reference.rounding", f"unknown value {rounding!r}", "choose double or single")
+        if accumulation not in ACCUMULATIONS:
+            raise QatError("reference.accumulation", f"unknown value {accumulation!r}", "choose int32 or pair16")
         int_model.validate()
         self.int_model = int_model
         self.rounding = rounding
+        self.accumulation = accumulation
         self.mbqm = ROUNDINGS[rounding]
         q_of = {n.name: n.out for n in int_model.nodes}
         self.steps: list[tuple[IntNode, Kernel]] = []
@@ -268,6 +288,8 @@ class ReferenceExecutor(nn.Module):
             source = in_qs[0]
             assert source is not None
             return lambda q: dequantize_output(q, source)
+        if self.accumulation == "pair16" and is_pair16_layer(node):
+            return pair16_kernel(node, in_qs[0], self.mbqm)
         if op == "conv2d":
             return conv2d_kernel(node, in_qs[0], self.mbqm)
         if op == "linear":
@@ -319,10 +341,13 @@ class ReferenceExecutor(nn.Module):
         return result
 
 
-def build(int_model: IntModel, rounding: str = "double") -> ReferenceExecutor:
+def build(int_model: IntModel, rounding: str = "double", accumulation: str = "int32") -> ReferenceExecutor:
     """The engine-style entry point (float images → float logits)."""
-    return ReferenceExecutor(int_model, rounding)
+    return ReferenceExecutor(int_model, rounding, accumulation)
 
 
-def engine_info(rounding: str = "double") -> dict[str, str]:
+def engine_info(rounding: str = "double", accumulation: str = "int32") -> dict[str, str]:
+    if accumulation == "pair16":
+        return {"engine": f"reference_{rounding}_rounding_pair16",
+                "engine_version": "gemmlowp-tflite, x86 16-bit pair accumulation (vpmaddubsw) emulated"}
     return {"engine": f"reference_{rounding}_rounding", "engine_version": "gemmlowp-tflite-int32"}
