@@ -23,6 +23,14 @@ def register_schemas() -> None:
     register_resolvers()
 
 
+def register_detect_schemas() -> None:
+    """The same for the detection app (``configs/detect.yaml``): its typed config and ``${qat_unique:}``."""
+    from qat.detection.config import DetectRunConfig
+
+    ConfigStore.instance().store(name="detect_schema", node=DetectRunConfig)
+    register_resolvers()
+
+
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn :class:`QatError` into one line on stderr and exit 2 (a traceback only with QAT_DEBUG=1)."""
 

@@ -13,15 +13,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
-from _cli import check_overrides, one_line_errors  # noqa: E402
-from hydra.core.config_store import ConfigStore  # noqa: E402
+from _cli import check_overrides, one_line_errors, register_detect_schemas  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from qat.detection.config import DetectRunConfig  # noqa: E402
 from qat.detection.pipeline import run_detection  # noqa: E402
 
-ConfigStore.instance().store(name="detect_schema", node=DetectRunConfig)
+register_detect_schemas()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="detect")
