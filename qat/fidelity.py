@@ -27,11 +27,14 @@ log = logging.getLogger("qat")
 REFERENCE = "reference"  # the integer-only executor (gemmlowp/TFLite arithmetic, single rounding)
 
 
-def output_lsb(int_model: IntModel) -> float:
-    """Scale of the quantized logits: one output LSB in real units."""
-    dequantize = int_model.nodes[-1]
-    source = next(n for n in int_model.nodes if n.name == dequantize.inputs[0])
-    return source.out.scale if source.out is not None else 1.0
+def output_lsb(int_model: IntModel) -> float | None:
+    """Scale of the quantized logits: one output LSB in real units; ``None`` when the logits have no output
+    quantizer (the graph does not end in a dequantize of a quantized tensor), so there is no LSB to count in."""
+    last = int_model.nodes[-1] if int_model.nodes else None
+    if last is None or last.op != "dequantize" or not last.inputs:
+        return None
+    source = next((n for n in int_model.nodes if n.name == last.inputs[0]), None)
+    return float(source.out.scale) if source is not None and source.out is not None else None
 
 
 def build_engine(name: str, int_model: IntModel, threads: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
@@ -54,12 +57,20 @@ def check_engine_names(names: Sequence[str], key: str = "latency.eval_engines") 
 
 
 def compare(sim_logits: torch.Tensor, sim_pred: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-            lsb: float) -> dict[str, float]:
-    """Top-1, agreement with the simulated model, and logit differences in output LSBs."""
+            lsb: float | None) -> dict[str, Any]:
+    """Top-1, agreement with the simulated model, and logit differences in output LSBs
+    (``logit_*_abs_diff_lsb``, ``logits_within_1lsb``, ``logit_diff_unit: "lsb"``); with no output LSB
+    (``lsb=None``) the differences are in real units under names without ``_lsb``
+    (``logit_*_abs_diff``, ``logit_diff_unit: "real"``) and there is no within-1-LSB share."""
     pred = logits.argmax(1)
-    diff = (sim_logits - logits).abs() / lsb
-    return {"top1": top1(pred, targets), "agreement_with_sim": top1(sim_pred, pred),
-            "logit_max_abs_diff_lsb": float(diff.max()), "logit_mean_abs_diff_lsb": float(diff.mean()),
+    fields: dict[str, Any] = {"top1": top1(pred, targets), "agreement_with_sim": top1(sim_pred, pred)}
+    diff = (sim_logits - logits).abs()
+    if lsb is None:
+        return {**fields, "logit_diff_unit": "real", "logit_max_abs_diff": float(diff.max()),
+                "logit_mean_abs_diff": float(diff.mean())}
+    diff = diff / lsb
+    return {**fields, "logit_diff_unit": "lsb", "logit_max_abs_diff_lsb": float(diff.max()),
+            "logit_mean_abs_diff_lsb": float(diff.mean()),
             "logits_within_1lsb": float((diff <= 1 + 1e-3).float().mean() * 100)}
 
 
@@ -97,23 +108,26 @@ def evaluate_engines(int_model: IntModel, loader: DataLoader, sim_logits: torch.
     Returns the fidelity block of the record and the primary engine's logits.
     """
     lsb = output_lsb(int_model)
+    suffix = "_lsb" if lsb is not None else ""  # differences in output LSBs, or in real units without an LSB
     logits_of: dict[str, torch.Tensor] = {}
 
     def run(name: str, engine: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         logits_of[name], _, _ = predict(engine, loader, desc=f"eval {name}")
         fields = compare(sim_logits, sim_pred, logits_of[name], targets, lsb)
-        log.info("[fidelity] %-20s top-1 %.2f%%  agreement with simulated %.2f%%  max |Δ| %.1f LSB", name,
-                 fields["top1"], fields["agreement_with_sim"], fields["logit_max_abs_diff_lsb"])
+        unit = "LSB" if lsb is not None else "(real units: no output quantizer)"
+        log.info("[fidelity] %-20s top-1 %.2f%%  agreement with simulated %.2f%%  max |Δ| %.3g %s", name,
+                 fields["top1"], fields["agreement_with_sim"], fields[f"logit_max_abs_diff{suffix}"], unit)
         return fields
 
     engines = on_engines(int_model, names, primary, threads, run)
     primary_logits = logits_of[primary]
     main = engines[primary]
     block = {"primary_engine": primary, "output_lsb": lsb, "engines": engines,
-             # the primary engine's numbers at the top level, as before
+             # the primary engine's numbers at the top level, as before; "_lsb" only when they are in LSBs
              "sim_vs_int_top1_agreement": main["agreement_with_sim"],
-             "logit_max_abs_diff_lsb": main["logit_max_abs_diff_lsb"],
-             "logit_mean_abs_diff_lsb": main["logit_mean_abs_diff_lsb"],
+             "logit_diff_unit": main["logit_diff_unit"],
+             f"logit_max_abs_diff{suffix}": main[f"logit_max_abs_diff{suffix}"],
+             f"logit_mean_abs_diff{suffix}": main[f"logit_mean_abs_diff{suffix}"],
              "engine_8bit_container": main.get("emulated_bits", False),
              "min_agreement_with_sim": min(e["agreement_with_sim"] for e in engines.values() if e["status"] == "ok")}
     return block, primary_logits
