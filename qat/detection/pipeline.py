@@ -215,7 +215,7 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
         sched = cfg.schedule
         fit(qdet, data.train, replace(cfg.optim, warmup_epochs=0.0), phase="qat",  # fine-tuning: no warm-up
             epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr, checkpoint=run_dir / "checkpoints" / "qat_last.pt",
-            seed=cfg.seed, before_step=lambda step: sched.apply(prepared, step))
+            seed=cfg.seed, before_step=lambda step: sched.apply(prepared, step), lr_key="train.qat_lr")
         sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
         timings["qat_train_s"] = time.time() - t
         sim_result = evaluate(qdet, data.val, annotations, category_ids, desc="eval simulated")

@@ -22,8 +22,10 @@ log = logging.getLogger("qat")
 
 def train_epoch(detector: SSDLiteDetector, loader: DataLoader, optimizer: torch.optim.Optimizer, *, step: int,
                 lr_fn: Callable[[int], float], before_step: Callable[[int], None] | None = None,
-                desc: str = "train") -> tuple[int, float]:
-    """One pass: loss = box regression + classification (hard negatives 3:1); returns (next step, mean loss)."""
+                desc: str = "train", lr_key: str = "optim.lr") -> tuple[int, float]:
+    """One pass: loss = box regression + classification (hard negatives 3:1); returns (next step, mean loss).
+
+    A non-finite loss is an error naming ``lr_key``, the config key of this phase's learning rate."""
     detector.train()
     total, count = 0.0, 0
     for images, targets in progress(loader, len(loader), desc):
@@ -34,8 +36,8 @@ def train_epoch(detector: SSDLiteDetector, loader: DataLoader, optimizer: torch.
         losses = detector(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         loss = losses["bbox_regression"] + losses["classification"]
         if not torch.isfinite(loss):
-            raise QatError("optim.lr", f"loss became {loss.item()} at step {step}",
-                           "lower the learning rate; the last good checkpoint is kept")
+            raise QatError(lr_key, f"loss became {loss.item()} at step {step}",
+                           f"lower {lr_key}; the last good checkpoint is kept")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -46,8 +48,12 @@ def train_epoch(detector: SSDLiteDetector, loader: DataLoader, optimizer: torch.
 
 
 def fit(detector: SSDLiteDetector, loader: DataLoader, optim: OptimConfig, *, phase: str, epochs: int, lr: float,
-        checkpoint: Path, seed: int, before_step: Callable[[int], None] | None = None) -> SSDLiteDetector:
-    """Train ``epochs`` epochs, checkpointing atomically each epoch; resume from ``checkpoint`` if present."""
+        checkpoint: Path, seed: int, before_step: Callable[[int], None] | None = None,
+        lr_key: str = "optim.lr") -> SSDLiteDetector:
+    """Train ``epochs`` epochs, checkpointing atomically each epoch; resume from ``checkpoint`` if present.
+
+    ``lr_key`` is the config key ``lr`` comes from (``optim.lr`` for float training, ``train.qat_lr`` for QAT),
+    named by the error a diverging loss raises."""
     optimizer = build_optimizer(detector, optim, lr)
     steps_per_epoch = len(loader)
     total = epochs * steps_per_epoch
@@ -65,7 +71,7 @@ def fit(detector: SSDLiteDetector, loader: DataLoader, optim: OptimConfig, *, ph
             loader.generator.manual_seed(seed * 1000 + epoch)
         step, loss = train_epoch(detector, loader, optimizer, step=step, before_step=before_step,
                                  lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
-                                 desc=f"{phase} {epoch + 1}/{epochs}")
+                                 desc=f"{phase} {epoch + 1}/{epochs}", lr_key=lr_key)
         save_checkpoint(checkpoint, {"model": detector.state_dict(), "optimizer": optimizer.state_dict(),
                                      "epoch": epoch + 1, "step": step, "phase": phase})
         log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)

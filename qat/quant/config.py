@@ -51,6 +51,8 @@ class QuantConfig:
                 raise choice_error(f"quant.{key}", getattr(self, key), OBSERVER_NAMES)
         if self.activation not in (None, "relu", "relu6"):
             raise choice_error("quant.activation", self.activation, ["relu", "relu6"])
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise QatError("quant.ema_decay", f"{self.ema_decay} is outside [0, 1)", "use e.g. 0.99 or 0.999")
         self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
         self.weight_spec()
         self.act_spec()
@@ -58,12 +60,12 @@ class QuantConfig:
     def weight_spec(self, bits: int | None = None) -> QuantSpec:
         return QuantSpec(bits=bits or self.weight_bits, signed=True, symmetric=self.weight_symmetric,
                          narrow_range=self.weight_narrow_range, per_channel=self.weight_per_channel,
-                         ch_axis=self.weight_ch_axis, key="quant.weight")
+                         ch_axis=self.weight_ch_axis, key="quant.weight_{}")
 
     def act_spec(self, bits: int | None = None) -> QuantSpec:
         signed = self.act_symmetric
         return QuantSpec(bits=bits or self.act_bits, signed=signed, symmetric=self.act_symmetric,
-                         key="quant.act")
+                         key="quant.act_{}")
 
     def check_bits(self) -> None:
         for o in self.overrides:

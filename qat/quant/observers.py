@@ -73,10 +73,11 @@ class MinMaxObserver(Observer):
 class EmaMinMaxObserver(Observer):
     """Exponential moving average of batch min/max (Jacob §3.1): m <- decay·m + (1 - decay)·batch."""
 
-    def __init__(self, per_channel: bool = False, ch_axis: int = 0, decay: float = 0.99) -> None:
+    def __init__(self, per_channel: bool = False, ch_axis: int = 0, decay: float = 0.99,
+                 key: str = "quant.ema_decay") -> None:
         super().__init__(per_channel, ch_axis)
         if not 0.0 <= decay < 1.0:
-            raise QatError("quant.act.ema_decay", f"{decay} is outside [0, 1)", "use e.g. 0.99 or 0.999")
+            raise QatError(key, f"{decay} is outside [0, 1)", "use e.g. 0.99 or 0.999")
         self.decay = decay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,12 @@ MIN_BITS, MAX_BITS = 2, 16
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """The integer grid of one tensor. ``key`` names the config key for error messages."""
+    """The integer grid of one tensor.
+
+    ``key`` names the config keys of the grid's fields in error messages: a template with ``{}`` for the field
+    (``"quant.weight_{}"`` names ``quant.weight_bits``, ``quant.weight_ch_axis`` ...), or a prefix joined with
+    a dot (``"quant"`` names ``quant.bits``).
+    """
 
     bits: int = 8
     signed: bool = False
@@ -29,13 +34,17 @@ class QuantSpec:
     ch_axis: int = 0
     key: str = "quant"
 
+    def key_of(self, name: str) -> str:
+        """The config key of field ``name`` (see ``key``)."""
+        return self.key.format(name) if "{}" in self.key else f"{self.key}.{name}"
+
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise QatError(f"{self.key}.bits", f"{self.bits!r} is outside [{MIN_BITS}, {MAX_BITS}]",
+            raise QatError(self.key_of("bits"), f"{self.bits!r} is outside [{MIN_BITS}, {MAX_BITS}]",
                            "choose an integer bit width from 2 to 16")
         if self.symmetric and not self.signed:
-            raise QatError(f"{self.key}.symmetric", "a symmetric grid needs a signed container",
-                           f"set {self.key}.signed=true or {self.key}.symmetric=false")
+            raise QatError(self.key_of("symmetric"), "a symmetric grid needs a signed container",
+                           f"set {self.key_of('symmetric')}=false or build the grid with signed=True")
 
     @property
     def qmin(self) -> int:
@@ -51,8 +60,8 @@ class QuantSpec:
     def check_axis(self, x: torch.Tensor) -> None:
         """Raise a clear error when the per-channel axis is not an axis of ``x``."""
         if self.per_channel and not -x.dim() <= self.ch_axis < x.dim():
-            raise QatError(f"{self.key}.ch_axis", f"axis {self.ch_axis} does not exist in a {x.dim()}-d tensor",
-                           f"choose an axis in [0, {x.dim() - 1}] or set {self.key}.per_channel=false")
+            raise QatError(self.key_of("ch_axis"), f"axis {self.ch_axis} does not exist in a {x.dim()}-d tensor",
+                           f"choose an axis in [0, {x.dim() - 1}] or set {self.key_of('per_channel')}=false")
 
 
 def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec,

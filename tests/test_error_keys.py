@@ -1,0 +1,81 @@
+"""Errors of the quantization recipe and of detection training name keys that exist in the config (issue 16
+item 7); the apps' error lines are checked against their composed configs in tests/test_bad_input_table.py."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+from torch import nn
+
+from qat.detection.train import train_epoch
+from qat.errors import QatError
+from qat.quant.config import QuantConfig
+from qat.quant.observers import EmaMinMaxObserver
+from qat.quant.scheme import QuantSpec, quantize
+
+QUANT_KEYS = {f"quant.{f.name}" for f in fields(QuantConfig)}
+
+
+def _key(exc: pytest.ExceptionInfo[QatError]) -> str:
+    return exc.value.key
+
+
+@pytest.mark.parametrize(("options", "key"), [
+    ({"weight_bits": 1}, "quant.weight_bits"),
+    ({"act_bits": 17}, "quant.act_bits"),
+    ({"ema_decay": 1.0}, "quant.ema_decay"),
+    ({"ema_decay": -0.1}, "quant.ema_decay"),
+])
+def test_recipe_errors_name_the_recipe_key(options: dict[str, float], key: str) -> None:
+    with pytest.raises(QatError) as exc:
+        QuantConfig(**options)
+    assert _key(exc) == key and key in QUANT_KEYS
+
+
+def test_weight_axis_error_names_the_recipe_keys() -> None:
+    spec = QuantConfig(weight_ch_axis=3).weight_spec()
+    with pytest.raises(QatError) as exc:
+        quantize(torch.zeros(4, 4), torch.ones(4), torch.zeros(4, dtype=torch.int32), spec)
+    assert _key(exc) == "quant.weight_ch_axis"
+    assert "quant.weight_per_channel=false" in exc.value.fix and "quant.weight_per_channel" in QUANT_KEYS
+
+
+def test_spec_key_is_a_template_or_a_dotted_prefix() -> None:
+    assert QuantConfig().act_spec().key_of("symmetric") == "quant.act_symmetric"
+    assert QuantSpec(key="ptq").key_of("bits") == "ptq.bits"
+    with pytest.raises(QatError) as exc:
+        QuantSpec(signed=False, symmetric=True, key="quant.act_{}")
+    assert _key(exc) == "quant.act_symmetric" and "quant.act_symmetric=false" in exc.value.fix
+
+
+def test_ema_observer_names_its_decay_key() -> None:
+    with pytest.raises(QatError) as exc:
+        EmaMinMaxObserver(decay=1.5)
+    assert _key(exc) == "quant.ema_decay"
+    with pytest.raises(QatError) as exc:
+        EmaMinMaxObserver(decay=1.5, key="ptq.ema_decay")
+    assert _key(exc) == "ptq.ema_decay"
+
+
+class _DivergingDetector(nn.Module):
+    """Stands in for the SSDLite detector: its loss is infinite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {"bbox_regression": self.w * float("inf"), "classification": self.w}
+
+
+@pytest.mark.parametrize("lr_key", ["optim.lr", "train.qat_lr"])
+def test_detection_divergence_names_the_phase_lr_key(lr_key: str) -> None:
+    detector = _DivergingDetector()
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    loader = [([torch.zeros(3, 8, 8)], [target])]
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.1)
+    with pytest.raises(QatError) as exc:
+        train_epoch(detector, loader, optimizer, step=0, lr_fn=lambda s: 0.1, lr_key=lr_key)  # type: ignore[arg-type]
+    assert _key(exc) == lr_key and f"lower {lr_key}" in exc.value.fix
