@@ -56,6 +56,7 @@ def mse_optimal_range(rows: torch.Tensor, spec: QuantSpec, grid: int = 100,
 
 @functools.lru_cache(maxsize=64)
 def _sample_indices(length: int, device: torch.device) -> torch.Tensor:
+    """The fixed sample's indices, drawn on the CPU (the same on every device) and moved to ``device``."""
     return torch.randint(0, length, (SAMPLE,), generator=torch.Generator().manual_seed(0)).to(device)
 
 
@@ -75,7 +76,7 @@ def _histogram_search(rows: torch.Tensor, spec: QuantSpec, grid: int) -> tuple[t
     total = torch.zeros_like(count).scatter_add_(1, index, sample.double())
     squares = torch.zeros_like(count).scatter_add_(1, index, sample.double().square())
     bin_width = (width.double() / BINS)[:, None]
-    centre = low0.double()[:, None] + (torch.arange(BINS, dtype=torch.float64) + 0.5) * bin_width
+    centre = low0.double()[:, None] + (torch.arange(BINS, dtype=torch.float64, device=rows.device) + 0.5) * bin_width
     mean = torch.where(n > 0, total / n.clamp(min=1), centre)
     var = torch.where(n > 1, (squares / n.clamp(min=1) - mean.square()).clamp(min=0), bin_width.square() / 12)
     # every candidate ratio at once: (rows, grid, bins)
