@@ -52,4 +52,6 @@ def test_fbgemm_depthwise_kernel_saturates_without_the_remedy() -> None:
     exact = ReferenceExecutor(model, "single")(x)
     raw = build(model, "fbgemm", exact_depthwise=False)(x)
     assert (raw - exact).abs().max() > 10  # the reason for the remedy: 16-bit sums saturate
-    assert engine_info("fbgemm", exact_depthwise=False)["depthwise_kernels"] == "fbgemm"
+    info = engine_info("fbgemm", exact_depthwise=False)
+    assert info["depthwise_kernels"] == "fbgemm (saturating 16-bit sums: exact_depthwise=False)"
+    assert "saturating 16-bit" in info["status_note"]

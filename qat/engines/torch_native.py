@@ -8,13 +8,21 @@ fbgemm's (and the x86 backend's) depthwise int8 convolution sums uint8×int8 pro
 arithmetic: with large weights and input codes it is off by tens of LSB (up to 95 on the demo's MobileNet v2),
 where every other op is within one LSB of the integer-only reference. By default those backends therefore run
 depthwise convolutions on qnnpack's kernel (a weight prepacked by qnnpack runs qnnpack's kernel whatever engine is
-selected); ``exact_depthwise=False`` keeps fbgemm's, and :func:`engine_info` records which one ran.
+selected); ``exact_depthwise=False`` keeps fbgemm's, and :func:`engine_info` records which one ran. A PyTorch
+build without qnnpack cannot do this: fbgemm's kernel runs, a warning says so when the engine is built, and
+``depthwise_kernels``/``status_note`` in :func:`engine_info` (and on the engine) say so in the record.
+
+Other ops (average pooling, add) also dispatch on the global ``torch.backends.quantized.engine`` and round
+differently on x86/fbgemm and qnnpack, so each model sets its own backend for the duration of ``forward`` (and
+restores the previous one): a model built later with another backend does not change its arithmetic.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +31,21 @@ from torch import nn
 from qat.errors import QatError
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
+log = logging.getLogger("qat")
+
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 SATURATING_DEPTHWISE = ("x86", "fbgemm")  # backends whose depthwise int8 kernel saturates 16-bit sums
+
+
+@contextmanager
+def quantized_engine(backend: str) -> Iterator[None]:
+    """``torch.backends.quantized.engine = backend`` inside the block; the previous engine restored after."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def _uint8_zero_point(q: TensorQ) -> int:
@@ -65,15 +86,22 @@ class TorchNativeModel(nn.Module):
         if backend not in torch.backends.quantized.supported_engines:
             raise QatError("engine.backend", f"{backend!r} is not available in this PyTorch build",
                            "choose one of: " + ", ".join(torch.backends.quantized.supported_engines))
-        torch.backends.quantized.engine = backend
         self.backend = backend
         self.depthwise_backend = depthwise_backend(backend, exact_depthwise)
+        self.depthwise_kernels = depthwise_kernels(backend, exact_depthwise)
+        self.status_note = status_note(backend, exact_depthwise)
         self.int_model = model
         self.steps: list[tuple[str, list[str], Callable[..., torch.Tensor]]] = []
         self.packed: list[object] = []  # keeps prepacked weights alive
+        # left selected after building, as before, for tools that run ``steps`` one by one (wrap such loops in
+        # ``quantized_engine(engine.backend)``); ``forward`` selects its own backend whatever is selected then
+        torch.backends.quantized.engine = backend
         for node in model.nodes:
             self.steps.append((node.name, node.inputs, self._build(node)))
         self.emulated_bits = model.min_bits < 8  # <8-bit grids in 8-bit containers
+        if self.status_note is not None and exact_depthwise and any(
+                n.op == "conv2d" and n.attrs["groups"] > 1 for n in model.nodes):
+            log.warning("[torch_native_%s] %s", backend, self.status_note)
 
     def _build(self, node: IntNode) -> Callable[..., torch.Tensor]:
         out = node.out
@@ -139,11 +167,13 @@ class TorchNativeModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float logits for the float batch ``x``, on this model's backend whatever engine is selected now."""
         values: dict[str, torch.Tensor] = {}
         result = x
-        for name, inputs, fn in self.steps:
-            result = fn(*(values[i] for i in inputs)) if inputs else fn(x)
-            values[name] = result
+        with quantized_engine(self.backend):
+            for name, inputs, fn in self.steps:
+                result = fn(*(values[i] for i in inputs)) if inputs else fn(x)
+                values[name] = result
         return result
 
 
@@ -154,11 +184,40 @@ def depthwise_backend(backend: str, exact_depthwise: bool = True) -> str:
     return backend
 
 
+def depthwise_kernels(backend: str, exact_depthwise: bool = True) -> str:
+    """Which kernel runs depthwise convolutions for ``backend``: a backend name, with the reason appended when
+    it is a saturating one (``"fbgemm (saturating 16-bit sums: qnnpack not in this PyTorch build)"``)."""
+    kernels = depthwise_backend(backend, exact_depthwise)
+    if kernels not in SATURATING_DEPTHWISE:
+        return kernels
+    why = "exact_depthwise=False" if not exact_depthwise else "qnnpack not in this PyTorch build"
+    where = "" if kernels == "fbgemm" else " where x86 picks fbgemm's kernel"  # x86 may pick oneDNN's instead
+    return f"{kernels} (saturating 16-bit sums{where}: {why})"
+
+
+def status_note(backend: str, exact_depthwise: bool = True) -> str | None:
+    """One line for the record when depthwise convolutions run on a saturating kernel, else ``None``."""
+    kernels = depthwise_backend(backend, exact_depthwise)
+    if kernels not in SATURATING_DEPTHWISE:
+        return None
+    why = ("exact_depthwise=False was asked for" if not exact_depthwise
+           else "qnnpack, whose kernel is exact, is not in this PyTorch build "
+                f"(supported engines: {', '.join(torch.backends.quantized.supported_engines)})")
+    which = ("fbgemm's kernel, which sums" if kernels == "fbgemm"
+             else "the x86 backend's kernels; fbgemm's, which x86 picks on some hosts and layers, sum")
+    return (f"depthwise convolutions run on {which} in saturating 16-bit arithmetic (off by up to tens of output "
+            f"LSB against the integer reference): {why}")
+
+
 def build(model: IntModel, backend: str = "x86", exact_depthwise: bool = True) -> TorchNativeModel:
     """The engine adapter's entry point."""
     return TorchNativeModel(model, backend, exact_depthwise)
 
 
 def engine_info(backend: str = "x86", exact_depthwise: bool = True) -> dict[str, str]:
-    return {"engine": f"torch_native_{backend}", "engine_version": torch.__version__.split("+")[0],
-            "depthwise_kernels": depthwise_backend(backend, exact_depthwise)}
+    """The engine's identity for records: name, PyTorch version, which kernels run depthwise convolutions and,
+    when those saturate, a ``status_note`` saying why."""
+    info = {"engine": f"torch_native_{backend}", "engine_version": torch.__version__.split("+")[0],
+            "depthwise_kernels": depthwise_kernels(backend, exact_depthwise)}
+    note = status_note(backend, exact_depthwise)
+    return info if note is None else {**info, "status_note": note}
