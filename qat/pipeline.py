@@ -53,7 +53,7 @@ log = logging.getLogger("qat")
 
 PRECISIONS = ("float", "int8")
 # latency.engine: torch_native (with latency.backend) or any int8 engine of the registry
-ENGINES = ("torch_native", *[name for name, e in registry.ENGINES.items() if "int8" in e.precisions])
+ENGINES = ("auto", "torch_native", *[name for name, e in registry.ENGINES.items() if "int8" in e.precisions])
 DATASETS = ("demo", "imagefolder")
 
 
@@ -249,7 +249,7 @@ def metric_name(key: str) -> str:
 
 def primary_int8_engine(cfg: RunConfig) -> str:
     """The engine whose int8 accuracy is the run's top-1 (the latency engine)."""
-    return primary_engine(cfg.latency.engine, cfg.latency.backend)
+    return primary_engine(cfg.latency.engine, cfg.latency.backend, cfg.target.name)
 
 
 def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunConfig, run_dir: Path,

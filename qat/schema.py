@@ -64,7 +64,7 @@ class TrainConfig:
 
 @dataclass
 class LatencyConfig:
-    engine: str = "torch_native"
+    engine: str = "auto"  # auto: the target's first engine | torch_native (+ backend) | an int8 engine name
     backend: str = "x86"
     threads: int = 1
     batch: int = 1
@@ -74,6 +74,15 @@ class LatencyConfig:
     # engines that evaluate the integer model on the validation set (fidelity against the simulated model);
     # "reference" is the integer-only executor; the latency engine is always evaluated
     eval_engines: list[str] = field(default_factory=lambda: ["reference", "onnxruntime"])
+
+
+@dataclass
+class TargetConfig:
+    """The deployment target (``qat.targets``): its engines and the grid their kernels need."""
+
+    name: str = "auto"  # auto (from the host's CPU flags) | x86_vnni | x86_avx2 | arm | generic
+    avx2_grid: str = "weights7"  # x86_avx2: weights7 (|q_w| <= 64) | acts7 (activations in [0, 127])
+    diagnostic_images: int = 256  # validation images for the 16-bit pair-sum saturation diagnostic (0: off)
 
 
 @dataclass
@@ -104,5 +113,6 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ptq: PtqConfig = field(default_factory=PtqConfig)  # used when method=ptq

@@ -25,22 +25,35 @@ Engine = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class EngineEntry:
-    """One engine: the adapter module that implements it, the package it needs, what it can run."""
+    """One engine: the adapter module that implements it, the package it needs, what it can run, and the
+    constraints of its int8 kernels (data, read by :mod:`qat.targets` and the saturation diagnostic)."""
 
     name: str
     adapter: str
     package: str
     precisions: tuple[str, ...]
     backend: str | None = None  # torch_native's quantized backend
+    max_bits: int = 8  # widest weight/activation grid its int8 kernels hold
+    symmetric_weights: bool = False  # needs zero-point-0 weights
+    # x86 CPU flags with which its u8·s8 GEMM accumulates exactly in int32; without any of them it adds product
+    # pairs in saturating int16 (vpmaddubsw, qat.intmodel.saturation). None: exact on every host.
+    exact_int8_flags: tuple[str, ...] | None = None
 
+
+_FBGEMM_EXACT = ("avx512_vnni",)  # fbgemm's VNNI kernels are AVX-512 only (not AVX-VNNI)
+_MLAS_EXACT = ("avx512_vnni", "avx_vnni", "amx_int8")  # MLAS u8s8 has AVX-512 VNNI and AVX-VNNI kernels
 
 ENGINES: dict[str, EngineEntry] = {e.name: e for e in (
     EngineEntry("torch_eager", "qat.models.fold", "torch", ("float",)),
-    EngineEntry("torch_native_x86", "qat.engines.torch_native", "torch", ("int8",), "x86"),
-    EngineEntry("torch_native_fbgemm", "qat.engines.torch_native", "torch", ("int8",), "fbgemm"),
+    EngineEntry("torch_native_x86", "qat.engines.torch_native", "torch", ("int8",), "x86",
+                exact_int8_flags=_FBGEMM_EXACT),
+    EngineEntry("torch_native_fbgemm", "qat.engines.torch_native", "torch", ("int8",), "fbgemm",
+                exact_int8_flags=_FBGEMM_EXACT),
     EngineEntry("torch_native_qnnpack", "qat.engines.torch_native", "torch", ("int8",), "qnnpack"),
-    EngineEntry("onnxruntime", "qat.engines.onnxruntime_qdq", "onnxruntime", ("float", "int8")),
-    EngineEntry("executorch_xnnpack", "qat.engines.executorch_xnnpack", "executorch", ("float", "int8")),
+    EngineEntry("onnxruntime", "qat.engines.onnxruntime_qdq", "onnxruntime", ("float", "int8"),
+                exact_int8_flags=_MLAS_EXACT),
+    EngineEntry("executorch_xnnpack", "qat.engines.executorch_xnnpack", "executorch", ("float", "int8"),
+                symmetric_weights=True),
 )}
 ENGINE_NAMES = tuple(ENGINES)
 

@@ -1,0 +1,199 @@
+"""Deployment targets: the machine an integer model will run on, its engines, and the grid their kernels need.
+
+A target is data: which engines deploy the model, how their int8 GEMMs accumulate, and which weight or
+activation grid keeps them exact. The quantization recipe obeys it before any training (:func:`constrain`), so
+the integer model the run converts is one the target's kernels compute exactly (Jacob eq. 7), and the record
+says which target, which constraint, and which host flags.
+
+x86 int8 kernels without VNNI (fbgemm, ONNX Runtime's MLAS u8s8) add each pair of uint8 × int8 products in
+saturating int16 (``vpmaddubsw``; :mod:`qat.intmodel.saturation`): 2 · 255 · 127 = 64770 > 32767. Two grids
+prevent it: 7-bit weights (|q_w| ≤ 64: OpenVINO's remedy on such CPUs) or 7-bit activations in [0, 127]
+(torch.ao's ``reduce_range``). ``target.avx2_grid`` chooses; the default is the one that cost less accuracy on
+the demo (README, "Deployment targets").
+
+``target=auto`` reads the host's CPU flags: AVX-512 VNNI → ``x86_vnni``; other x86 (AVX2, also hosts with
+AVX-VNNI only, whose 256-bit VNNI fbgemm does not use) → ``x86_avx2``; ARM → ``arm``; anything else →
+``generic``. Deploying elsewhere than the training host is the point of naming a target explicitly.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from qat.errors import QatError, choice_error
+
+KEY = "target.name"
+GRID_KEY = "target.avx2_grid"
+AVX2_GRIDS = ("weights7", "acts7")
+INT16_MAX = 32767
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment target (constraints as data; engines by their registry names)."""
+
+    name: str
+    description: str
+    engines: tuple[str, ...]  # int8 engines that deploy to it; the first is the run's primary (latency) engine
+    accumulation: str  # "int32" (exact, Jacob eq. 7) | "pair16" (u8·s8 pairs in saturating int16, then int32)
+    symmetric_weights: bool = False  # every engine needs zero-point-0 weights (XNNPACK's qc8w)
+    latency_backend: str = "x86"  # torch_native's quantized backend when the primary engine is torch_native
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("x86_vnni", "x86 with AVX-512 VNNI (Intel Cascade Lake and later servers, AMD Zen 4 and later): "
+           "int8 pairs accumulate in int32 (vpdpbusd), exact", ("torch_native_x86", "onnxruntime"), "int32"),
+    Target("x86_avx2", "x86 with AVX2 and no AVX-512 VNNI (older Xeons, AMD Zen 1-3, most laptops): fbgemm and "
+           "ONNX Runtime add u8·s8 pairs in saturating int16 (vpmaddubsw)", ("torch_native_x86", "onnxruntime"),
+           "pair16"),
+    Target("arm", "ARM phones and boards (XNNPACK through ExecuTorch, qnnpack): products widened before "
+           "accumulation, exact; XNNPACK needs symmetric weights", ("executorch_xnnpack", "torch_native_qnnpack"),
+           "int32", symmetric_weights=True, latency_backend="qnnpack"),
+    Target("generic", "no hardware constraint: the integer-only reference executor's arithmetic (Jacob eq. 7); "
+           "latency on ONNX Runtime", ("onnxruntime",), "int32"),
+)}
+TARGET_NAMES = ("auto", *TARGETS)
+
+
+def host_machine() -> tuple[list[str], str]:
+    """The host's CPU flags of interest (``qat.latency.host``) and its machine name (x86_64, aarch64, ...)."""
+    from qat.latency.host import describe_host
+
+    host = describe_host()
+    return list(host["cpu_flags"]), str(host["machine"])  # type: ignore[arg-type]
+
+
+def auto_target(flags: Collection[str], machine: str) -> tuple[str, str]:
+    """(target name, why) for a host with CPU ``flags`` and ``machine``."""
+    machine = machine.lower()
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        if "avx512_vnni" in flags:
+            return "x86_vnni", "the host has avx512_vnni"
+        have = "avx_vnni only (fbgemm does not use it)" if "avx_vnni" in flags else "no avx512_vnni"
+        return "x86_avx2", f"the host is x86 with {have}"
+    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+        return "arm", f"the host is {machine}"
+    return "generic", f"no x86 or ARM target matches machine {machine!r}"
+
+
+def resolve(name: str, flags: Collection[str] | None = None, machine: str | None = None) -> tuple[Target, str]:
+    """The target ``name`` (``auto``: from ``flags``/``machine``, by default the host's) and why it was chosen."""
+    if name not in TARGET_NAMES:
+        raise choice_error(KEY, name, TARGET_NAMES)
+    if name != "auto":
+        return TARGETS[name], "given as target.name"
+    if flags is None or machine is None:
+        host_flags, host_name = host_machine()
+        flags = host_flags if flags is None else flags
+        machine = host_name if machine is None else machine
+    chosen, why = auto_target(flags, machine)
+    return TARGETS[chosen], f"auto: {why}"
+
+
+@dataclass
+class Constraint:
+    """One change the target made to the recipe: the key, the configured and applied values, and why."""
+
+    key: str
+    config: Any
+    applied: Any
+    why: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "config": self.config, "applied": self.applied, "why": self.why}
+
+
+@dataclass
+class Plan:
+    """What a target does to one run: the target, the recipe changes, and the host it was resolved on."""
+
+    target: Target
+    why: str
+    avx2_grid: str
+    constraints: list[Constraint] = field(default_factory=list)
+    host_flags: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.target.name, "chosen": self.why, "description": self.target.description,
+                "accumulation": self.target.accumulation, "engines": list(self.target.engines),
+                **({"avx2_grid": self.avx2_grid} if self.target.accumulation == "pair16" else {}),
+                "constraints": [c.as_dict() for c in self.constraints], "host_flags": self.host_flags,
+                "warnings": self.warnings}
+
+
+def _check_bits(quant: Any, target: Target) -> None:
+    for key in ("weight_bits", "act_bits"):
+        bits = getattr(quant, key)
+        if bits > 8:
+            raise QatError(f"quant.{key}", f"{bits}-bit grids cannot run on target {target.name}'s int8 engines "
+                           f"({', '.join(target.engines)})", f"set quant.{key} to 8 or fewer")
+    for o in quant.overrides:
+        for key in ("weight_bits", "act_bits"):
+            bits = getattr(o, key)
+            if bits is not None and bits > 8:
+                raise QatError(f"quant.overrides[{o.pattern}].{key}", f"{bits}-bit grids cannot run on target "
+                               f"{target.name}'s int8 engines", "use 8 bits or fewer")
+
+
+def constrain(quant: Any, target: Target, avx2_grid: str = "weights7") -> tuple[Any, list[Constraint]]:
+    """``quant`` (a :class:`qat.quant.config.QuantConfig` or the run's quant group) made exact on ``target``.
+
+    pair16 targets: ``weights7`` caps every weight grid at 7 bits (|q_w| ≤ 64, so 2·255·64 = 32640 fits int16);
+    ``acts7`` caps every activation grid at 7 unsigned bits (2·127·128 = 32512). XNNPACK targets need symmetric
+    weights: an asymmetric recipe is refused, not changed. Float recipes are returned as they are."""
+    if avx2_grid not in AVX2_GRIDS:
+        raise choice_error(GRID_KEY, avx2_grid, AVX2_GRIDS)
+    if getattr(quant, "precision", "int8") == "float":
+        return quant, []
+    _check_bits(quant, target)
+    if target.symmetric_weights and not quant.weight_symmetric:
+        raise QatError("quant.weight_symmetric", f"target {target.name}'s engines ({', '.join(target.engines)}) "
+                       "need symmetric weights (zero point 0)", "set quant.weight_symmetric=true or choose another "
+                       "target")
+    if target.accumulation != "pair16":
+        return quant, []
+    why = (f"target {target.name}: u8·s8 pairs are summed in saturating int16; "
+           + ("7-bit weights keep 2·255·64 = 32640 ≤ 32767" if avx2_grid == "weights7"
+              else "7-bit activations keep 2·127·128 = 32512 ≤ 32767"))
+    key = "weight_bits" if avx2_grid == "weights7" else "act_bits"
+    if avx2_grid == "acts7" and quant.act_symmetric:
+        raise QatError("quant.act_symmetric", f"target {target.name} with {GRID_KEY}=acts7 needs unsigned "
+                       "activations (a signed 7-bit grid reaches uint8 code 191 in the kernels)",
+                       f"set quant.act_symmetric=false or {GRID_KEY}=weights7")
+    constraints: list[Constraint] = []
+    changes: dict[str, Any] = {}
+    if getattr(quant, key) > 7:
+        constraints.append(Constraint(f"quant.{key}", getattr(quant, key), 7, why))
+        changes[key] = 7
+    overrides = []
+    for o in quant.overrides:
+        value = getattr(o, key)
+        if value is not None and value > 7:
+            constraints.append(Constraint(f"quant.overrides[{o.pattern}].{key}", value, 7, why))
+            o = replace(o, **{key: 7})
+        overrides.append(o)
+    return replace(quant, **changes, overrides=overrides), constraints
+
+
+def plan(name: str, quant: Any, avx2_grid: str = "weights7", flags: Collection[str] | None = None,
+         machine: str | None = None) -> tuple[Plan, Any]:
+    """Resolve the target and constrain ``quant``; returns the plan (for the record) and the recipe that runs."""
+    target, why = resolve(name, flags, machine)
+    host_flags = list(flags) if flags is not None else host_machine()[0]
+    constrained, constraints = constrain(quant, target, avx2_grid)
+    return Plan(target, why, avx2_grid, constraints, host_flags), constrained
+
+
+def accumulates_in_pairs(engine_exact_flags: tuple[str, ...] | None, flags: Collection[str],
+                         machine: str | None = None) -> bool:
+    """Whether an engine whose kernels are exact only with ``engine_exact_flags`` sums int16 pairs on this host."""
+    if engine_exact_flags is None:
+        return False
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    return not any(f in flags for f in engine_exact_flags)
