@@ -25,6 +25,8 @@ from qat.train.loop import predict, top1
 log = logging.getLogger("qat")
 
 REFERENCE = "reference"  # the integer-only executor (gemmlowp/TFLite arithmetic, single rounding)
+REFERENCE_PAIR16 = "reference_pair16"  # the same, emulating x86 without VNNI (16-bit pair sums, saturating)
+REFERENCES = (REFERENCE, REFERENCE_PAIR16)
 
 
 def output_lsb(int_model: IntModel) -> float | None:
@@ -40,8 +42,10 @@ def output_lsb(int_model: IntModel) -> float | None:
 def build_engine(name: str, int_model: IntModel, threads: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                                                                          dict[str, Any]]:
     """The engine ``name`` built from ``int_model`` and its identity for the record."""
-    if name == REFERENCE:
-        return reference.build(int_model, rounding="single"), reference.engine_info("single")
+    if name in REFERENCES:
+        accumulation = "pair16" if name == REFERENCE_PAIR16 else "int32"
+        return (reference.build(int_model, rounding="single", accumulation=accumulation),
+                reference.engine_info("single", accumulation))
     engine = registry.build_int(name, int_model, threads)
     info = {**registry.engine_info(name), "emulated_bits": bool(getattr(engine, "emulated_bits", False))}
     return engine, info
@@ -49,7 +53,7 @@ def build_engine(name: str, int_model: IntModel, threads: int) -> tuple[Callable
 
 def check_engine_names(names: Sequence[str], key: str = "latency.eval_engines") -> None:
     for name in names:
-        if name != REFERENCE:
+        if name not in REFERENCES:
             try:
                 registry.entry(name)
             except QatError as exc:
@@ -74,8 +78,13 @@ def compare(sim_logits: torch.Tensor, sim_pred: torch.Tensor, logits: torch.Tens
             "logits_within_1lsb": float((diff <= 1 + 1e-3).float().mean() * 100)}
 
 
-def primary_engine(engine: str, backend: str) -> str:
-    """The registry name of a run's primary int8 engine (``latency.engine``, ``latency.backend``)."""
+def primary_engine(engine: str, backend: str, target: str = "auto") -> str:
+    """The registry name of a run's primary int8 engine (``latency.engine``, ``latency.backend``); ``auto`` is
+    the deployment target's first engine (:mod:`qat.targets`)."""
+    if engine == "auto":
+        from qat.targets import resolve
+
+        return resolve(target)[0].engines[0]
     return f"torch_native_{backend}" if engine == "torch_native" else engine
 
 
