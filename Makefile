@@ -9,10 +9,11 @@ DEMO_RUNS := outputs/demo/$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package of the dependency tree (reproducible installs; see its header).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)

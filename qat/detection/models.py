@@ -17,13 +17,9 @@ import torchvision
 from torch import nn
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
-from torchvision.models.detection.ssdlite import (
-    SSDLiteClassificationHead,
-    SSDLiteRegressionHead,
-    _extra_block,
-    _normal_init,
-)
+from torchvision.models.detection.ssdlite import SSDLiteClassificationHead, SSDLiteRegressionHead
 
+from qat.compat.torch_private import ssdlite_extra_block, ssdlite_normal_init
 from qat.detection.detector import DetectionCore, SSDLiteDetector, TappedBackbone
 from qat.errors import QatError, choice_error
 
@@ -123,7 +119,7 @@ def build_detector(backbone: str = "mobilenet_v2", *, num_categories: int, width
     if backbone_weights:
         load_state(net, backbone_weights, "model.backbone_weights")
     else:
-        _normal_init(net)  # torchvision's SSDLite initialisation without a pretrained backbone
+        ssdlite_normal_init(net)  # torchvision's SSDLite initialisation without a pretrained backbone
     taps = stages(net.features)
 
     def depth(d: int) -> int:
@@ -132,8 +128,8 @@ def build_detector(backbone: str = "mobilenet_v2", *, num_categories: int, width
     with torch.no_grad():
         last = nn.Sequential(*taps).eval()(torch.zeros(1, 3, resolution, resolution)).shape[1]
     widths = [last, depth(512), depth(256), depth(256), depth(128)]
-    extras = nn.ModuleList([_extra_block(widths[i], widths[i + 1], _NORM) for i in range(4)])
-    _normal_init(extras)
+    extras = nn.ModuleList([ssdlite_extra_block(widths[i], widths[i + 1], _NORM) for i in range(4)])
+    ssdlite_normal_init(extras)
     tapped = TappedBackbone(taps, extras)
     with torch.no_grad():
         features = tapped.eval()(torch.zeros(1, 3, resolution, resolution))

@@ -30,16 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn.functional as F
 from torch import nn
 
+from qat.compat.torch_private import quantized_decomposed_ops
 from qat.errors import QatError
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
+# The executorch adapter of qat.compat: the only module using its private API (portable_lib's underscored
+# runtime functions, exir._serialize, the XNNPACK delegate's serialization), checked against this version
+# (constraints.txt pins it).
+CHECKED_AGAINST = {"executorch": "1.5.1"}
 ENGINE = "executorch_xnnpack"
 INT8_MIN, INT8_MAX = -128, 127
-_QD = torch.ops.quantized_decomposed
+_QD = quantized_decomposed_ops()
 # ops that may stay outside the delegate: plumbing of the ExecuTorch program, no arithmetic
 _PLUMBING = {"getitem", "executorch_call_delegate"}
 
@@ -376,6 +380,13 @@ def to_pte_bytes_float(module: nn.Module, example: torch.Tensor) -> bytes:
 # --------------------------------------------------------------------------------------------------------------
 
 _POOL = {"generation": 0}  # bumped whenever this module resizes ExecuTorch's process-wide thread pool
+
+
+def pool_threads() -> int:
+    """The size of ExecuTorch's process-wide thread pool (the one XNNPACK runs on)."""
+    from executorch.extension.pybindings import portable_lib
+
+    return int(portable_lib._threadpool_get_thread_count())
 
 
 def _use_threads(threads: int) -> int:

@@ -31,6 +31,9 @@ from torch import nn
 from qat.errors import QatError
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
+# The onnxruntime adapter of qat.compat: the only module using its private API (the exception types of
+# onnxruntime.capi.onnxruntime_pybind11_state), checked against this version (constraints.txt pins it).
+CHECKED_AGAINST = {"onnxruntime": "1.32.0"}
 OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

@@ -225,9 +225,9 @@ def _build(spec: MeasureSpec):  # type: ignore[no-untyped-def]  # -> (engine cal
 
 def _engine_threads(engine: str, fn: object) -> int | None:
     if engine == "executorch_xnnpack":
-        from executorch.extension.pybindings import portable_lib
+        from qat.engines.executorch_xnnpack import pool_threads
 
-        return int(portable_lib._threadpool_get_thread_count())
+        return pool_threads()
     threads = getattr(fn, "threads", None)
     return int(threads) if isinstance(threads, int) else None
 

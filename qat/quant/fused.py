@@ -16,7 +16,7 @@ Every new value is a fresh tensor re-bound to the same attributes as the unfused
 exactly what they saw before; no buffer is written in place.
 
 torch's private ``torch._fused_moving_avg_obs_fq_helper`` (torch.ao's ``FusedMovingAvgObsFakeQuantize``) would
-do all of this in one call, and this module is the only place in qat allowed to touch it. It is deliberately
+do all of this in one call. It is deliberately
 **not** called, because its semantics differ from ours: its EMA is ``m + c·(b - m)`` (a different float
 rounding: ranges differ in the last bit on about half of the steps); its symmetric scale is
 ``max(|min|/128, max/127)`` for int8 (``max|r|/127.5`` here) and ignores the narrow range; its zero point
@@ -24,7 +24,8 @@ picks between ``qmin - min/S`` and ``qmax - max/S`` in double precision; a zero 
 a minimum scale of about 6e-5) instead of ``eps``; and its CPU and CUDA kernels differ from each other
 (float vs double range). The private ops used instead are ``torch._foreach_mul``/``_foreach_add`` and
 ``torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams`` (the kernel and STE gradient behind
-``torch.fake_quantize_per_tensor_affine``).
+``torch.fake_quantize_per_tensor_affine``), taken from :mod:`qat.compat.torch_private`, the one module of qat
+that touches torch's private API.
 
 Set ``QAT_UNFUSED_FAKE_QUANT=1`` (or ``qat.quant.fused.ENABLED = False``, or use :func:`unfused_path`) to
 force the unfused reference path, e.g. to compare the two.
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qat.compat.torch_private import fake_quantize_cachemask_tensor_qparams, foreach_add_, foreach_mul, foreach_mul_
 from qat.errors import QatError
 from qat.quant.observers import EmaMinMaxObserver
 from qat.quant.scheme import QuantSpec
@@ -112,9 +114,9 @@ def ema_update(obs: EmaMinMaxObserver, x: torch.Tensor) -> None:
         obs.min_val, obs.max_val = low, high
         return
     batch = [low, high]
-    torch._foreach_mul_(batch, 1 - obs.decay)  # fresh tensors from aminmax: safe to scale in place
-    running = torch._foreach_mul([obs.min_val, obs.max_val], obs.decay)
-    torch._foreach_add_(running, batch)
+    foreach_mul_(batch, 1 - obs.decay)  # fresh tensors from aminmax: safe to scale in place
+    running = foreach_mul([obs.min_val, obs.max_val], obs.decay)
+    foreach_add_(running, batch)
     obs.min_val, obs.max_val = running
 
 
@@ -136,8 +138,7 @@ def qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tu
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """S·(clamp(round(x/S) + Z) - Z) with the STE gradient: the kernel of qat.quant.scheme.fake_quantize."""
     ones = _constant(_ONES, x.device, lambda: torch.ones(1, dtype=torch.long, device=x.device))
-    return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-        x, scale, zero_point, ones, spec.qmin, spec.qmax)[0]
+    return fake_quantize_cachemask_tensor_qparams(x, scale, zero_point, ones, spec.qmin, spec.qmax)[0]
 
 
 def ema_fake_quantize(fq: FakeQuantize, x: torch.Tensor, observe: bool) -> torch.Tensor:
