@@ -57,7 +57,7 @@ def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("override", "key", "hint"), [
     ("model.arch=resnet9000", "model.arch", "valid choices: "),
     ("quant.precision=int3", "quant.precision", "valid choices: "),
-    ("quant.weight_bits=1", "quant.weight.bits", "from 2 to 16"),
+    ("quant.weight_bits=1", "quant.weight_bits", "from 2 to 16"),
     ("data=imagefolder data.root=/no/such/folder", "data.root", "/no/such/folder"),
 ])
 def test_bad_input_stops_before_work_with_one_line(override: str, key: str, hint: str, tmp_path: Path) -> None:
