@@ -145,11 +145,14 @@ def test_write_report_csv_exact(runs: Path, tmp_path: Path, capsys: pytest.Captu
     core = [[row[c] for c in (*CORE_COLUMNS, "pareto")] for row in rows]
     assert core == [
         ["mobilenet_v2-w0.5-r32-float-0000", "mobilenet_v2", "0.5", "32", "float", "float", "32", "32", "top1",
-         "91.0", "91.0", "91.0", "", "", "torch_native_x86", "", "1", "4.0", "3.6", "4.4", "record", "False"],
+         "91.0", "False", "", "91.0", "91.0", "", "",
+         "torch_native_x86", "", "1", "4.0", "3.6", "4.4", "record", "False"],
         ["mobilenet_v2-w0.5-r32-int8-0000", "mobilenet_v2", "0.5", "32", "qat", "int8", "8", "8", "top1",
-         "90.2", "90.2", "91.0", "90.4", "90.2", "torch_native_x86", "", "1", "1.9", "1.71", "2.09", "record", "True"],
+         "90.2", "False", "90.4", "90.2", "91.0", "90.4", "90.2",
+         "torch_native_x86", "", "1", "1.9", "1.71", "2.09", "record", "True"],
         ["mobilenet_v2-w1.0-r32-int8-0000", "mobilenet_v2", "1.0", "32", "qat", "int8", "8", "8", "top1",
-         "91.5", "91.5", "91.0", "90.4", "91.5", "torch_native_x86", "", "1", "3.0", "2.7", "3.3", "record", "True"],
+         "91.5", "False", "90.4", "91.5", "91.0", "90.4", "91.5",
+         "torch_native_x86", "", "1", "3.0", "2.7", "3.3", "record", "True"],
     ]  # fmt: skip
     printed = capsys.readouterr().out
     assert "3 record(s)" in printed and "skipped 2 record(s)" in printed and "corrupt" in printed

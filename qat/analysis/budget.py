@@ -4,7 +4,8 @@ al. 2018 §4.1, Fig. 4.1).
 
 Both work on a per-run table (:func:`qat.analysis.join_latency`: ``latency.median_ms``, ``metric``) or a
 per-configuration one (:func:`qat.analysis.aggregate_seeds`: ``latency.median_ms.mean``, ``metric.mean``),
-and answer one row per (engine, device) group that has an answer; a group with none is absent.
+and answer one row per (engine, device) group that has an answer; a group with none is absent. Simulated-only
+runs (``simulated_only``: no integer model, hence no integer latency) are never an answer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+
+from qat.analysis.records import simulated_mask
 
 GROUP = ("latency.engine", "latency.device")
 MODEL_KEYS = ("task", "data.name", "model.arch", "model.width_mult", "model.resolution")
@@ -27,6 +30,7 @@ def _columns(df: pd.DataFrame) -> tuple[str, str, str]:
 
 def _select(df: pd.DataFrame, engine: str | None, device: str | None, x: str, y: str) -> pd.DataFrame:
     data = df.copy()
+    data = data[~simulated_mask(data)]
     for column in (x, y):
         if column not in data.columns:
             raise KeyError(f"column {column!r} not in the table")

@@ -3,6 +3,8 @@ and the gap between the simulated model and the integer model it converts to (Ja
 simulates exactly the arithmetic of integer inference, so the gap should be ~0).
 
 Bars are means over seeds with 95% Student-t intervals when n > 1 (:func:`qat.analysis.stats.t_interval`).
+Simulated-only runs (no integer model) appear in the method comparison as their own, marked method
+(``"<method> (simulated only)"``, the simulated model's accuracy) and never in the simulated-vs-integer gap.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qat.analysis.plots import METRIC_LABELS, model_label, new_figure, save_figure
+from qat.analysis.plots import METRIC_LABELS, SIMULATED_SUFFIX, model_label, new_figure, save_figure
+from qat.analysis.records import simulated_column, simulated_mask
 from qat.analysis.stats import t_interval
 
 MODEL_KEYS = ("model.arch", "model.width_mult", "model.resolution")
@@ -31,14 +34,21 @@ def _metric_unit(df: pd.DataFrame) -> str:
 
 def method_table(df: pd.DataFrame, value: str = "metric") -> pd.DataFrame:
     """Mean, CI half-width and n of ``value`` per (model, bits) group and method; float runs form their own
-    group per model (bits ``float``). Columns: ``group``, ``method``, ``mean``, ``ci95``, ``n``."""
+    group per model (bits ``float``). Columns: ``group``, ``method``, ``mean``, ``ci95``, ``n``. A simulated-only
+    run counts as method ``"<method> (simulated only)"`` with its simulated accuracy (``metric_sim``)."""
     if df.empty or any(c not in df.columns for c in (value, "method")):
         return pd.DataFrame(columns=["group", "method", "mean", "ci95", "n"])
     with_arch = "model.arch" in df.columns and df["model.arch"].nunique() > 1
+    simulated = simulated_mask(df)
+    sim_value = simulated_column(value)
+    values = pd.to_numeric(df[value], errors="coerce").where(~simulated)
+    if sim_value is not None and sim_value in df.columns:
+        values = values.where(~simulated, pd.to_numeric(df[sim_value], errors="coerce"))
     data = df.assign(
         group=df.apply(lambda r: f"{model_label(r, with_arch=with_arch)} "
                                  f"{'float' if r['method'] == 'float' else _bits(r)}", axis=1),
-        _value=pd.to_numeric(df[value], errors="coerce"),
+        method=df["method"].astype(str).where(~simulated, df["method"].astype(str) + SIMULATED_SUFFIX),
+        _value=values,
     )
     rows = []
     for (group, method), part in data.groupby(["group", "method"], sort=True):
@@ -86,9 +96,10 @@ def gap_table(df: pd.DataFrame) -> pd.DataFrame:
     """Integer minus simulated accuracy (points) per configuration of quantized runs that have both.
 
     Columns: ``config``, ``mean``, ``ci95``, ``n``; classification uses ``accuracy.{int,sim}_top1``,
-    detection ``accuracy.{int,sim}_map``.
+    detection ``accuracy.{int,sim}_map``. Simulated-only runs have no integer accuracy and are left out.
     """
     empty = pd.DataFrame(columns=["config", "mean", "ci95", "n"])
+    df = df[~simulated_mask(df)]
     parts = []
     for sim, integer in (("accuracy.sim_top1", "accuracy.int_top1"), ("accuracy.sim_map", "accuracy.int_map")):
         if sim in df.columns and integer in df.columns:

@@ -3,6 +3,7 @@
 One panel per model and method; rows are weight bits, columns activation bits, both descending from 8
 as in the paper. A cell shows the mean over seeds (n when > 1) and, when the model has a float run, the
 change against it (the quantity Jacob Tables 4.7/4.8 report). A cell with no run is grey with "—".
+Simulated-only runs (no integer model) are left out: the grid holds integer-model accuracy only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from matplotlib.colors import Normalize
 
 from qat.analysis.budget import float_baseline
 from qat.analysis.plots import METRIC_LABELS, model_label, new_figure, save_figure
+from qat.analysis.records import simulated_mask
 
 PANEL_KEYS = ("model.arch", "model.width_mult", "model.resolution", "method")
 
@@ -28,7 +30,7 @@ def bit_grid(df: pd.DataFrame, value: str = "metric") -> list[tuple[str, pd.Data
     if any(c not in df.columns for c in needed):
         return []
     data = df.assign(baseline=float_baseline(df) if "task" in df.columns else np.nan)
-    data = data[data["method"] != "float"].copy()
+    data = data[(data["method"] != "float") & ~simulated_mask(data)].copy()
     for column in ("quant.weight_bits", "quant.act_bits", value):
         data[column] = pd.to_numeric(data[column], errors="coerce")
     data = data.dropna(subset=["quant.weight_bits", "quant.act_bits", value])

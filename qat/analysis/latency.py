@@ -107,7 +107,7 @@ def join_latency(records: pd.DataFrame, latency: pd.DataFrame | None = None) -> 
     joined = joined.sort_values(["_row", "_own", "latency.source"], kind="mergesort", na_position="first")
     columns = [c for c in records.columns if c != "_row"]
     columns += [c for c in joined.columns if c not in columns and c not in ("_row", "_own")]
-    return joined[columns].reset_index(drop=True)
+    return joined.reindex(columns=columns).reset_index(drop=True)  # latency.* empty where no record has any
 
 
 __all__ = ["JOIN_KEYS", "LATENCY_SCHEMA", "join_latency", "load_latency_records"]

@@ -1,7 +1,9 @@
 """Accuracy-vs-latency trade-off plot (the shape of Jacob et al. 2018, Fig. 4.1).
 
 Top-1 against measured latency on a log axis, one line per precision, the Pareto front ringed and joined
-by a dashed line. Uses the Agg canvas on a bare ``Figure``: no pyplot, no global backend switch.
+by a dashed line. Simulated-only runs (no integer model, so no integer latency) are never points on the
+latency axis: each is a dotted horizontal line at its simulated accuracy, labelled "(simulated only)". Uses the
+Agg canvas on a bare ``Figure``: no pyplot, no global backend switch.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from matplotlib.patheffects import withStroke
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from qat.analysis.pareto import pareto_front
+from qat.analysis.records import simulated_column, simulated_mask
 from qat.records import atomic_write_bytes
 
 Label = str | Callable[[pd.Series], str] | None
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 FORMATS = ("png", "pdf")
 HALO = [withStroke(linewidth=3, foreground="white")]  # keeps point labels legible over lines
+SIMULATED_SUFFIX = " (simulated only)"
+SIMULATED_LEGEND = "simulated only (no integer model or latency)"
 
 
 def _unique(df: pd.DataFrame, column: str) -> list:
@@ -202,6 +207,26 @@ def _draw_tradeoff(ax, data: pd.DataFrame, labels: pd.Series, x: str, y: str, se
     return drew_bars
 
 
+def _labels(data: pd.DataFrame, label: Label, with_arch: bool) -> pd.Series:
+    if data.empty:
+        return pd.Series(dtype=str)
+    if label is None:
+        return data.apply(lambda row: model_label(row, with_arch=with_arch), axis=1)
+    if isinstance(label, str):
+        return data[label].map(_fmt)
+    return data.apply(label, axis=1)
+
+
+def _draw_simulated(ax, simulated: pd.DataFrame, y: str, labels: pd.Series, series: str) -> None:  # type: ignore[no-untyped-def]
+    """Each simulated-only row as a dotted line at its accuracy, labelled at the right edge."""
+    for (_, row), text in zip(simulated.iterrows(), labels, strict=True):
+        ax.axhline(row[y], color="0.4", linestyle=":", linewidth=1.3, label=SIMULATED_LEGEND, zorder=1)
+        name = str(row[series]).removesuffix(SIMULATED_SUFFIX)
+        ax.annotate(f"{name} {text}{SIMULATED_SUFFIX}", (0.99, row[y]), xycoords=("axes fraction", "data"),
+                    xytext=(0, 2), textcoords="offset points", ha="right", va="bottom", fontsize=8, color="0.3",
+                    annotation_clip=False, zorder=3, path_effects=HALO)
+
+
 def plot_tradeoff(
     df: pd.DataFrame,
     path: str | os.PathLike[str],
@@ -220,26 +245,32 @@ def plot_tradeoff(
     ``label`` names a column, or maps a row to its point label; by default :func:`model_label`.
     ``yerr``/``xerr`` name columns of error-bar half-widths (e.g. ``metric.ci95`` from
     :func:`qat.analysis.aggregate_seeds`; NaN or 0 draws none). ``panel`` names a column (e.g.
-    ``latency.device``): one panel per value, each with its own Pareto front.
+    ``latency.device``): one panel per value, each with its own Pareto front. Rows with ``simulated_only`` True
+    are drawn in every panel as dotted lines at their simulated accuracy (the simulated counterpart of ``y``:
+    ``metric_sim.mean`` for ``metric.mean``, ``accuracy.sim_top1`` for ``accuracy.top1``), never as points.
     Writes ``<stem>.png`` and ``<stem>.pdf`` atomically (``path`` with or without a suffix) and returns them.
     Raises ``ValueError`` if no row has finite ``x`` and ``y``.
     """
     for column in (x, y, series, *(c for c in (panel,) if c)):
         if column not in df.columns:
             raise ValueError(f"column {column!r} not in the table")
-    data = df.copy()
+    is_simulated = simulated_mask(df)
+    sim_y = simulated_column(y)
+    simulated = df[is_simulated].copy()
+    if sim_y is not None and sim_y in simulated.columns:
+        simulated[sim_y] = pd.to_numeric(simulated[sim_y], errors="coerce")
+        simulated = simulated[np.isfinite(simulated[sim_y])].reset_index(drop=True)
+    else:
+        simulated = simulated.iloc[:0]
+    data = df[~is_simulated].copy()
     data[x] = pd.to_numeric(data[x], errors="coerce")
     data[y] = pd.to_numeric(data[y], errors="coerce")
     data = data[np.isfinite(data[x]) & np.isfinite(data[y]) & (data[x] > 0)].reset_index(drop=True)
     if data.empty:
         raise ValueError(f"no row has a positive {x!r} and a finite {y!r} to plot")
-    if label is None:
-        with_arch = len(_unique(data, "model.arch")) > 1
-        labels = data.apply(lambda row: model_label(row, with_arch=with_arch), axis=1)
-    elif isinstance(label, str):
-        labels = data[label].map(_fmt)
-    else:
-        labels = data.apply(label, axis=1)
+    with_arch = len(_unique(pd.concat([data, simulated]), "model.arch")) > 1
+    labels = _labels(data, label, with_arch)
+    sim_labels = _labels(simulated, label, with_arch)
 
     panels = _unique(data, panel) if panel else [None]
     order = _series_order(_unique(data, series))
@@ -248,6 +279,8 @@ def plot_tradeoff(
     for ax, value in zip(axes, panels, strict=True):
         part = data if value is None else data[data[panel] == value]
         bars |= _draw_tradeoff(ax, part, labels, x, y, series, order, yerr, xerr)
+        if sim_y is not None:
+            _draw_simulated(ax, simulated, sim_y, sim_labels, series)
         if value is not None and len(panels) > 1:
             ax.set_title(f"{panel.split('.')[-1]}: {value}", fontsize=11)
     names = _unique(data, "metric_name")

@@ -3,13 +3,21 @@
 Bad records (unreadable, invalid JSON, wrong schema, missing required fields) are skipped and reported,
 never fatal: one broken run must not hide the others.
 
-Every row also gets four derived columns, so classification and detection runs and records written before
-the ``method`` field existed can be analysed with the same code:
+Every row also gets derived columns, so classification and detection runs, simulated-only runs and records
+written before the ``method`` field existed can be analysed with the same code:
 
-- ``task``: ``"classification"`` when the record has ``accuracy.top1``, ``"detection"`` when it has
-  ``accuracy.map`` (COCO mAP);
+- ``simulated_only``: True for a run whose model has no integer form (``status == "simulated_only"``; also an
+  older record whose ``fidelity.integer_model`` says ``not convertible: ...``). Such a run has the simulated
+  model's accuracy only (``accuracy.sim_top1`` / ``sim_map``) and no integer latency; in the frame its
+  ``accuracy.top1`` / ``top5`` / ``map`` are NaN (older records wrote the simulated values there), so no
+  integer column ever holds a simulated number;
+- ``task``: ``"classification"`` when the record has ``accuracy.top1`` (or, simulated only, ``sim_top1``),
+  ``"detection"`` when it has ``accuracy.map`` (``sim_map``) (COCO mAP);
 - ``metric_name`` / ``metric``: ``"top1"`` / ``accuracy.top1`` for classification, ``"map"`` /
-  ``accuracy.map`` for detection (both in percent);
+  ``accuracy.map`` for detection (both in percent): the float model's value for float runs, the integer
+  model's for quantized runs, NaN for simulated-only runs;
+- ``metric_sim``: the simulated model's value (``accuracy.sim_top1`` / ``accuracy.sim_map``) where recorded;
+  for a simulated-only run it is the only accuracy there is;
 - ``metric_float``: the run's own float-model value (``accuracy.float_top1`` / ``accuracy.float_map``);
 - ``method``: the record's ``method`` (or ``quant.method``); a record without one was written by the
   QAT-only pipeline, so it is ``"float"`` for ``quant.precision == "float"`` and ``"qat"`` otherwise.
@@ -31,7 +39,14 @@ REQUIRED = ("model_id", "quant.precision")
 """Dotted fields every record must have (besides ``schema`` and one metric of :data:`METRICS`)."""
 
 METRICS = {"top1": "classification", "map": "detection"}
-"""Accuracy metric (``accuracy.<name>``, percent) -> task; a record needs at least one of them."""
+"""Accuracy metric (``accuracy.<name>``, percent) -> task; a record needs at least one of them (a simulated-only
+record: ``accuracy.sim_<name>``)."""
+
+SIMULATED_ONLY = "simulated_only"
+"""The ``status`` of a run whose model has no integer form: simulated accuracy only, no integer latency."""
+
+INTEGER_ACCURACY = ("accuracy.top1", "accuracy.top5", "accuracy.map")
+"""Columns that hold the integer (or float) model's accuracy: NaN for simulated-only rows."""
 
 SORT_KEYS = (
     "quant.precision", "model.arch", "model.width_mult", "model.resolution", "model_id", "record_path",
@@ -59,9 +74,10 @@ def validate_record(record: Any) -> str | None:
     if schema != RECORD_SCHEMA:
         return f"schema is {schema!r}, expected {RECORD_SCHEMA!r}"
     missing = [key for key in REQUIRED if _get(record, key) is None]
-    present = [name for name in METRICS if _get(record, f"accuracy.{name}") is not None]
+    prefix = "sim_" if record.get("status") == SIMULATED_ONLY else ""
+    present = [f"{prefix}{name}" for name in METRICS if _get(record, f"accuracy.{prefix}{name}") is not None]
     if not present:
-        missing.append(" or ".join(f"accuracy.{name}" for name in METRICS))
+        missing.append(" or ".join(f"accuracy.{prefix}{name}" for name in METRICS))
     if missing:
         return "missing required field(s): " + ", ".join(missing)
     for key in ("model_id", "quant.precision"):
@@ -80,14 +96,55 @@ def _column(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name] if name in frame.columns else pd.Series(pd.NA, index=frame.index, dtype=object)
 
 
+def simulated_only(frame: pd.DataFrame) -> pd.Series:
+    """True per row of a run with no integer model: ``status == "simulated_only"``, or (records written before
+    that status existed) ``fidelity.integer_model`` starting with ``"not convertible"``."""
+    status = _column(frame, "status").eq(SIMULATED_ONLY).fillna(False).astype(bool)
+    legacy = _column(frame, "fidelity.integer_model").map(
+        lambda v: isinstance(v, str) and v.startswith("not convertible")).astype(bool)
+    return (status | legacy).rename(SIMULATED_ONLY)
+
+
+def simulated_mask(frame: pd.DataFrame) -> pd.Series:
+    """The ``simulated_only`` column of any table of rows or configurations as booleans (False where absent)."""
+    if SIMULATED_ONLY not in frame.columns:
+        return pd.Series(False, index=frame.index, name=SIMULATED_ONLY)
+    return frame[SIMULATED_ONLY].eq(True).astype(bool)
+
+
+SIMULATED_COLUMNS = {"metric": "metric_sim", "accuracy.top1": "accuracy.sim_top1", "accuracy.top5": "accuracy.sim_top5",
+                     "accuracy.map": "accuracy.sim_map", "delta_vs_float": "delta_vs_float_sim"}
+"""An accuracy column -> the column with the simulated model's value of the same quantity."""
+
+
+def simulated_column(column: str) -> str | None:
+    """The simulated-model counterpart of ``column`` (``metric`` -> ``metric_sim``, ``metric.mean`` ->
+    ``metric_sim.mean``, ``accuracy.top1`` -> ``accuracy.sim_top1``); ``None`` for a column without one."""
+    suffix = ".mean" if column.endswith(".mean") else ""
+    base = SIMULATED_COLUMNS.get(column.removesuffix(suffix))
+    return None if base is None else base + suffix
+
+
 def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``task``, ``metric_name``, ``metric``, ``metric_float`` and ``method`` (see the module doc)."""
+    """Add ``simulated_only``, ``task``, ``metric_name``, ``metric``, ``metric_sim``, ``metric_float`` and
+    ``method``, and blank the integer accuracy of simulated-only rows (see the module doc)."""
     frame = frame.copy()
+    sim_only = simulated_only(frame)
+    frame[SIMULATED_ONLY] = sim_only
+    for column in INTEGER_ACCURACY:  # older simulated-only records wrote the simulated values here
+        if column in frame.columns:
+            sim_column = column.replace("accuracy.", "accuracy.sim_")
+            if sim_column not in frame.columns:
+                frame[sim_column] = pd.NA
+            frame[sim_column] = frame[sim_column].where(~sim_only | frame[sim_column].notna(), frame[column])
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").where(~sim_only)
     top1 = pd.to_numeric(_column(frame, "accuracy.top1"), errors="coerce")
-    is_cls = top1.notna()
+    sim_top1 = pd.to_numeric(_column(frame, "accuracy.sim_top1"), errors="coerce")
+    is_cls = top1.notna() | (sim_only & sim_top1.notna())
     frame["task"] = is_cls.map({True: "classification", False: "detection"})
     frame["metric_name"] = is_cls.map({True: "top1", False: "map"})
     frame["metric"] = top1.where(is_cls, pd.to_numeric(_column(frame, "accuracy.map"), errors="coerce"))
+    frame["metric_sim"] = sim_top1.where(is_cls, pd.to_numeric(_column(frame, "accuracy.sim_map"), errors="coerce"))
     float_top1 = pd.to_numeric(_column(frame, "accuracy.float_top1"), errors="coerce")
     float_map = pd.to_numeric(_column(frame, "accuracy.float_map"), errors="coerce")
     frame["metric_float"] = float_top1.where(is_cls, float_map)
@@ -143,8 +200,8 @@ def load_records(root: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[tuple
             continue
         rows.append({**record, "record_path": str(path)})
     if not rows:
-        columns = [*REQUIRED, "accuracy.top1", "record_path", "task", "metric_name", "metric", "metric_float",
-                   "method"]
+        columns = [*REQUIRED, "accuracy.top1", "record_path", SIMULATED_ONLY, "task", "metric_name", "metric",
+                   "metric_sim", "metric_float", "method"]
         return pd.DataFrame(columns=columns), skipped
     frame = add_derived_columns(pd.json_normalize(rows, sep="."))
     keys = [key for key in SORT_KEYS if key in frame.columns]

@@ -1,6 +1,11 @@
 """Records in; out: ``results.csv`` (one row per run and latency measurement), ``summary.csv`` (one row per
 configuration: mean, std, 95% CI and n over seeds), ``summary.md``, the trade-off plot and, when the data
-has them, the bit-depth heatmap, the method comparison and the simulated-vs-integer gap plots."""
+has them, the bit-depth heatmap, the method comparison and the simulated-vs-integer gap plots.
+
+Simulated-only runs (no integer model: ``simulated_only``) are kept apart and marked everywhere: ``metric`` is
+empty for them and ``metric_sim`` holds the simulated accuracy, their series is labelled "(simulated only)", they
+are in no Pareto front and no budget answer, ``summary.md`` shows their accuracy in its own column with a note,
+and the trade-off plot draws them as dotted accuracy levels (they have no integer latency)."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from qat.analysis.heatmap import has_bit_grid, plot_bit_heatmap
 from qat.analysis.latency import join_latency, load_latency_records
 from qat.analysis.pareto import pareto_by
 from qat.analysis.plots import plot_tradeoff
-from qat.analysis.records import load_records
+from qat.analysis.records import load_records, simulated_mask
 from qat.analysis.stats import aggregate_seeds
 from qat.analysis.tables import build_table, get_table, to_markdown, write_table
 from qat.errors import QatError
@@ -26,7 +31,8 @@ from qat.records import atomic_write_bytes
 CORE_COLUMNS = (
     "model_id", "model.arch", "model.width_mult", "model.resolution",
     "method", "quant.precision", "quant.weight_bits", "quant.act_bits",
-    "metric_name", "metric", "accuracy.top1", "accuracy.float_top1", "accuracy.sim_top1", "accuracy.int_top1",
+    "metric_name", "metric", "simulated_only", "metric_sim",
+    "accuracy.top1", "accuracy.float_top1", "accuracy.sim_top1", "accuracy.int_top1",
     "latency.engine", "latency.device", "latency.threads", "latency.median_ms", "latency.p10_ms", "latency.p90_ms",
     "latency.source",
 )  # fmt: skip
@@ -39,7 +45,8 @@ INTEGER_COLUMNS = (
 )  # fmt: skip
 """Written as integers even where some records lack them (no ``32.0``)."""
 
-SUMMARY_COLUMNS = ("model_id", "method", "quant.precision", "metric", "latency.engine", "latency.median_ms", "pareto")
+SUMMARY_COLUMNS = ("model_id", "method", "quant.precision", "metric", "simulated_only", "metric_sim", "latency.engine",
+                   "latency.median_ms", "pareto")
 
 
 def results_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -86,7 +93,7 @@ def precision_pairs(table: pd.DataFrame) -> pd.DataFrame:
 
 def series_labels(df: pd.DataFrame) -> pd.Series:
     """Trade-off series per row: ``float`` or ``<method> w<W>a<A>``, plus `` · <engine>`` when one such
-    series was measured on more than one engine."""
+    series was measured on more than one engine, and `` (simulated only)`` for runs without an integer model."""
     def base(row: pd.Series) -> str:
         method = str(row.get("method", row.get("quant.precision", "?")))
         w, a = row.get("quant.weight_bits"), row.get("quant.act_bits")
@@ -95,11 +102,15 @@ def series_labels(df: pd.DataFrame) -> pd.Series:
         return f"{method} w{int(w)}a{int(a)}"
 
     names = df.apply(base, axis=1) if len(df) else pd.Series(dtype=str)
-    if "latency.engine" not in df.columns or names.empty:
+    if names.empty:
         return names
-    engines = df["latency.engine"].map(str)
-    several = names.map(engines.groupby(names).nunique()) > 1
-    return names.where(~several, names + " · " + engines)
+    simulated = simulated_mask(df)
+    if "latency.engine" in df.columns:  # simulated-only runs have no integer engine: they name none
+        engines = df["latency.engine"].map(str)
+        counts = engines[~simulated].groupby(names[~simulated]).nunique()
+        several = names.map(counts).fillna(0).gt(1) & ~simulated
+        names = names.where(~several, names + " · " + engines)
+    return names.where(~simulated, names + SIMULATED_SUFFIX)
 
 
 def configurations(table: pd.DataFrame) -> pd.DataFrame:
@@ -123,6 +134,9 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+SIMULATED_SUFFIX = " (simulated only)"
+SIMULATED_COLUMN = "simulated only (%)"
+
 SUMMARY_MD_COLUMNS = {
     "series": "series", "model.arch": "arch", "model.width_mult": "width", "model.resolution": "resolution",
     "latency.engine": "engine", "latency.device": "device", "n": "n", "metric.mean": "accuracy (%)",
@@ -130,15 +144,30 @@ SUMMARY_MD_COLUMNS = {
 }  # fmt: skip
 
 
+SIMULATED_NOTE = ("the model has no integer form yet (the reason is in its record's "
+                  "`fidelity.integer_model`), so its accuracy is the simulated model's, not an integer model's; it has "
+                  "no integer latency and is in no Pareto front or budget answer.")
+
+
 def summary_markdown(summary: pd.DataFrame, skipped: list[tuple[Path, str]], budgets: dict[str, pd.DataFrame],
                      plots: list[Path]) -> str:
-    """``summary.md``: the configurations, budget answers, skipped records and the figures written."""
+    """``summary.md``: the configurations, budget answers, skipped records and the figures written; simulated-only
+    configurations have their accuracy in a column of its own and a note."""
     columns = {k: v for k, v in SUMMARY_MD_COLUMNS.items() if k in summary.columns}
     names = sorted(summary["task"].dropna().unique()) if "task" in summary.columns else []
+    shown = summary.copy()
+    simulated = simulated_mask(shown)
+    if simulated.any() and "metric_sim.mean" in shown.columns:
+        shown[SIMULATED_COLUMN] = pd.to_numeric(shown["metric_sim.mean"], errors="coerce").where(simulated)
+        keys = list(columns)
+        at = keys.index("metric.ci95") + 1 if "metric.ci95" in keys else len(keys)
+        columns = {k: columns.get(k, k) for k in [*keys[:at], SIMULATED_COLUMN, *keys[at:]]}
     lines = ["# Report", "", f"{int(summary['n'].sum())} run(s), {len(summary)} configuration(s); accuracy = "
              f"{', '.join('top-1' if t == 'classification' else 'COCO mAP' for t in names) or 'top-1'}, mean over "
              "seeds ± half-width of the 95% Student-t interval (— when n = 1); latency = median ms.", "",
-             _markdown_table(summary[list(columns)].rename(columns=columns)), ""]
+             _markdown_table(shown[list(columns)].rename(columns=columns)), ""]
+    if SIMULATED_COLUMN in columns:
+        lines += [f"**{SIMULATED_COLUMN}**: {SIMULATED_NOTE}", ""]
     for title, answer in budgets.items():
         lines += [f"## {title}", ""]
         if answer.empty:

@@ -19,13 +19,15 @@ CONFIG_KEYS = (
     "experiment", "task", "metric_name", "data.name", "method", "model.arch", "model.width_mult", "model.resolution",
     "quant.precision", "quant.weight_bits", "quant.act_bits", "quant.weight_per_channel",
     "quant.weight_symmetric", "quant.act_symmetric", "quant.act_observer", "quant.weight_observer",
-    "quant.bn_fold", "quant.activation", "latency.engine", "latency.device", "latency.threads", "latency.batch",
+    "quant.bn_fold", "quant.activation", "simulated_only", "latency.engine", "latency.device", "latency.threads",
+    "latency.batch",
 )  # fmt: skip
-"""What identifies a configuration by default (those present in the frame): everything but the seed."""
+"""What identifies a configuration by default (those present in the frame): everything but the seed
+(``simulated_only`` keeps runs without an integer model apart from integer runs)."""
 
 VALUE_COLUMNS = (
-    "metric", "metric_float", "accuracy.top1", "accuracy.map", "accuracy.float_top1", "accuracy.sim_top1",
-    "accuracy.int_top1", "latency.median_ms", "latency.p10_ms", "latency.p90_ms",
+    "metric", "metric_sim", "metric_float", "accuracy.top1", "accuracy.map", "accuracy.float_top1",
+    "accuracy.sim_top1", "accuracy.int_top1", "latency.median_ms", "latency.p10_ms", "latency.p90_ms",
 )  # fmt: skip
 """Aggregated by default (those present in the frame)."""
 

@@ -4,6 +4,10 @@ For each row of a paper's table and each compared column (:mod:`qat.analysis.pap
 matching the row's conditions give ``ours`` (mean over runs), ``std`` (sample, n > 1), ``n`` and
 ``delta = ours − paper``. A cell with no matching run stays missing: empty in the CSV, "—" in Markdown and
 LaTeX, never filled in.
+
+Simulated-only runs (no integer model: ``simulated_only``) never count in ``ours``: where they match a row, the
+simulated model's value is in ``<label> simulated-only`` (and ``... simulated-only n``) of the CSV, and in
+Markdown and LaTeX it is shown marked with † (``71.20†``), with a note under the table.
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ import pandas as pd
 
 from qat.analysis.budget import float_baseline
 from qat.analysis.paper_tables import REFERENCE_DIR, TABLES, Compared, PaperTable
+from qat.analysis.records import simulated_column, simulated_mask
 from qat.analysis.stats import t_interval
 from qat.errors import choice_error
 from qat.records import atomic_write_bytes
 
 MISSING = "—"
+SIMULATED_MARK = "†"
+SIMULATED_NOTE = (f"{SIMULATED_MARK} simulated only: the model has no integer form yet (e.g. MobileNet v3's hardswish, "
+                  "PTQ two-tensor layers), so the value is the simulated model's, not an integer model's; n counts "
+                  f"integer runs + simulated-only runs{SIMULATED_MARK}.")
 
 
 def get_table(name: str) -> PaperTable:
@@ -64,12 +73,30 @@ def select(df: pd.DataFrame, conditions: Mapping[str, Any]) -> pd.DataFrame:
     return df[mask]
 
 
+def _values(runs: pd.DataFrame, column: str | None) -> np.ndarray:
+    if column is None or column not in runs.columns:
+        return np.array([], dtype=float)
+    return pd.to_numeric(runs[column], errors="coerce").to_numpy(dtype=float)
+
+
 def _cell(runs: pd.DataFrame, paper_value: float, compared: Compared) -> dict[str, float | int]:
-    values = pd.to_numeric(runs[compared.ours], errors="coerce") if compared.ours in runs.columns else pd.Series()
-    mean, std, _, n = t_interval(values.to_numpy(dtype=float))
+    simulated = simulated_mask(runs)
+    mean, std, _, n = t_interval(_values(runs[~simulated], compared.ours))
+    sim_mean, sim_std, _, sim_n = t_interval(_values(runs[simulated], simulated_column(compared.ours)))
     paper = paper_value * compared.paper_scale if np.isfinite(paper_value) else math.nan
     delta = mean - paper if compared.delta and n else math.nan
-    return {"paper": paper, "ours": mean, "std": std, "n": n, "delta": delta}
+    sim_delta = sim_mean - paper if compared.delta and sim_n else math.nan
+    return {"paper": paper, "ours": mean, "std": std, "n": n, "delta": delta, "sim": sim_mean, "sim_std": sim_std,
+            "sim_n": sim_n, "sim_delta": sim_delta}
+
+
+def _simulated_parts(compared: Compared) -> tuple[str, ...]:
+    """The simulated-only cell parts a compared quantity has (none for latency: such runs have none)."""
+    return ("sim", "sim_std", "sim_n", "sim_delta") if simulated_column(compared.ours) is not None else ()
+
+
+PART_NAMES = {"delta": "Δ", "sim": "simulated-only", "sim_std": "simulated-only std",
+              "sim_n": "simulated-only n", "sim_delta": "simulated-only Δ"}
 
 
 def build_table(
@@ -91,7 +118,10 @@ def build_table(
     reference = spec.reference(Path(reference_dir))
     data = records.copy()
     if any(c.ours == "delta_vs_float" for c in spec.compared) and "metric" in data.columns:
-        data["delta_vs_float"] = pd.to_numeric(data["metric"], errors="coerce") - float_baseline(data)
+        baseline = float_baseline(data)
+        data["delta_vs_float"] = pd.to_numeric(data["metric"], errors="coerce") - baseline
+        if "metric_sim" in data.columns:
+            data["delta_vs_float_sim"] = pd.to_numeric(data["metric_sim"], errors="coerce") - baseline
     extra = {**(spec.dataset if dataset_filter else {}), **(where or {})}
     rows = []
     for entry in reference.to_dict("records"):  # native types per column: 8 stays 8, not 8.0
@@ -102,9 +132,9 @@ def build_table(
             runs = select(data, {**conditions, **extra}) if conditions is not None else data.iloc[:0]
             paper_value = pd.to_numeric(pd.Series([paper_row[compared.paper]]), errors="coerce").iloc[0]
             cell = _cell(runs, float(paper_value), compared)
-            for part in ("paper", "ours", "std", "n", "delta"):
-                if part != "delta" or compared.delta:
-                    row[f"{compared.label} {'Δ' if part == 'delta' else part}"] = cell[part]
+            for part in ("paper", "ours", "std", "n", "delta", *_simulated_parts(compared)):
+                if "delta" not in part or compared.delta:
+                    row[f"{compared.label} {PART_NAMES.get(part, part)}"] = cell[part]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -119,9 +149,31 @@ def _number(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _mean_text(mean: Any, std: Any, n: Any, digits: int) -> str:
+    text = _number(mean, digits)
+    if n > 1 and np.isfinite(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def _simulated(table: pd.DataFrame, label: str) -> pd.Series:
+    """Per row: how many simulated-only runs matched (0 where the table has no such column)."""
+    column = f"{label} simulated-only n"
+    if column not in table.columns:
+        return pd.Series(0, index=table.index)
+    return pd.to_numeric(table[column], errors="coerce").fillna(0).astype(int)
+
+
+def has_simulated(table: pd.DataFrame, name: str) -> bool:
+    """True when some cell of the table holds simulated-only runs (shown marked with † and a note)."""
+    return any(_simulated(table, c.label).gt(0).any() for c in get_table(name).compared)
+
+
 def display_table(table: pd.DataFrame, name: str) -> pd.DataFrame:
     """Strings for Markdown/LaTeX: ``ours`` as ``mean ± std`` (std when n > 1), missing cells "—",
-    Δ signed; the ``std`` columns are folded into ``ours``."""
+    Δ signed; the ``std`` columns are folded into ``ours``. Simulated-only runs are marked †: their value after
+    the integer runs' (``75.00; 74.10†``) or alone (``74.10†``), Δ only when there is no integer run, n as
+    ``integer+simulated†``."""
     spec = get_table(name)
     shown = table[[*spec.keys, *spec.shown]].apply(lambda col: col.map(lambda v: _number(v, 3)))
     shown = shown.astype(str).replace({"nan": MISSING})
@@ -129,16 +181,29 @@ def display_table(table: pd.DataFrame, name: str) -> pd.DataFrame:
         label = compared.label
         digits = 2 if compared.ours.startswith(("accuracy.", "metric", "delta")) else 1
         shown[f"{label} paper"] = table[f"{label} paper"].map(_number)
-        ours = []
-        for mean, std, n in zip(table[f"{label} ours"], table[f"{label} std"], table[f"{label} n"], strict=True):
-            text = _number(mean, digits)
-            if n > 1 and np.isfinite(std):
-                text += f" ± {std:.{digits}f}"
+        sim_n = _simulated(table, label)
+        ours, deltas, counts = [], [], []
+        for i, (mean, std, n) in enumerate(zip(table[f"{label} ours"], table[f"{label} std"], table[f"{label} n"],
+                                               strict=True)):
+            text = _mean_text(mean, std, n, digits)
+            delta = table[f"{label} Δ"].iloc[i] if compared.delta else math.nan
+            delta_text = MISSING if not np.isfinite(delta) else f"{delta:+.{digits}f}"
+            count = str(int(n))
+            if (k := int(sim_n.iloc[i])) > 0:
+                sim_text = _mean_text(table[f"{label} simulated-only"].iloc[i],
+                                      table[f"{label} simulated-only std"].iloc[i], k, digits) + SIMULATED_MARK
+                text = sim_text if n == 0 else f"{text}; {sim_text}"
+                sim_delta = table[f"{label} simulated-only Δ"].iloc[i] if compared.delta else math.nan
+                if n == 0 and np.isfinite(sim_delta):
+                    delta_text = f"{sim_delta:+.{digits}f}{SIMULATED_MARK}"
+                count = f"{int(n)}+{k}{SIMULATED_MARK}"
             ours.append(text)
+            deltas.append(delta_text)
+            counts.append(count)
         shown[f"{label} ours"] = ours
         if compared.delta:
-            shown[f"{label} Δ"] = [MISSING if not np.isfinite(v) else f"{v:+.{digits}f}" for v in table[f"{label} Δ"]]
-        shown[f"{label} n"] = table[f"{label} n"].map(lambda v: str(int(v)))
+            shown[f"{label} Δ"] = deltas
+        shown[f"{label} n"] = counts
     return shown
 
 
@@ -151,12 +216,14 @@ def to_markdown(table: pd.DataFrame, name: str) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
     lines += ["", f"Matching: {spec.matching} ours = mean over matching runs (± sample std when n > 1); "
                   f"{MISSING} = no run. Source: results/reference/{spec.csv}.", ""]
+    if has_simulated(table, name):
+        lines += [SIMULATED_NOTE, ""]
     return "\n".join(lines)
 
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                 "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "−": "--"}
+                 "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---", "−": "--", SIMULATED_MARK: r"$^\dagger$"}
 
 
 def latex_escape(text: str) -> str:
@@ -172,6 +239,8 @@ def to_latex(table: pd.DataFrame, name: str) -> str:
              " & ".join(latex_escape(c) for c in shown.columns) + r" \\", r"\midrule"]
     lines += [" & ".join(latex_escape(v) for v in row) + r" \\" for row in shown.itertuples(index=False)]
     caption = f"{latex_escape(spec.title)}. {latex_escape(spec.matching)}"
+    if has_simulated(table, name):
+        caption += f" {latex_escape(SIMULATED_NOTE)}"
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}}}", rf"\label{{tab:{name}}}", r"\end{table}", ""]
     return "\n".join(lines)
 
@@ -192,4 +261,5 @@ def write_table(table: pd.DataFrame, name: str, out_dir: str | os.PathLike[str])
     return paths
 
 
-__all__ = ["build_table", "display_table", "get_table", "select", "to_latex", "to_markdown", "write_table"]
+__all__ = ["build_table", "display_table", "get_table", "has_simulated", "select", "to_latex", "to_markdown",
+           "write_table"]
