@@ -32,7 +32,7 @@ from qat.models.registry import build_model  # noqa: E402
 from qat.pipeline import load_data, validate  # noqa: E402
 from qat.records import atomic_write_bytes  # noqa: E402
 from qat.schema import DataConfig, ModelConfig, RunConfig  # noqa: E402
-from qat.train.checkpoint import load_checkpoint  # noqa: E402
+from qat.train.checkpoint import MAGIC, CheckpointDamaged, UnsafeCheckpoint, decode, load_checkpoint  # noqa: E402
 from qat.train.loop import predict, top1  # noqa: E402
 
 EVAL_NAME = "eval.json"
@@ -49,15 +49,30 @@ class EvalConfig:
 
 
 def is_int_model(path: Path) -> bool:
-    """True when ``path`` holds a qat integer model (the file's ``format`` field), False otherwise (float
-    weights: a plain state dict or a run checkpoint, read by :func:`load_float`)."""
+    """True when ``path`` holds a qat integer model (the file's ``format`` field), False when float weights (a
+    plain state dict or a run checkpoint, read by :func:`load_float`). Every file is read with ``weights_only``
+    unpickling; one that cannot be read is one line naming it, saying what it is and why it is unreadable."""
     if not path.is_file():
         raise QatError("checkpoint", f"{path} does not exist", "give an int_model.pt or a float .pt/.pth file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a plain torch file: a checksummed run checkpoint, or garbage
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT
+        data = path.read_bytes()
+    except OSError as exc:
+        raise QatError("checkpoint", f"{path} cannot be read ({exc.strerror or exc})", "check its permissions") \
+            from exc
+    try:
+        state = decode(path, data)
+    except UnsafeCheckpoint as exc:
+        raise QatError("checkpoint", f"{path} {exc.problem}", exc.fix) from exc
+    except CheckpointDamaged as exc:
+        if data.startswith(MAGIC):
+            what, fix = "is a qat checkpoint (float weights), but", "use an undamaged copy of it"
+        elif FORMAT.encode() in data[:1 << 20]:  # the format string, near the start of the pickle, survives
+            what, fix = "is a qat integer model, but", "copy it again, or convert the model again"
+        else:
+            what, fix = "is neither an integer model nor float weights qat can read:", \
+                "give an int_model.pt or a float .pt/.pth file"
+        raise QatError("checkpoint", f"{path} {what} it {exc.problem}", fix) from exc
+    return state.get("format") == FORMAT
 
 
 def load_float(model: torch.nn.Module, path: Path) -> None:

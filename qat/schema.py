@@ -19,7 +19,7 @@ class ModelConfig:
     arch: str = "mobilenet_v2"
     width_mult: float = 1.0
     resolution: int = 224
-    weights: str | None = None  # local float checkpoint; skips float training
+    weights: str | None = None  # skips float training: a .pt/.pth file or torchvision IMAGENET1K_V1, _V2, DEFAULT
 
 
 @dataclass

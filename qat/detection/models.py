@@ -1,7 +1,9 @@
 """SSDLite detectors (Sandler et al. 2018 §6.2; Howard et al. 2019 §6.3) on MobileNet v1/v2/v3-large backbones.
 
 The network is built from torchvision's parts (backbones, ``SSDLite*Head``, ``DefaultBoxGenerator``, ``SSD``)
-with random initialisation; weights come only from local files, never from the network. The width
+with random initialisation; weights come from local files, and the backbone's also from torchvision's
+pretrained ImageNet weights by name (``model.backbone_weights=IMAGENET1K_V1``, torchvision's cache, see
+qat.models.registry; MobileNet v3's backbone then keeps its full tail, as torchvision's SSDLite does). The width
 (depth) multiplier scales the backbone and, with a floor of 16 channels, the four extra feature layers, as
 the TF object-detection API's ``depth_multiplier``/``min_depth`` do.
 """
@@ -22,6 +24,7 @@ from torchvision.models.detection.ssdlite import SSDLiteClassificationHead, SSDL
 from qat.compat.torch_private import ssdlite_extra_block, ssdlite_normal_init
 from qat.detection.detector import DetectionCore, SSDLiteDetector, TappedBackbone
 from qat.errors import QatError, choice_error
+from qat.models.registry import is_weights_name
 
 MIN_DEPTH = 16
 MIN_RESOLUTION = 64  # six feature levels: below 64 px the extra layers are all 1x1
@@ -50,9 +53,10 @@ def _mobilenet_v2(width_mult: float) -> nn.Module:
     return torchvision.models.mobilenet_v2(width_mult=width_mult, norm_layer=_NORM)
 
 
-def _mobilenet_v3_large(width_mult: float) -> nn.Module:
+def _mobilenet_v3_large(width_mult: float, reduced_tail: bool = True) -> nn.Module:
     # reduced tail (MobileNet v3 Table 6), as torchvision's SSDLite does without a pretrained backbone
-    return torchvision.models.mobilenet_v3_large(width_mult=width_mult, reduced_tail=True, norm_layer=_NORM)
+    return torchvision.models.mobilenet_v3_large(width_mult=width_mult, reduced_tail=reduced_tail,
+                                                 norm_layer=_NORM)
 
 
 def _mobilenet_v1(width_mult: float) -> nn.Module:
@@ -76,25 +80,32 @@ BACKBONES: dict[str, tuple[Callable[[float], nn.Module], Callable[[nn.Sequential
 
 def load_state(module: nn.Module, path: str, key: str) -> None:
     """Load a state dict (plain or under a 'model' key) from a local file into ``module``; errors name ``key``."""
+    from qat.models.registry import read_state_dict
+
     file = Path(path).expanduser()
     if not file.is_file():
-        raise QatError(key, f"{file} does not exist", "give a local .pt/.pth state-dict file (no downloads)")
-    from qat.train.checkpoint import MAGIC, read_checkpoint_file
+        raise QatError(key, f"{file} does not exist", "give a local .pt/.pth state-dict file")
+    _load_into(module, read_state_dict(file, key), file, key)
 
-    with file.open("rb") as handle:
-        ours = handle.read(len(MAGIC)) == MAGIC
-    try:  # our checksummed checkpoints (e.g. cached float weights), else a plain state dict, weights only
-        state = read_checkpoint_file(file) if ours else torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line message
-        raise QatError(key, f"{file} cannot be read as a state dict ({type(exc).__name__})",
-                       "give a file written by torch.save(model.state_dict()) or a qat checkpoint") from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+
+def _load_into(module: nn.Module, state: dict, source: str | Path, key: str) -> None:
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise QatError(key, f"{file} does not fit this model: {str(exc).splitlines()[0]}",
+        raise QatError(key, f"{source} does not fit this model: {str(exc).splitlines()[0]}",
                        "check model.backbone, model.width_mult and the number of categories") from exc
+
+
+def _pretrained_backbone(backbone: str, name: str, width_mult: float) -> nn.Module:
+    """The ``backbone`` classification network with torchvision's pretrained weights ``name``."""
+    from qat.models.registry import pretrained_file, read_state_dict, torchvision_weights
+
+    weights = torchvision_weights(backbone, name, width_mult=width_mult, key="model.backbone_weights")
+    net = _mobilenet_v3_large(width_mult, reduced_tail=False) if backbone == "mobilenet_v3_large" \
+        else BACKBONES[backbone][0](width_mult)
+    file = pretrained_file(weights, "model.backbone_weights")
+    _load_into(net, read_state_dict(file, "model.backbone_weights"), file, "model.backbone_weights")
+    return net
 
 
 def build_detector(backbone: str = "mobilenet_v2", *, num_categories: int, width_mult: float = 1.0,
@@ -115,10 +126,16 @@ def build_detector(backbone: str = "mobilenet_v2", *, num_categories: int, width
     if num_categories < 1:
         raise QatError("data", "the dataset has no categories", "the annotation file must list categories")
     make, stages = BACKBONES[backbone]
-    net = make(float(width_mult))
-    if backbone_weights:
+    if weights and is_weights_name(weights):
+        raise QatError("model.weights", f"{weights} names torchvision classification weights, not a detector's",
+                       f"give them as model.backbone_weights={weights}; model.weights takes a local file")
+    if backbone_weights and is_weights_name(backbone_weights):
+        net = _pretrained_backbone(backbone, backbone_weights, float(width_mult))
+    elif backbone_weights:
+        net = make(float(width_mult))
         load_state(net, backbone_weights, "model.backbone_weights")
     else:
+        net = make(float(width_mult))
         ssdlite_normal_init(net)  # torchvision's SSDLite initialisation without a pretrained backbone
     taps = stages(net.features)
 

@@ -1,19 +1,34 @@
 """Model registry: build a float classifier by name with width multiplier and class count.
 
-torchvision architectures are built as-is (no hand-written "quantizable" copies). Pretrained torchvision
-weights are loaded only from a local file (``weights``), never downloaded at run time.
+torchvision architectures are built as-is (no hand-written "quantizable" copies). Float weights
+(``weights``) come from a local file (a state dict, or a qat checkpoint holding one under ``model``), or are
+torchvision's pretrained weights named as torchvision names them (``IMAGENET1K_V1``, ``IMAGENET1K_V2``,
+``DEFAULT``, or ``ResNet50_Weights.IMAGENET1K_V2``): read from torchvision's own cache
+(``$TORCH_HOME/hub/checkpoints/<file name of the weights' URL>``), downloaded there only when missing and the
+network allows. Every file is read with ``weights_only`` unpickling (qat.train.checkpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import os
+import re
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 from qat.errors import QatError, choice_error
+
+log = logging.getLogger("qat")
+WEIGHTS_NAME = re.compile(r"(?:[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*_Weights\.)?[A-Z][A-Z0-9_]*")
+DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: a network that drops packets fails instead of hanging
 
 
 def _mobilenet_v2(width_mult: float, num_classes: int) -> nn.Module:
@@ -72,35 +87,130 @@ def build_model(arch: str, *, width_mult: float = 1.0, num_classes: int = 1000, 
         raise QatError("model.resolution", f"{resolution} is below {smallest}",
                        f"{arch} takes inputs of at least {smallest}x{smallest}")
     model = MODELS[arch](float(width_mult), num_classes)
-    if weights:
+    if weights and is_weights_name(weights):
+        pretrained = torchvision_weights(arch, weights, width_mult=float(width_mult))
+        classes = len(pretrained.meta["categories"])
+        if classes != num_classes:
+            raise QatError("model.weights", f"torchvision's {pretrained} weights classify {classes} ImageNet "
+                           f"classes, the dataset has {num_classes}",
+                           "use them with data=imagenet, or give a local file trained on these classes")
+        state = read_state_dict(pretrained_file(pretrained))
+        if arch == "inception_v3":
+            state = _inception_without_transform_input(state)
+        _load_state(model, state, weights, "model.weights")
+    elif weights:
         load_float_weights(model, weights)
     return model
+
+
+def is_weights_name(value: str) -> bool:
+    """True when ``value`` names torchvision pretrained weights (``IMAGENET1K_V2``, ``DEFAULT``,
+    ``ResNet50_Weights.IMAGENET1K_V2``) rather than a file path."""
+    return WEIGHTS_NAME.fullmatch(value) is not None
+
+
+def torchvision_weights(arch: str, name: str, *, width_mult: float, key: str = "model.weights") -> Any:
+    """torchvision's weights enum member ``name`` for the architecture ``arch`` (``DEFAULT``: the best);
+    a QatError naming ``key`` where torchvision has none (qat's own networks, other widths, other names)."""
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError:
+        enum = None
+    if enum is None:
+        raise QatError(key, f"{arch} is qat's own network: torchvision has no pretrained {name} weights for it",
+                       f"give a local state-dict file ({key}=/path/to/{arch}.pth)")
+    prefix, _, member = name.rpartition(".")
+    if (prefix and prefix != enum.__name__) or member not in enum.__members__:
+        raise QatError(key, f"torchvision has no {name} weights for {arch}",
+                       f"valid names: {', '.join(enum.__members__)} (or {enum.__name__}.<name>), or a local file")
+    if width_mult != 1.0:
+        raise QatError(key, f"torchvision's {arch} weights are for model.width_mult=1.0, not {width_mult:g}",
+                       "set model.width_mult=1.0, or give a local file trained at this width")
+    return enum[member]
+
+
+def pretrained_file(weights: Any, key: str = "model.weights") -> Path:
+    """The file of torchvision ``weights`` in torchvision's cache (``torch.hub.get_dir()/checkpoints/<file
+    name of weights.url>``), downloaded there when missing and the network allows; when it cannot be, a
+    QatError naming the full path to put the file at and the URL it comes from."""
+    url = weights.url
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    file = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if file.is_file():
+        return file
+    log.info("downloading torchvision's %s weights: %s -> %s", weights, url, file)
+    digest = torch.hub.HASH_REGEX.search(name)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            torch.hub.download_url_to_file(url, str(file), hash_prefix=digest.group(1) if digest else None)
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP, disk: the same fix
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise QatError(key, f"torchvision's {weights} weights are not in {file} and could not be downloaded "
+                       f"({reason})", f"download {url} and put it at {file}") from exc
+    return file
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """A default timeout for new sockets (torch.hub's download takes none) while the block runs."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def _inception_without_transform_input(state: dict[str, Any]) -> dict[str, Any]:
+    """torchvision's Inception v3 weights, for qat's Inception v3 (no auxiliary classifier, no
+    ``transform_input``): the auxiliary classifier's tensors are dropped, and the input re-normalisation those
+    weights were trained with (ImageNet mean/std -> [-1, 1], per channel ``x * a + b``) is folded into the
+    first convolution (weights times ``a``) and its BatchNorm (running mean minus the conv of ``b``). Exact:
+    that convolution has no padding, so every output sees ``b`` at all its taps."""
+    state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    scale, shift = std / 0.5, (mean - 0.5) / 0.5
+    weight = state["Conv2d_1a_3x3.conv.weight"]
+    state["Conv2d_1a_3x3.conv.weight"] = weight * scale.view(1, 3, 1, 1).to(weight.dtype)
+    offset = (weight * shift.view(1, 3, 1, 1).to(weight.dtype)).sum(dim=(1, 2, 3))
+    state["Conv2d_1a_3x3.bn.running_mean"] = state["Conv2d_1a_3x3.bn.running_mean"] - offset
+    return state
+
+
+def read_state_dict(file: Path, key: str = "model.weights") -> dict[str, Any]:
+    """The state dict in ``file`` (plain, or under a ``model`` key of a qat checkpoint), read with
+    ``weights_only`` unpickling; an unreadable or unsafe file is a QatError naming ``key`` and the file."""
+    from qat.train.checkpoint import CheckpointDamaged, UnsafeCheckpoint, read_checkpoint_file
+
+    try:
+        state = read_checkpoint_file(file)
+    except UnsafeCheckpoint as exc:
+        raise QatError(key, f"{file} {exc.problem}", exc.fix) from exc
+    except CheckpointDamaged as exc:
+        raise QatError(key, f"{file} is not a readable state dict: it {exc.problem}",
+                       "give a .pt/.pth file written by torch.save(model.state_dict())") from exc
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    return state
+
+
+def _load_state(model: nn.Module, state: dict[str, Any], source: str | Path, key: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise QatError(key, f"{source} does not fit this architecture: {first}",
+                       "check model.arch, model.width_mult and the dataset's number of classes") from exc
 
 
 def load_float_weights(model: nn.Module, path: str) -> None:
     """Load a state dict (plain, or under a 'model' key) from a local file, with clear errors."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise QatError("model.weights", f"{file} does not exist", "give a local .pt/.pth state-dict file")
-    from qat.train.checkpoint import MAGIC, read_checkpoint_file
-
-    with open(file, "rb") as handle:
-        ours = handle.read(len(MAGIC)) == MAGIC
-    try:  # qat's own checksummed checkpoints (cached float weights, run checkpoints), else a plain state dict
-        state = read_checkpoint_file(file) if ours else torch.load(file, map_location="cpu", weights_only=True)
-    except QatError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise QatError("model.weights", f"{file} is not a readable state dict ({type(exc).__name__})",
-                       "give a .pt/.pth file written by torch.save(model.state_dict())") from exc
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise QatError("model.weights", f"{file} does not fit this architecture: {first}",
-                       "check model.arch, model.width_mult and model.num_classes") from exc
+        raise QatError("model.weights", f"{file} does not exist",
+                       "give a local .pt/.pth state-dict file, or torchvision's weights by name (e.g. DEFAULT)")
+    _load_state(model, read_state_dict(file), file, "model.weights")
 
 
 def count_macs(model: nn.Module, resolution: int) -> int:

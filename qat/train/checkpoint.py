@@ -6,6 +6,12 @@ leaves the old file or the new one, never half of one. Before a new checkpoint r
 old one is kept as ``<phase>_prev.pt`` (a hard link, so ``_last`` never goes missing). On load the checksum is
 verified; a truncated or corrupted ``_last`` is reported in one log line and the previous good one is used.
 Files without the header (written before checksums existed) are read as plain ``torch.save`` files.
+
+Every file is unpickled with ``torch.load(weights_only=True)``: tensors, numbers, strings, ``None`` and
+containers only, with or without the header (a sha256 anyone can compute is a checksum, not a signature).
+A pickle naming any other Python global (which could run code while loading) is refused as
+:class:`UnsafeCheckpoint`. The state qat saves needs nothing more: :func:`rng_state` stores NumPy's generator
+state as a tensor and plain numbers.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +47,51 @@ class CheckpointDamaged(QatError):
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(str(path), problem, "delete it to start that phase again")
         self.path = path
+
+
+class UnsafeCheckpoint(CheckpointDamaged):
+    """A file whose pickle needs more than tensors and plain data to load: unpickling it could run code."""
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
+        QatError.__init__(self, str(path), problem, fix)
+        self.path = path
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_BOILERPLATE = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation",
+                "In PyTorch 2.6", "WeightsUnpickler error:")
+
+
+def load_weights_only(path: Path, payload: bytes, *, ours: bool = False) -> Any:
+    """``torch.load(payload, weights_only=True)`` on the CPU (``payload``: the bytes of ``path``, or of its
+    payload when it has qat's header: ``ours``); :class:`UnsafeCheckpoint` when the pickle names a Python
+    global beyond tensors and plain data, :class:`CheckpointDamaged` when it cannot be read."""
+    try:
+        with warnings.catch_warnings():  # protocol-4 pickles: torch warns, then refuses or reads them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL.search(str(exc))
+        if found is None:  # garbage, truncation, pickle opcodes torch does not read: damage, not code
+            raise CheckpointDamaged(path, f"cannot be read ({_reason(exc)})") from exc
+        what = f"needs the Python global {found.group(1)}"
+        if ours and found.group(1).startswith("numpy."):  # NumPy RNG state, as qat pickled it once
+            raise UnsafeCheckpoint(path, f"was written by an older qat: it {what}, which qat no longer unpickles",
+                                   "delete it to start that phase again") from exc
+        raise UnsafeCheckpoint(
+            path, f"is refused: it {what} to load, and qat unpickles only tensors and plain data (anything else "
+            "can run code; a checksum header is no signature)",
+            "if you trust its source, re-save just the tensors, e.g. torch.save(model.state_dict(), path); "
+            "otherwise delete it") from exc
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on truncated or garbage files
+        raise CheckpointDamaged(path, f"cannot be read ({_reason(exc)})") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """``Type: first informative line`` of a torch.load error (its weights-only boilerplate left out)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(_BOILERPLATE)]
+    return f"{type(exc).__name__}: {lines[0].split('. ')[0][:160]}" if lines else type(exc).__name__
 
 
 def previous_path(path: str | os.PathLike[str]) -> Path:
@@ -70,10 +124,7 @@ def decode(path: Path, data: bytes) -> dict[str, Any]:
             raise CheckpointDamaged(path, "fails its sha256 checksum (corrupted on disk)")
     else:
         payload = data  # written before checksums existed: a plain torch.save file
-    try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - legacy files: any unpickling failure means the same thing
-        raise CheckpointDamaged(path, f"cannot be read ({type(exc).__name__})") from exc
+    state = load_weights_only(path, payload, ours=data.startswith(MAGIC))
     if not isinstance(state, dict):
         raise CheckpointDamaged(path, f"holds a {type(state).__name__}, not a checkpoint dict")
     return state
@@ -149,9 +200,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Every random generator a training step may draw from (torch CPU and CUDA, Python, NumPy), so a run
-    resumed mid-epoch continues with the same random numbers (dropout, augmentation)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": np.random.get_state()}
+    resumed mid-epoch continues with the same random numbers (dropout, augmentation). Tensors, ints, floats,
+    strings and tuples only, so that ``weights_only`` loading reads it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -161,7 +215,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
