@@ -77,7 +77,8 @@ MIN_RESOLUTION = {"inception_v3": 75}  # others: 32 (five stride-2 stages; small
 
 def build_model(arch: str, *, width_mult: float = 1.0, num_classes: int = 1000, resolution: int = 224,
                 weights: str | None = None) -> nn.Module:
-    """Build ``arch``; load float weights from a local checkpoint file if ``weights`` is given."""
+    """Build ``arch``; with ``weights``, load float weights from a local file (state dict or qat checkpoint)
+    or torchvision's pretrained weights named as torchvision names them (``IMAGENET1K_V2``, ``DEFAULT``)."""
     if arch not in MODELS:
         raise choice_error("model.arch", arch, list(MODELS))
     if not isinstance(width_mult, int | float) or width_mult <= 0:
