@@ -18,3 +18,39 @@ DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Each device a test should run on: ``cpu``, and ``cuda`` (skipped without a GPU)."""
     return torch.device(request.param)
+
+
+def load_eval_app(name: str = "qat_eval_app"):  # type: ignore[no-untyped-def]
+    """``experiments/eval.py`` imported as a module under ``name`` (its functions are called directly)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments"
+                                                  / "eval.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def converted_mobilenet_v1(config, images: int = 24):  # type: ignore[no-untyped-def]
+    """A seeded MobileNet v1 (x0.25, 4 classes, 32 px) prepared with ``config``, calibrated on ``images`` random
+    images and converted: (int model, loader of those images, simulated logits, predictions, targets)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qat.intmodel.convert import convert
+    from qat.models.registry import build_model
+    from qat.quant.prepare import calibration_mode, prepare
+    from qat.train.loop import predict
+
+    torch.manual_seed(0)
+    model = prepare(build_model("mobilenet_v1", width_mult=0.25, num_classes=4, resolution=32), config,
+                    torch.randn(1, 3, 32, 32))
+    batch = torch.randn(images, 3, 32, 32)
+    with calibration_mode(model), torch.no_grad():
+        model(batch)
+    loader = DataLoader(TensorDataset(batch, torch.randint(0, 4, (images,))), batch_size=8)
+    sim_logits, sim_pred, targets = predict(model, loader)
+    return convert(model), loader, sim_logits, sim_pred, targets

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+from conftest import converted_mobilenet_v1
 
 from qat.errors import QatError
 from qat.fidelity import check_engine_names, evaluate_engines
-from qat.intmodel.convert import convert
-from qat.models import build_model
 from qat.quant.config import QuantConfig
-from qat.quant.prepare import calibration_mode, prepare
-from qat.train.loop import predict
 
 
 def _setup(config: QuantConfig):  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    model = prepare(build_model("mobilenet_v1", width_mult=0.25, num_classes=4, resolution=32), config,
-                    torch.randn(1, 3, 32, 32))
-    images = torch.randn(24, 3, 32, 32)
-    with calibration_mode(model), torch.no_grad():
-        model(images)
-    loader = DataLoader(TensorDataset(images, torch.randint(0, 4, (24,))), batch_size=8)
-    sim_logits, sim_pred, targets = predict(model, loader)
-    return convert(model), loader, sim_logits, sim_pred, targets
+    return converted_mobilenet_v1(config, images=24)
 
 
 def test_engines_are_compared_in_output_lsbs() -> None:

@@ -7,16 +7,13 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from conftest import converted_mobilenet_v1
 
 import qat.fidelity as fidelity
 from qat.fidelity import compare, evaluate_engines, output_lsb
 from qat.intmodel import reference
-from qat.intmodel.convert import convert
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
-from qat.models import build_model
 from qat.quant.config import QuantConfig
-from qat.quant.prepare import calibration_mode, prepare
 from qat.train.loop import predict
 
 
@@ -48,15 +45,7 @@ def test_compare_names_its_unit() -> None:
 
 
 def _converted():  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    model = prepare(build_model("mobilenet_v1", width_mult=0.25, num_classes=4, resolution=32),
-                    QuantConfig(act_observer="minmax"), torch.randn(1, 3, 32, 32))
-    images = torch.randn(16, 3, 32, 32)
-    with calibration_mode(model), torch.no_grad():
-        model(images)
-    loader = DataLoader(TensorDataset(images, torch.randint(0, 4, (16,))), batch_size=8)
-    sim_logits, sim_pred, targets = predict(model, loader)
-    return convert(model), loader, sim_logits, sim_pred, targets
+    return converted_mobilenet_v1(QuantConfig(act_observer="minmax"), images=16)
 
 
 def test_block_without_output_quantizer_is_in_real_units(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,6 @@ record; the eval driver reproduces the run's integer top-1 from the saved int_mo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import load_eval_app
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -76,12 +76,7 @@ def test_eval_driver_reproduces_the_runs_integer_top1(ptq_run: tuple[Path, Path,
 
 
 def load_eval_module() -> Any:
-    spec = importlib.util.spec_from_file_location("qat_eval_app", ROOT / "experiments" / "eval.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_eval_app("qat_eval_app")
 
 
 def test_eval_refuses_weights_of_another_architecture(ptq_run: tuple[Path, Path, dict[str, Any]]) -> None:

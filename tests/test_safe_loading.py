@@ -11,7 +11,6 @@ cannot be read.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import random
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import load_eval_app
 
 from qat.detection.models import build_detector
 from qat.errors import QatError
@@ -122,12 +122,7 @@ def test_model_weights_refuse_code(payload: str, header: bool, legacy: bool, tmp
 
 
 def load_eval_module() -> Any:
-    spec = importlib.util.spec_from_file_location("qat_eval_app_safe", ROOT / "experiments" / "eval.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_eval_app("qat_eval_app_safe")
 
 
 @pytest.mark.parametrize(("payload", "header", "legacy"), CASES)

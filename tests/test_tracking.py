@@ -24,7 +24,7 @@ from qat.train.checkpoint import save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _cli import register_schemas  # noqa: E402
+from _cli import register_detect_schemas, register_schemas  # noqa: E402
 from collect import collect  # noqa: E402
 
 
@@ -103,15 +103,16 @@ def test_none_logger_and_unknown_names() -> None:
         build_logger(LoggerConfig(name="wandb", mode="offlne"), ".", config={}, group=None, run_name=None)
 
 
-def compose_run(overrides: list[str]):  # type: ignore[no-untyped-def]
-    register_schemas()
+def compose_run(overrides: list[str], config_name: str = "run"):  # type: ignore[no-untyped-def]
+    (register_detect_schemas if config_name == "detect" else register_schemas)()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="run", overrides=overrides, return_hydra_config=True)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
 
 
-def test_run_and_sweep_dirs_differ_for_configs_composed_in_the_same_second() -> None:
+@pytest.mark.parametrize(("config_name", "tag"), [("run", "default"), ("detect", "detect")])
+def test_run_and_sweep_dirs_differ_for_configs_composed_in_the_same_second(config_name: str, tag: str) -> None:
     for _ in range(3):  # retry in the rare case the clock's second changes between the two compositions
-        a, b = compose_run([]), compose_run([])
+        a, b = compose_run([], config_name), compose_run([], config_name)
         dirs_a = (OmegaConf.select(a, "hydra.run.dir"), OmegaConf.select(a, "hydra.sweep.dir"))
         dirs_b = (OmegaConf.select(b, "hydra.run.dir"), OmegaConf.select(b, "hydra.sweep.dir"))
         same_second = dirs_a[0].rsplit("-", 1)[0] == dirs_b[0].rsplit("-", 1)[0]
@@ -119,7 +120,9 @@ def test_run_and_sweep_dirs_differ_for_configs_composed_in_the_same_second() -> 
             break
     assert same_second
     assert dirs_a[0] != dirs_b[0] and dirs_a[1] != dirs_b[1]
+    assert dirs_a[0].rsplit("-", 1)[0].endswith(f"-{tag}")  # <time>-<tag>-<token>
     assert dirs_a[0].rsplit("-", 1)[1] == dirs_a[1].rsplit("-", 1)[1]  # one token per composed config
+    assert dirs_a[0] == OmegaConf.select(a, "hydra.run.dir")  # resolved once: a run keeps its directory
 
 
 @pytest.mark.slow
