@@ -18,7 +18,7 @@ AVX-VNNI only, whose 256-bit VNNI fbgemm does not use) → ``x86_avx2``; ARM →
 
 from __future__ import annotations
 
-import platform
+import functools
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,7 +28,6 @@ from qat.errors import QatError, choice_error
 KEY = "target.name"
 GRID_KEY = "target.avx2_grid"
 AVX2_GRIDS = ("weights7", "acts7")
-INT16_MAX = 32767
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 TARGET_NAMES = ("auto", *TARGETS)
 
 
+@functools.cache
 def host_machine() -> tuple[list[str], str]:
-    """The host's CPU flags of interest (``qat.latency.host``) and its machine name (x86_64, aarch64, ...)."""
+    """The host's CPU flags of interest (``qat.latency.host``) and its machine name (x86_64, aarch64, ...);
+    read once per process (every ``latency.engine=auto`` lookup asks)."""
     from qat.latency.host import describe_host
 
     host = describe_host()
@@ -183,7 +184,7 @@ def plan(name: str, quant: Any, avx2_grid: str = "weights7", flags: Collection[s
          machine: str | None = None) -> tuple[Plan, Any]:
     """Resolve the target and constrain ``quant``; returns the plan (for the record) and the recipe that runs."""
     target, why = resolve(name, flags, machine)
-    host_flags = list(flags) if flags is not None else host_machine()[0]
+    host_flags = list(flags if flags is not None else host_machine()[0])
     constrained, constraints = constrain(quant, target, avx2_grid)
     return Plan(target, why, avx2_grid, constraints, host_flags), constrained
 
@@ -193,7 +194,7 @@ def accumulates_in_pairs(engine_exact_flags: tuple[str, ...] | None, flags: Coll
     """Whether an engine whose kernels are exact only with ``engine_exact_flags`` sums int16 pairs on this host."""
     if engine_exact_flags is None:
         return False
-    machine = (machine or platform.machine()).lower()
+    machine = (machine or host_machine()[1]).lower()
     if machine not in ("x86_64", "amd64", "i686", "x86"):
         return False
     return not any(f in flags for f in engine_exact_flags)

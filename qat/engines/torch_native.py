@@ -48,13 +48,9 @@ def quantized_engine(backend: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
-def _uint8_zero_point(q: TensorQ) -> int:
-    return q.zero_point + 128 if q.signed else q.zero_point
-
-
 def _check_container(q: TensorQ, where: str) -> None:
-    low = q.qmin + (128 if q.signed else 0)
-    high = q.qmax + (128 if q.signed else 0)
+    low = q.qmin + q.uint8_offset
+    high = q.qmax + q.uint8_offset
     if low < 0 or high > 255:
         raise QatError("engine", f"{where}: {q.bits}-bit activations do not fit the 8-bit kernels of torch_native",
                        "use activations of 8 bits or fewer on this engine")
@@ -109,7 +105,7 @@ class TorchNativeModel(nn.Module):
             _check_container(out, node.name)
         q = torch.ops.quantized
         if node.op == "quantize":
-            scale, zp = out.scale, _uint8_zero_point(out)
+            scale, zp = out.scale, out.uint8_zero_point
             return lambda x: torch.quantize_per_tensor(x, scale, zp, torch.quint8)
         if node.op == "dequantize":
             return lambda x: x.dequantize()
@@ -123,7 +119,7 @@ class TorchNativeModel(nn.Module):
             finally:
                 torch.backends.quantized.engine = self.backend
             self.packed.append(packed)
-            scale, zp = out.scale, _uint8_zero_point(out)
+            scale, zp = out.scale, out.uint8_zero_point
             kernel = q.conv2d_relu if a["activation"] in ("relu", "relu6") else q.conv2d
             upper = self._upper_clamp(node)
             if upper is None:
@@ -132,10 +128,10 @@ class TorchNativeModel(nn.Module):
         if node.op == "linear":
             packed = q.linear_prepack(_weight_tensor(node), _bias_float(node))
             self.packed.append(packed)
-            scale, zp = out.scale, _uint8_zero_point(out)
+            scale, zp = out.scale, out.uint8_zero_point
             return lambda x: q.linear(x, packed, scale, zp)
         if node.op == "add":
-            scale, zp = out.scale, _uint8_zero_point(out)
+            scale, zp = out.scale, out.uint8_zero_point
             kernel = q.add_relu if node.attrs["activation"] == "relu" else q.add
             return lambda a, b: kernel(a, b, scale, zp)
         if node.op == "avg_pool":
@@ -152,7 +148,7 @@ class TorchNativeModel(nn.Module):
             start = node.attrs["start_dim"]
             return lambda x: torch.flatten(x, start)
         if node.op == "cat":
-            scale, zp, dim = out.scale, _uint8_zero_point(out), node.attrs["dim"]
+            scale, zp, dim = out.scale, out.uint8_zero_point, node.attrs["dim"]
             return lambda *xs: q.cat(list(xs), dim, scale, zp)
         raise QatError("engine", f"op {node.op!r} of {node.name} is not supported by torch_native", "")
 

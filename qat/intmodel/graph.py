@@ -50,6 +50,21 @@ class TensorQ:
     qmin: int
     qmax: int
 
+    @property
+    def uint8_offset(self) -> int:
+        """What x86/quint8 kernels add to this grid's codes: 128 for signed grids (same scale, Z + 128), else 0."""
+        return 128 if self.signed else 0
+
+    @property
+    def uint8_zero_point(self) -> int:
+        """The zero point in those kernels' uint8 container."""
+        return self.zero_point + self.uint8_offset
+
+
+def as_pair(value: int | list[int] | tuple[int, ...]) -> list[int]:
+    """A 2-d attribute (stride, padding, kernel size, ...) stored as an int or a pair, as ``[h, w]``."""
+    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
+
 
 @dataclass
 class IntNode:

@@ -39,7 +39,7 @@ from qat.intmodel.gemmlowp import (
     multiply_by_quantized_multiplier_single_rounding,
     saturating_cast,
 )
-from qat.intmodel.graph import IntModel, IntNode, TensorQ
+from qat.intmodel.graph import IntModel, IntNode, TensorQ, as_pair
 from qat.intmodel.saturation import is_pair16_layer, saturated_accumulator
 
 Kernel = Callable[..., torch.Tensor]
@@ -52,10 +52,6 @@ ACCUMULATIONS = ("int32", "pair16")  # exact int32 (Jacob eq. 7) | x86 without V
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Broadcast a per-output-channel vector along axis 1 of an ``ndim``-d activation."""
     return t.to(torch.int64).reshape([1, -1] + [1] * (ndim - 2))
-
-
-def _pair(value: int | list[int] | tuple[int, ...]) -> list[int]:
-    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 def quantize_input(x: torch.Tensor, out: TensorQ) -> torch.Tensor:
@@ -111,7 +107,7 @@ def conv2d_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
     """
     w, bias, z_in = _matmul_operands(node, in_q)
     a = node.attrs
-    stride, padding, dilation, groups = _pair(a["stride"]), _pair(a["padding"]), _pair(a["dilation"]), a["groups"]
+    stride, padding, dilation, groups = as_pair(a["stride"]), as_pair(a["padding"]), as_pair(a["dilation"]), a["groups"]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         acc = F.conv2d(x.to(torch.int64) - z_in, w, None, stride, padding, dilation, groups)
@@ -223,7 +219,7 @@ def avg_pool_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
         return torch.stack(rows, -2).to(torch.int32)
 
     def run_windowed(x: torch.Tensor) -> torch.Tensor:
-        (kh, kw), (sh, sw), (ph, pw) = _pair(a["kernel_size"]), _pair(a["stride"]), _pair(a["padding"])
+        (kh, kw), (sh, sw), (ph, pw) = as_pair(a["kernel_size"]), as_pair(a["stride"]), as_pair(a["padding"])
         h, w = x.shape[2], x.shape[3]
         oh = _pool_output_size(h, kh, sh, ph, a.get("ceil_mode", False))
         ow = _pool_output_size(w, kw, sw, pw, a.get("ceil_mode", False))

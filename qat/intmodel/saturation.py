@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from qat.intmodel.graph import IntModel, IntNode, TensorQ
+from qat.intmodel.graph import IntModel, IntNode, TensorQ, as_pair
 
 INT16_MIN, INT16_MAX = -32768, 32767
 _CHUNK_ELEMENTS = 1 << 24  # pair sums materialised at once (float32: 64 MiB)
@@ -33,11 +33,7 @@ _CHUNK_ELEMENTS = 1 << 24  # pair sums materialised at once (float32: 64 MiB)
 
 def uint8_codes(q: torch.Tensor, grid: TensorQ) -> torch.Tensor:
     """The uint8 codes an x86 kernel reads: signed grids are shifted by 128 (same scale, Z + 128)."""
-    return q.to(torch.int64) + (128 if grid.signed else 0)
-
-
-def uint8_zero_point(grid: TensorQ) -> int:
-    return grid.zero_point + (128 if grid.signed else 0)
+    return q.to(torch.int64) + grid.uint8_offset
 
 
 def is_pair16_layer(node: IntNode) -> bool:
@@ -45,20 +41,16 @@ def is_pair16_layer(node: IntNode) -> bool:
     return node.op == "linear" or (node.op == "conv2d" and int(node.attrs["groups"]) == 1)
 
 
-def _two(value: int | list[int] | tuple[int, ...]) -> list[int]:
-    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
-
-
 def conv_columns(x_u8: torch.Tensor, node: IntNode, pad_code: int) -> torch.Tensor:
     """im2col of a conv input in (kh, kw, c) order, c innermost: [N, K, L] with padding by the zero-point code."""
     a = node.attrs
     weight = node.tensors["weight"]
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
-    pad = _two(a["padding"])
+    pad = as_pair(a["padding"])
     x = x_u8.to(torch.float32)
     if any(pad):
         x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]), value=float(pad_code))
-    cols = F.unfold(x, (kh, kw), dilation=tuple(_two(a["dilation"])), stride=tuple(_two(a["stride"])))
+    cols = F.unfold(x, (kh, kw), dilation=tuple(as_pair(a["dilation"])), stride=tuple(as_pair(a["stride"])))
     # cols: [N, C·kh·kw, L] with c outermost
     n, _, length = cols.shape
     channels = x.shape[1]
@@ -96,7 +88,7 @@ def _oc_chunks(n: int, oc: int, pairs: int, length: int) -> list[slice]:
 
 def _as_columns(x_u8: torch.Tensor, node: IntNode, grid: TensorQ) -> torch.Tensor:
     if node.op == "conv2d":
-        return conv_columns(x_u8, node, uint8_zero_point(grid))
+        return conv_columns(x_u8, node, grid.uint8_zero_point)
     return x_u8.to(torch.float32).reshape(x_u8.shape[0], -1, 1)  # linear: [N, K, 1]
 
 
@@ -108,7 +100,7 @@ def saturated_accumulator(x_codes: torch.Tensor, node: IntNode, grid: TensorQ) -
     cols = _as_columns(x_u8, node, grid)
     rows = weight_rows(node)
     n, k, length = cols.shape
-    z_in = uint8_zero_point(grid)
+    z_in = grid.uint8_zero_point
     sums = torch.empty(n, rows.shape[0], length, dtype=torch.int64)
     for oc in _oc_chunks(n, rows.shape[0], (k + 1) // 2, length):
         sums[:, oc] = pair_sums(cols, rows, oc).clamp_(INT16_MIN, INT16_MAX).sum(2, dtype=torch.float64).to(
@@ -129,7 +121,7 @@ def saturated_accumulator(x_codes: torch.Tensor, node: IntNode, grid: TensorQ) -
 
 def _conv_out_hw(hw: torch.Size, node: IntNode, khw: torch.Size) -> tuple[int, int]:
     a = node.attrs
-    stride, pad, dil = _two(a["stride"]), _two(a["padding"]), _two(a["dilation"])
+    stride, pad, dil = as_pair(a["stride"]), as_pair(a["padding"]), as_pair(a["dilation"])
     h, w = ((int(hw[i]) + 2 * pad[i] - dil[i] * (int(khw[i]) - 1) - 1) // stride[i] + 1 for i in range(2))
     return h, w
 
@@ -227,4 +219,4 @@ def _prod(values: tuple[int, int]) -> int:
 
 def pair_bound(node: IntNode, grid: TensorQ) -> int:
     """The largest |pair sum| a layer's grids allow: 2 · (largest uint8 input code) · max |q_w|."""
-    return 2 * (grid.qmax + (128 if grid.signed else 0)) * weight_bound(node)
+    return 2 * (grid.qmax + grid.uint8_offset) * weight_bound(node)
