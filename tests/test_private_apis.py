@@ -24,10 +24,7 @@ LIBRARIES = ("torch", "torchvision", "onnxruntime", "executorch")
 INTERNAL = ("onnxruntime.capi", "executorch.backends.xnnpack.serialization")
 # private uses still outside their adapter, in modules others own right now: {(library, file): what to move}.
 # The check fails once such a use is gone, so an entry cannot go stale.
-PENDING = {
-    ("torch", "qat/engines/torch_native.py"): "torch._make_per_{tensor,channel}_quantized_tensor -> "
-                                              "qat.compat.torch_private.make_per_{tensor,channel}_quantized_tensor",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _private(part: str) -> bool:

@@ -3,7 +3,7 @@
 * ``torch._foreach_*`` and ``torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams``: the fewer-kernel
   fake quantizer of :mod:`qat.quant.fused` (bound here as plain aliases: no extra Python call per step);
 * ``torch._make_per_{tensor,channel}_quantized_tensor``: quantized weight tensors of the deprecated
-  quantized-tensor API (:mod:`qat.engines.torch_native` builds its own today; it should use these);
+  quantized-tensor API (:mod:`qat.engines.torch_native`);
 * ``torch.ao.quantization.fx._decomposed``: registers ``torch.ops.quantized_decomposed``, the Q/DQ ops of the
   PT2E graphs ExecuTorch lowers (:mod:`qat.engines.executorch_xnnpack`);
 * torchvision's SSDLite ``_extra_block`` and ``_normal_init`` (:mod:`qat.detection.models`).

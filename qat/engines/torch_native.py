@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.compat.torch_private import make_per_channel_quantized_tensor, make_per_tensor_quantized_tensor
 from qat.errors import QatError
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
@@ -66,8 +67,8 @@ def _weight_tensor(node: IntNode) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if node.attrs["weight_per_channel"]:
-            return torch._make_per_channel_quantized_tensor(w.to(torch.int8), scale, zero_point, 0)
-        return torch._make_per_tensor_quantized_tensor(w.to(torch.int8), float(scale[0]), int(zero_point[0]))
+            return make_per_channel_quantized_tensor(w.to(torch.int8), scale, zero_point, 0)
+        return make_per_tensor_quantized_tensor(w.to(torch.int8), float(scale[0]), int(zero_point[0]))
 
 
 def _bias_float(node: IntNode) -> torch.Tensor:
