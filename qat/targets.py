@@ -38,8 +38,21 @@ class Target:
     description: str
     engines: tuple[str, ...]  # int8 engines that deploy to it; the first is the run's primary (latency) engine
     accumulation: str  # "int32" (exact, Jacob eq. 7) | "pair16" (u8·s8 pairs in saturating int16, then int32)
-    symmetric_weights: bool = False  # every engine needs zero-point-0 weights (XNNPACK's qc8w)
     latency_backend: str = "x86"  # torch_native's quantized backend when the primary engine is torch_native
+
+    @property
+    def max_bits(self) -> int:
+        """The widest grid every engine of the target holds (the engine registry's ``max_bits``)."""
+        from qat.engines import registry
+
+        return min((registry.entry(e).max_bits for e in self.engines), default=16)
+
+    @property
+    def symmetric_weights(self) -> bool:
+        """Whether an engine of the target needs zero-point-0 weights (e.g. XNNPACK's qc8w; the registry's)."""
+        from qat.engines import registry
+
+        return any(registry.entry(e).symmetric_weights for e in self.engines)
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -50,7 +63,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "pair16"),
     Target("arm", "ARM phones and boards (XNNPACK through ExecuTorch, qnnpack): products widened before "
            "accumulation, exact; XNNPACK needs symmetric weights", ("executorch_xnnpack", "torch_native_qnnpack"),
-           "int32", symmetric_weights=True, latency_backend="qnnpack"),
+           "int32", latency_backend="qnnpack"),
     Target("generic", "no hardware constraint: the integer-only reference executor's arithmetic (Jacob eq. 7); "
            "latency on ONNX Runtime", ("onnxruntime",), "int32"),
 )}
@@ -129,15 +142,15 @@ class Plan:
 def _check_bits(quant: Any, target: Target) -> None:
     for key in ("weight_bits", "act_bits"):
         bits = getattr(quant, key)
-        if bits > 8:
+        if bits > target.max_bits:
             raise QatError(f"quant.{key}", f"{bits}-bit grids cannot run on target {target.name}'s int8 engines "
-                           f"({', '.join(target.engines)})", f"set quant.{key} to 8 or fewer")
+                           f"({', '.join(target.engines)})", f"set quant.{key} to {target.max_bits} or fewer")
     for o in quant.overrides:
         for key in ("weight_bits", "act_bits"):
             bits = getattr(o, key)
-            if bits is not None and bits > 8:
+            if bits is not None and bits > target.max_bits:
                 raise QatError(f"quant.overrides[{o.pattern}].{key}", f"{bits}-bit grids cannot run on target "
-                               f"{target.name}'s int8 engines", "use 8 bits or fewer")
+                               f"{target.name}'s int8 engines", f"use {target.max_bits} bits or fewer")
 
 
 def constrain(quant: Any, target: Target, avx2_grid: str = "weights7") -> tuple[Any, list[Constraint]]:
