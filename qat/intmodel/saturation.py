@@ -20,6 +20,7 @@ qnnpack (``qat.engines.torch_native``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -74,19 +75,22 @@ def _paired(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def pair_sums(cols: torch.Tensor, rows: torch.Tensor, oc: slice) -> torch.Tensor:
-    """Pair sums u[2p]·w[2p] + u[2p+1]·w[2p+1] (exact in float32) as [N, OC_chunk, P, L]."""
-    u = _paired(cols, 1)  # [N, P, 2, L]
-    w = _paired(rows[oc], 1)  # [OCc, P, 2]
-    return (u[:, None, :, 0, :] * w[None, :, :, 0, None]) + (u[:, None, :, 1, :] * w[None, :, :, 1, None])
-
-
-def _oc_chunks(n: int, oc: int, pairs: int, length: int) -> list[slice]:
+def pair_sums(cols: torch.Tensor, rows: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Pair sums u[2p]·w[2p] + u[2p+1]·w[2p+1] (exact in float32) of columns [N, K, L] and weight rows [OC, K],
+    yielded per chunk of output channels as (channels, [N, OC_chunk, P, L])."""
+    u = _paired(cols, 1)  # [N, P, 2, L], paired once for every chunk
+    w = _paired(rows, 1)  # [OC, P, 2]
+    n, pairs, _, length = u.shape
     step = max(1, _CHUNK_ELEMENTS // max(1, n * pairs * length))
-    return [slice(i, min(oc, i + step)) for i in range(0, oc, step)]
+    for start in range(0, w.shape[0], step):
+        oc = slice(start, min(w.shape[0], start + step))
+        wc = w[oc]
+        yield oc, (u[:, None, :, 0, :] * wc[None, :, :, 0, None]) + (u[:, None, :, 1, :] * wc[None, :, :, 1, None])
 
 
-def _as_columns(x_u8: torch.Tensor, node: IntNode, grid: TensorQ) -> torch.Tensor:
+def _as_columns(x_codes: torch.Tensor, node: IntNode, grid: TensorQ) -> torch.Tensor:
+    """A layer's input codes as the uint8 columns [N, K, L] its x86 kernel multiplies."""
+    x_u8 = uint8_codes(x_codes, grid)
     if node.op == "conv2d":
         return conv_columns(x_u8, node, grid.uint8_zero_point)
     return x_u8.to(torch.float32).reshape(x_u8.shape[0], -1, 1)  # linear: [N, K, 1]
@@ -96,15 +100,13 @@ def saturated_accumulator(x_codes: torch.Tensor, node: IntNode, grid: TensorQ) -
     """The int32 accumulator an AVX2 kernel returns: Σ_p sat16(pair_p) − Z_in·Σ_k w_k (− Z_w terms) + bias.
 
     Equals Jacob eq. 7's Σ (q_in − Z_in)(q_w − Z_w) + bias whenever no pair sum leaves int16."""
-    x_u8 = uint8_codes(x_codes, grid)
-    cols = _as_columns(x_u8, node, grid)
+    cols = _as_columns(x_codes, node, grid)
     rows = weight_rows(node)
     n, k, length = cols.shape
     z_in = grid.uint8_zero_point
     sums = torch.empty(n, rows.shape[0], length, dtype=torch.int64)
-    for oc in _oc_chunks(n, rows.shape[0], (k + 1) // 2, length):
-        sums[:, oc] = pair_sums(cols, rows, oc).clamp_(INT16_MIN, INT16_MAX).sum(2, dtype=torch.float64).to(
-            torch.int64)
+    for oc, pairs in pair_sums(cols, rows):
+        sums[:, oc] = pairs.clamp_(INT16_MIN, INT16_MAX).sum(2, dtype=torch.float64).to(torch.int64)
     w64 = node.tensors["weight"].to(torch.int64).reshape(rows.shape[0], -1)
     w_zp = node.tensors["weight_zero_point"].to(torch.int64).reshape(-1, 1)
     acc = sums - z_in * w64.sum(1).reshape(1, -1, 1)
@@ -148,12 +150,9 @@ class LayerSaturation:
 
 def count_overflows(x_codes: torch.Tensor, node: IntNode, grid: TensorQ, into: LayerSaturation) -> None:
     """Add the overflowing pair sums of one batch of input codes of ``node`` to ``into``."""
-    cols = _as_columns(uint8_codes(x_codes, grid), node, grid)
-    rows = weight_rows(node)
-    n, k, length = cols.shape
-    pairs = (k + 1) // 2
-    for oc in _oc_chunks(n, rows.shape[0], pairs, length):
-        s = pair_sums(cols, rows, oc)
+    cols = _as_columns(x_codes, node, grid)
+    n, _, length = cols.shape
+    for _, s in pair_sums(cols, weight_rows(node)):
         over = (s > INT16_MAX) | (s < INT16_MIN)
         into.pair_sums += s.numel()
         into.overflowing += int(over.sum())
