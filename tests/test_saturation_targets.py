@@ -1,0 +1,138 @@
+"""x86 16-bit pair accumulation (qat.intmodel.saturation) and deployment targets (qat.targets).
+
+Pass on AVX2-only and VNNI hosts alike: fbgemm's AVX2 kernels are selected with FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+in a subprocess (a no-op where the host has no more than AVX2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat.errors import QatError
+from qat.intmodel.graph import IntNode, TensorQ
+from qat.intmodel.saturation import LayerSaturation, count_overflows, saturated_accumulator
+from qat.quant.config import LayerOverride, QuantConfig
+from qat.targets import TARGETS, auto_target, constrain, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_by_one_conv(weight_code: int, channels: int = 4, outputs: int = 2) -> IntNode:
+    """A 1x1 conv with every weight code ``weight_code``, symmetric weights, zero bias."""
+    return IntNode("conv", "conv2d", ["x"], TensorQ(1.0, 0, 8, False, 0, 255),
+                   attrs={"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "clamp_min": 0, "clamp_max": 255},
+                   tensors={"weight": torch.full((outputs, channels, 1, 1), weight_code, dtype=torch.int32),
+                            "weight_zero_point": torch.zeros(outputs, dtype=torch.int32),
+                            "bias": torch.zeros(outputs, dtype=torch.int32)})
+
+
+UNSIGNED = TensorQ(1.0, 0, 8, False, 0, 255)
+
+
+def test_saturated_sums_of_a_hand_computed_case() -> None:
+    # codes 255 and weights 127: each pair is 2·255·127 = 64770, clipped to 32767; 4 channels = 2 pairs
+    x = torch.full((1, 4, 1, 1), 255, dtype=torch.int32)
+    acc = saturated_accumulator(x, one_by_one_conv(127), UNSIGNED)
+    assert acc.shape == (1, 2, 1, 1) and acc.flatten().tolist() == [2 * 32767, 2 * 32767]
+    exact = saturated_accumulator(x, one_by_one_conv(63), UNSIGNED)  # 2·255·63 = 32130 fits: exact sum
+    assert exact.flatten().tolist() == [4 * 255 * 63] * 2
+    # one code below the edge: 255·127 + 1·127 = 32512 fits, so only the pair of two 255s clips
+    mixed = torch.tensor([255, 255, 255, 1], dtype=torch.int32).reshape(1, 4, 1, 1)
+    assert saturated_accumulator(mixed, one_by_one_conv(127), UNSIGNED)[0, 0, 0, 0] == 32767 + 32512
+
+
+def test_diagnostic_flags_exactly_the_overflowing_outputs() -> None:
+    x = torch.zeros(2, 4, 2, 2, dtype=torch.int32)
+    x[0, :, 0, 0] = 255  # one spatial position of image 0 overflows both pairs
+    x[1, :2, 1, 1] = 255  # image 1: only the first pair at one position
+    stats = LayerSaturation()
+    count_overflows(x, one_by_one_conv(127), UNSIGNED, stats)
+    assert stats.pair_sums == 2 * 2 * 2 * 4  # images x outputs x pairs x positions
+    assert stats.overflowing == 2 * 2 + 2 * 1 and stats.outputs_affected == 2 * 2
+    assert stats.max_abs_pair == 64770
+    seven_bit = LayerSaturation()
+    count_overflows(x, one_by_one_conv(63), UNSIGNED, seven_bit)
+    assert seven_bit.overflowing == 0 and seven_bit.outputs_affected == 0
+
+
+EMULATION_VS_FBGEMM = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_reference import MODELS, _integers, _quantized, calibrated
+    from qat.engines import torch_native
+    from qat.intmodel.convert import convert
+    from qat.intmodel.reference import ReferenceExecutor
+    from qat.quant.config import QuantConfig
+    prepared, x = calibrated(MODELS["tiny"], QuantConfig(act_observer="minmax"), n=8)
+    int_model = convert(prepared)
+    exact = ReferenceExecutor(int_model)
+    emulated = ReferenceExecutor(int_model, accumulation="pair16")
+    engine = torch_native.build(int_model, "fbgemm")
+    values = exact.run_layers(x)
+    q_of = {{n.name: n.out for n in int_model.nodes}}
+    worst_exact = worst_emulated = 0
+    with torch.inference_mode():
+        for (_, inputs, fn), node in zip(engine.steps, int_model.nodes):
+            if node.op not in ("conv2d", "linear"):
+                continue
+            theirs = _integers(fn(*[_quantized(values[i], q_of[i]) for i in inputs]), node.out)
+            mine = emulated.run_node(node.name, values[inputs[0]]).to(torch.int64)
+            worst_emulated = max(worst_emulated, int((theirs - mine).abs().max()))
+            worst_exact = max(worst_exact, int((theirs - values[node.name].to(torch.int64)).abs().max()))
+    print(worst_exact, worst_emulated)
+""")
+
+
+def test_emulation_follows_fbgemm_avx2_kernels_within_one_lsb() -> None:
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    result = subprocess.run([sys.executable, "-c", EMULATION_VS_FBGEMM.format(tests=str(ROOT / "tests"))],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    worst_exact, worst_emulated = (int(v) for v in result.stdout.split()[-2:])
+    assert worst_exact > 10  # the tiny model's stem overflows 16-bit pairs: fbgemm's AVX2 kernel leaves Jacob eq. 7
+    assert worst_emulated <= 1  # the emulation follows it to the usual 1-LSB rounding difference
+
+
+@pytest.mark.parametrize(("flags", "machine", "expected"), [
+    (["avx2", "fma", "avx512f", "avx512_vnni"], "x86_64", "x86_vnni"),
+    (["avx2", "fma"], "x86_64", "x86_avx2"),
+    (["avx2", "avx_vnni"], "x86_64", "x86_avx2"),  # fbgemm has no AVX-VNNI kernels
+    (["neon", "asimddp"], "aarch64", "arm"),
+    ([], "riscv64", "generic"),
+])
+def test_auto_target_from_given_flags(flags: list[str], machine: str, expected: str) -> None:
+    assert auto_target(flags, machine)[0] == expected
+    assert resolve("auto", flags, machine)[0].name == expected
+
+
+def test_avx2_target_narrows_the_grid_the_pairs_overflow_on() -> None:
+    config = QuantConfig(overrides=[LayerOverride("fc", weight_bits=8)])
+    weights7, constraints = constrain(config, TARGETS["x86_avx2"], "weights7")
+    assert weights7.weight_bits == 7 and weights7.overrides[0].weight_bits == 7 and weights7.act_bits == 8
+    assert [c.key for c in constraints] == ["quant.weight_bits", "quant.overrides[fc].weight_bits"]
+    acts7, _ = constrain(config, TARGETS["x86_avx2"], "acts7")
+    assert acts7.act_bits == 7 and acts7.weight_bits == 8
+    assert constrain(config, TARGETS["x86_vnni"]) == (config, [])
+
+
+@pytest.mark.parametrize(("name", "config", "grid", "message"), [
+    ("x86_avx2", QuantConfig(act_symmetric=True), "acts7", r"^quant.act_symmetric: .*needs unsigned"),
+    ("arm", QuantConfig(weight_symmetric=False), "weights7", r"^quant.weight_symmetric: .*need symmetric weights"),
+    ("x86_vnni", QuantConfig(act_bits=12), "weights7", r"^quant.act_bits: 12-bit grids cannot run"),
+    ("x86_avx2", QuantConfig(), "weights6", r"^target.avx2_grid: unknown value 'weights6'"),
+])
+def test_recipes_a_target_cannot_run_are_one_line(name: str, config: QuantConfig, grid: str, message: str) -> None:
+    with pytest.raises(QatError, match=message) as caught:
+        constrain(config, TARGETS[name], grid)
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_target_lists_the_valid_ones() -> None:
+    with pytest.raises(QatError, match=r"^target.name: unknown value 'x86'.*x86_avx2"):
+        resolve("x86")
