@@ -53,7 +53,8 @@ def main(cfg: DictConfig) -> float:
         return float("nan")
     with open_logger(config.logger, run_dir, **tracking_context(cfg)) as tracker:
         record = run_classification(config, run_dir, tracker=tracker)
-    return float(record["accuracy"]["top1"])
+    # the sweep objective is the integer model's top-1; a simulated-only run has none (NaN, never the simulated)
+    return float(record["accuracy"].get("top1", float("nan")))
 
 
 if __name__ == "__main__":

@@ -23,16 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from qat import targets
 from qat.data.imagefolder import ClassificationData, build_classification_loaders, check_layout
 from qat.data.synthetic import default_cache_dir, make_demo_dataset
 from qat.engines import registry
 from qat.errors import QatError, choice_error
 from qat.fidelity import check_engine_names, evaluate_engines, primary_engine
 from qat.intmodel.convert import convert
+from qat.intmodel.graph import IntModel
+from qat.intmodel.saturation import diagnose
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.models.registry import MODELS, build_model, count_macs
 from qat.ptq.driver import check_method, not_convertible_reason, prepare_and_post_train, record_method
 from qat.quant.config import QuantConfig
+from qat.quant.describe import describe, differences
 from qat.quant.prepare import calibration_mode, prepare
 from qat.records import write_record
 from qat.schema import RunConfig
@@ -73,6 +77,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.latency.engine not in ENGINES:
         raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
     check_engine_names(cfg.latency.eval_engines)
+    deployment, _ = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)  # refuses what cannot run
+    if cfg.quant.precision != "float":
+        targets.check_installed(deployment.target, [primary_int8_engine(cfg)])
     if cfg.data.name not in DATASETS:
         raise choice_error("data.name", cfg.data.name, DATASETS)
     if cfg.data.name == "imagefolder":
@@ -276,6 +283,53 @@ def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunCo
     return prepared
 
 
+def apply_target(cfg: RunConfig) -> tuple[RunConfig, targets.Plan]:
+    """The run's config with the deployment target's grid (:func:`qat.targets.constrain`) and the plan for the
+    record; says in the log which target, which recipe change, and which evaluated engine would saturate."""
+    deployment, quant = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)
+    log.info("[target] %s (%s)", deployment.target.name, deployment.why)
+    for c in deployment.constraints:
+        log.info("[target] %s: %s -> %s (%s)", c.key, c.config, c.applied, c.why)
+    cfg = replace(cfg, quant=quant)
+    if cfg.quant.precision != "float":
+        deployment.warnings = targets.saturation_warnings(deployment, cfg.quant,
+                                                          [primary_int8_engine(cfg), *cfg.latency.eval_engines])
+    for line in deployment.warnings:
+        log.warning("[target] %s", line)
+    return cfg, deployment
+
+
+def saturation_block(int_model: IntModel, loader: Any, images: int, engines: list[str]) -> dict[str, Any]:
+    """The record's ``saturation`` block: 16-bit pair overflow per layer on ``images`` validation images
+    (:func:`qat.intmodel.saturation.diagnose`) and, per evaluated engine, whether it sums pairs on this host and
+    so is predicted to leave the reference where layers are flagged."""
+    batches, seen = [], 0
+    for batch, _ in loader:
+        batches.append(batch[: images - seen])
+        seen += batches[-1].shape[0]
+        if seen >= images:
+            break
+    started = time.time()
+    block = diagnose(int_model, batches).as_dict()
+    pairs_here = [e for e in engines if e in registry.ENGINES and targets.accumulates_in_pairs(e)]
+    block["engines_summing_pairs_here"] = pairs_here
+    block["predicted_to_disagree_here"] = pairs_here if block["overflowing_pair_sums"] else []
+    block["diagnostic_s"] = time.time() - started
+    log.info("[saturation] %.4f%% of 16-bit pair sums overflow on %d images (%d layer(s), worst %s); engines "
+             "summing pairs here: %s", 100 * block["overflow_share"], block["images"], len(block["layers_flagged"]),
+             block["worst_layer"], ", ".join(pairs_here) or "none")
+    return block
+
+
+def quant_block(prepared: nn.Module, cfg: RunConfig, configured: Any, calibration_batches: int) -> dict[str, Any]:
+    """The record's ``quant`` block read back from the evaluated model (:func:`qat.quant.describe.describe`),
+    with the calibration that ran and where it departs from the configured recipe."""
+    block = {**describe(prepared, "int8"), "calibration_batches": calibration_batches,
+             "overrides": [asdict(o) for o in cfg.quant.overrides]}
+    block["config_differences"] = differences(block, asdict(configured))
+    return block
+
+
 def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger | None = None) -> dict[str, Any]:
     """Run the whole pipeline for one config and write ``<run_dir>/record.json``; return the record.
     ``tracker`` (qat.tracking) receives per-step training metrics, the top-1s and the record."""
@@ -283,6 +337,8 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
     run_dir = Path(run_dir)
     started = time.time()
     validate(cfg)
+    configured_quant = cfg.quant
+    cfg, deployment = apply_target(cfg)
     runtime = setup_runtime(cfg.train.device)
     seed_everything(cfg.seed)
     if cfg.train.threads:
@@ -338,13 +394,17 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
                 int_model = convert(prepared.cpu())
             except QatError as exc:  # e.g. MobileNet v3's hardswish: simulated results, the reason recorded
                 reason = exc.one_line()
-    if reason is not None:  # e.g. two-tensor layers (Choukroun §3.3): simulated results only
-        accuracy["top1"], accuracy["top5"] = accuracy["sim_top1"], accuracy["sim_top5"]
+    status = "ok"
+    if cfg.quant.precision != "float":
+        calibration = cfg.ptq.calibration_batches if cfg.method == "ptq" else q.calibration_batches
+        quant = quant_block(prepared, cfg, configured_quant, calibration)
+        record["target"] = deployment.record()
+    if reason is not None:  # e.g. two-tensor layers (Choukroun §3.3): simulated results only, no top1/top5
+        status = "simulated_only"
         record["fidelity"] = {"integer_model": f"not convertible: {reason}"}
         latency = {"engine": "none (simulated only, no integer model)", "median_ms": None}
-        quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
         record["latency_float"] = {"engine": "torch_eager", **float_latency}
-        log.warning("[%s] no integer model: %s", cfg.method, reason)
+        log.warning("[%s] no integer model: %s (the record has simulated accuracy only)", cfg.method, reason)
     elif int_model is not None:
         int_model.meta.update({"arch": cfg.model.arch, "width_mult": cfg.model.width_mult,
                                "resolution": cfg.model.resolution, "num_classes": data_info["num_classes"]})
@@ -360,14 +420,16 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         log.info("[int8] %s top-1 %.2f%%  (agreement with simulated %.2f%%; lowest over engines %.2f%%)",
                  primary, accuracy["int_top1"], record["fidelity"]["sim_vs_int_top1_agreement"],
                  record["fidelity"]["min_agreement_with_sim"])
-        quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
+        if cfg.target.diagnostic_images > 0:
+            record["saturation"] = saturation_block(int_model, data.val, cfg.target.diagnostic_images,
+                                                    list(record["fidelity"]["engines"]))
         record["latency_float"] = {"engine": "torch_eager", **float_latency}
 
     record = {
         "run_id": f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
         "method": record_method(cfg.method, cfg.quant.precision, cfg.ptq),
         "model_id": model_id(cfg, float_source),
-        "status": "ok",
+        "status": status,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "experiment": cfg.tag,
         "seed": cfg.seed,
@@ -387,6 +449,8 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
     path = write_record(run_dir, record)
     tracker.log_metrics({metric_name(key): value for key, value in accuracy.items()})
     tracker.log_record(record)
-    log.info("[record] %s  top-1 %.2f%%  latency %s ms", path, accuracy["top1"],
+    shown = (f"top-1 {accuracy['top1']:.2f}%" if "top1" in accuracy
+             else f"simulated top-1 {accuracy['sim_top1']:.2f}% (no integer model)")
+    log.info("[record] %s  %s  latency %s ms", path, shown,
              "n/a" if latency["median_ms"] is None else f"{latency['median_ms']:.3f}")
     return record

@@ -19,6 +19,7 @@ AVX-VNNI only, whose 256-bit VNNI fbgemm does not use) → ``x86_avx2``; ARM →
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -68,6 +69,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "latency on ONNX Runtime", ("onnxruntime",), "int32"),
 )}
 TARGET_NAMES = ("auto", *TARGETS)
+X86 = ("x86_64", "amd64", "i686", "x86")
+PAIR_ISAS = ("AVX2", "AVX512")  # values of fbgemm's FBGEMM_ENABLE_INSTRUCTIONS whose kernels have no VNNI
 
 
 @functools.cache
@@ -83,7 +86,7 @@ def host_machine() -> tuple[list[str], str]:
 def auto_target(flags: Collection[str], machine: str) -> tuple[str, str]:
     """(target name, why) for a host with CPU ``flags`` and ``machine``."""
     machine = machine.lower()
-    if machine in ("x86_64", "amd64", "i686", "x86"):
+    if machine in X86:
         if "avx512_vnni" in flags:
             return "x86_vnni", "the host has avx512_vnni"
         have = "avx_vnni only (fbgemm does not use it)" if "avx_vnni" in flags else "no avx512_vnni"
@@ -104,6 +107,10 @@ def resolve(name: str, flags: Collection[str] | None = None, machine: str | None
         flags = host_flags if flags is None else flags
         machine = host_name if machine is None else machine
     chosen, why = auto_target(flags, machine)
+    restricted = [e for e in TARGETS[chosen].engines if isa_restricted(e)]
+    if TARGETS[chosen].accumulation == "int32" and restricted and machine.lower() in X86:
+        env = _isa_env(restricted[0])
+        chosen, why = "x86_avx2", f"{env}={os.environ[env]} restricts {restricted[0]} to kernels without VNNI"
     return TARGETS[chosen], f"auto: {why}"
 
 
@@ -202,12 +209,69 @@ def plan(name: str, quant: Any, avx2_grid: str = "weights7", flags: Collection[s
     return Plan(target, why, avx2_grid, constraints, host_flags), constrained
 
 
-def accumulates_in_pairs(engine_exact_flags: tuple[str, ...] | None, flags: Collection[str],
-                         machine: str | None = None) -> bool:
-    """Whether an engine whose kernels are exact only with ``engine_exact_flags`` sums int16 pairs on this host."""
-    if engine_exact_flags is None:
+def _isa_env(engine: str) -> str:
+    from qat.engines import registry
+
+    return registry.entry(engine).isa_env or ""
+
+
+def isa_restricted(engine: str) -> bool:
+    """Whether an environment variable restricts ``engine``'s kernels to an ISA without VNNI in this process
+    (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``: fbgemm's AVX2 kernels on a VNNI host, i.e. an AVX2 deployment)."""
+    env = _isa_env(engine)
+    return bool(env) and os.environ.get(env, "").upper() in PAIR_ISAS
+
+
+def accumulates_in_pairs(engine: str, flags: Collection[str] | None = None, machine: str | None = None) -> bool:
+    """Whether ``engine``'s u8·s8 GEMMs add product pairs in saturating int16 on this host (by default the
+    running one): an x86 host without the flags its exact kernels need (the registry's ``exact_int8_flags``),
+    or kernels restricted by :func:`isa_restricted`."""
+    from qat.engines import registry
+
+    exact_flags = registry.entry(engine).exact_int8_flags
+    if exact_flags is None:
         return False
     machine = (machine or host_machine()[1]).lower()
-    if machine not in ("x86_64", "amd64", "i686", "x86"):
+    if machine not in X86:
         return False
-    return not any(f in flags for f in engine_exact_flags)
+    flags = host_machine()[0] if flags is None else flags
+    return isa_restricted(engine) or not any(f in flags for f in exact_flags)
+
+
+def can_saturate(quant: Any) -> bool:
+    """Whether a recipe's grids allow 16-bit pair sums beyond int16: weights and activations both wider than
+    7 bits somewhere (7-bit weights or 7-bit unsigned activations everywhere rule it out; :func:`constrain`)."""
+    if getattr(quant, "precision", "int8") == "float":
+        return False
+    weights = [quant.weight_bits, *(o.weight_bits for o in quant.overrides if o.weight_bits is not None)]
+    acts = [quant.act_bits, *(o.act_bits for o in quant.overrides if o.act_bits is not None)]
+    acts_unsigned_7 = max(acts) <= 7 and not quant.act_symmetric
+    return max(weights) > 7 and not acts_unsigned_7
+
+
+def check_installed(target: Target, engines: Collection[str] = ()) -> None:
+    """One line naming ``target.name`` when an engine of the target (or of ``engines``) is not installed."""
+    from qat.engines import registry
+
+    for engine in dict.fromkeys([*target.engines, *engines]):
+        if engine in registry.ENGINES and not registry.is_installed(engine):
+            package = registry.entry(engine).package
+            raise QatError(KEY, f"target {target.name}'s engine {engine} needs the Python package {package!r}, "
+                           "which is not installed", f"pip install {package}, or choose another target "
+                           f"({', '.join(TARGET_NAMES)})")
+
+
+def saturation_warnings(deployment: Plan, quant: Any, engines: Collection[str]) -> list[str]:
+    """One line per engine of ``engines`` that sums int16 pairs on this host while ``quant`` can overflow them."""
+    from qat.engines import registry
+
+    lines = []
+    for engine in dict.fromkeys(engines):
+        if engine in registry.ENGINES and can_saturate(quant) and accumulates_in_pairs(engine):
+            why = (f"{_isa_env(engine)}={os.environ[_isa_env(engine)]}" if isa_restricted(engine)
+                   else f"this host has none of {', '.join(registry.entry(engine).exact_int8_flags or ())}")
+            lines.append(f"{engine} adds u8·s8 pairs in saturating int16 here ({why}) and target "
+                         f"{deployment.target.name}'s recipe can overflow them: its int8 outputs may leave the "
+                         "simulated model's (the record's saturation block says where; target.name=x86_avx2 or "
+                         "auto prevents it)")
+    return lines

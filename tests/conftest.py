@@ -54,3 +54,13 @@ def converted_mobilenet_v1(config, images: int = 24):  # type: ignore[no-untyped
     loader = DataLoader(TensorDataset(batch, torch.randint(0, 4, (images,))), batch_size=8)
     sim_logits, sim_pred, targets = predict(model, loader)
     return convert(model), loader, sim_logits, sim_pred, targets
+
+
+def for_this_host(config):  # type: ignore[no-untyped-def]
+    """``config`` (a :class:`qat.quant.config.QuantConfig`) on this host's deployment target, as ``target=auto``
+    gives it to a run (:func:`qat.targets.constrain`): 7-bit weights on x86 without AVX-512 VNNI, where fbgemm and
+    ONNX Runtime sum u8·s8 pairs in saturating int16. Tests comparing real x86 engines with the simulation or the
+    reference use it, so that they hold on AVX2-only and VNNI hosts alike."""
+    from qat.targets import constrain, resolve
+
+    return constrain(config, resolve("auto")[0])[0]

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from conftest import for_this_host
 from torch import nn
 
 from qat.engines import executorch_xnnpack as et
@@ -38,7 +39,7 @@ class Tiny(nn.Module):
 
 
 def _int_model(model: nn.Module, x: torch.Tensor, config: QuantConfig | None = None) -> IntModel:
-    prepared = prepare(model, config or QuantConfig(act_observer="minmax"), x[:1])
+    prepared = prepare(model, config or for_this_host(QuantConfig(act_observer="minmax")), x[:1])
     with calibration_mode(prepared), torch.no_grad():
         prepared(x)
     return convert(prepared.eval())

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from conftest import for_this_host
 from torch import nn
 
 from qat.engines import onnxruntime_qdq, registry
@@ -51,13 +52,14 @@ def calibrated(model: nn.Module, config: QuantConfig, seed: int = 0) -> tuple[nn
 def mobilenet_v2() -> tuple[nn.Module, IntModel]:
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=10)
-    return calibrated(model, QuantConfig(act_observer="minmax"))
+    return calibrated(model, for_this_host(QuantConfig(act_observer="minmax")))
 
 
 @pytest.fixture(scope="module")
 def resnet18() -> tuple[nn.Module, IntModel]:
     torch.manual_seed(0)
-    return calibrated(torchvision.models.resnet18(num_classes=10), QuantConfig(act_observer="minmax"))
+    return calibrated(torchvision.models.resnet18(num_classes=10),
+                      for_this_host(QuantConfig(act_observer="minmax")))
 
 
 def inputs(n: int = 64, seed: int = 1) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from conftest import for_this_host
 from torch import nn
 
 from qat.engines.torch_native import build
@@ -115,7 +116,8 @@ def test_requantization_multiplier(real: float) -> None:
 def test_int8_engine_agrees_with_simulation(arch: str, per_channel: bool, tmp_path) -> None:
     torch.manual_seed(0)
     x = torch.randn(32, 3, 32, 32)
-    model = prepare(MODELS[arch](), QuantConfig(weight_per_channel=per_channel, act_observer="minmax"), x[:1])
+    model = prepare(MODELS[arch](), for_this_host(QuantConfig(weight_per_channel=per_channel,
+                                                                 act_observer="minmax")), x[:1])
     with calibration_mode(model), torch.no_grad():
         model(x)
     model.eval()

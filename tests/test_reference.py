@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torchvision
+from conftest import for_this_host
 from torch import fx, nn
 
 from qat.engines import torch_native
@@ -368,7 +369,7 @@ TORCH_NATIVE_TOLERANCE = {
 
 @pytest.mark.parametrize("name", ["tiny", "resnet"])
 def test_layer_by_layer_against_torch_native(name: str) -> None:
-    prepared, x = calibrated(MODELS[name], QuantConfig(act_observer="minmax"), n=8)
+    prepared, x = calibrated(MODELS[name], for_this_host(QuantConfig(act_observer="minmax")), n=8)
     int_model = convert(prepared)
     reference = ReferenceExecutor(int_model)
     engine = torch_native.build(int_model, "x86")

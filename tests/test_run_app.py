@@ -47,6 +47,17 @@ def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
         assert result["status"] == "ok" and result["agreement_with_sim"] >= 90.0, name
         assert result["logits_within_1lsb"] > 0 and result["engine_version"], name
     assert fidelity["reference"]["engine"] == "reference_single_rounding"
+    # the deployment target of this host, the recipe it ran (read back from the model) and its saturation
+    target, saturation = record["target"], record["saturation"]
+    assert target["name"] in ("x86_vnni", "x86_avx2", "arm", "generic") and target["host_flags"] == \
+        record["host"]["cpu_flags"]
+    assert record["quant"]["weight_bits"] == (7 if target["name"] == "x86_avx2" else 8)
+    assert record["quant"]["weight_quantizers"] > 0 and record["quant"]["calibration_batches"] == 4
+    if target["constraints"]:
+        assert record["quant"]["config_differences"]["weight_bits"] == {"config": 8, "ran": 7}
+    assert saturation["images"] == 32 and saturation["pair_sums"] > 0 and saturation["layers"]
+    if target["accumulation"] == "pair16":
+        assert saturation["overflowing_pair_sums"] == 0 and saturation["predicted_to_disagree_here"] == []
     # the saved integer model runs on the int8 engine and reproduces the recorded predictions' accuracy class
     int_model = IntModel.load(run_dir / "int_model.pt")
     logits = build(int_model)(torch.zeros(2, 3, 32, 32))
@@ -117,7 +128,8 @@ def test_model_without_integer_form_records_simulated_results_and_best_checkpoin
     record = json.loads((run_dir / "record.json").read_text())
     assert record["fidelity"]["integer_model"].startswith("not convertible: ")
     assert "Hardswish" in record["fidelity"]["integer_model"]  # the op without an integer form is named
-    assert record["accuracy"]["top1"] == record["accuracy"]["sim_top1"] and record["latency"]["median_ms"] is None
+    assert record["status"] == "simulated_only" and record["latency"]["median_ms"] is None
+    assert "top1" not in record["accuracy"] and record["accuracy"]["sim_top1"] >= 0  # never the simulated as int8
     assert not (run_dir / "int_model.pt").exists()
     for phase in ("float", "qat"):  # the best-validation checkpoint of each phase is kept beside the last
         assert (run_dir / "checkpoints" / f"{phase}_best.pt").exists()

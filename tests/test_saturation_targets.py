@@ -136,3 +136,72 @@ def test_recipes_a_target_cannot_run_are_one_line(name: str, config: QuantConfig
 def test_unknown_target_lists_the_valid_ones() -> None:
     with pytest.raises(QatError, match=r"^target.name: unknown value 'x86'.*x86_avx2"):
         resolve("x86")
+
+
+AVX2_TARGET_ENGINES = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_reference import MODELS, calibrated
+    from qat.fidelity import build_engine
+    from qat.intmodel.convert import convert
+    from qat.quant.config import QuantConfig
+    from qat.targets import TARGETS, constrain
+    config = constrain(QuantConfig(act_observer="minmax"), TARGETS["x86_avx2"])[0]
+    prepared, x = calibrated(MODELS["tiny"], config, n=16)
+    int_model = convert(prepared)
+    lsb = int_model.nodes[-2].out.scale
+    reference = build_engine("reference", int_model, 1)[0](x)
+    for name in ("torch_native_x86", "torch_native_fbgemm", "onnxruntime"):
+        diff = (build_engine(name, int_model, 1)[0](x) - reference).abs() / lsb
+        print(name, float(diff.max()))
+""")
+
+
+def _logit_lsb_differences(env: dict[str, str]) -> dict[str, float]:
+    result = subprocess.run([sys.executable, "-c", AVX2_TARGET_ENGINES.format(tests=str(ROOT / "tests"))],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {line.split()[0]: float(line.split()[1]) for line in result.stdout.strip().splitlines()}
+
+
+def test_avx2_target_makes_a_saturating_model_exact_on_every_engine() -> None:
+    """The tiny model's 8-bit stem overflows 16-bit pairs; under target=x86_avx2 (7-bit weights) the diagnostic
+    is zero, the pair16 emulation equals the exact reference, and torch_native (x86, fbgemm) and ONNX Runtime
+    follow the reference to rounding, with the host's own kernels and with fbgemm's AVX2 kernels."""
+    from test_reference import MODELS, calibrated
+
+    from qat.fidelity import build_engine
+    from qat.intmodel.convert import convert
+    from qat.intmodel.saturation import diagnose
+
+    prepared, x = calibrated(MODELS["tiny"], QuantConfig(act_observer="minmax"), n=16)
+    assert diagnose(convert(prepared), [x]).as_dict()["overflowing_pair_sums"] > 0  # saturation-prone at 8 bits
+    config = constrain(QuantConfig(act_observer="minmax"), TARGETS["x86_avx2"])[0]
+    prepared, x = calibrated(MODELS["tiny"], config, n=16)
+    int_model = convert(prepared)
+    report = diagnose(int_model, [x]).as_dict()
+    assert report["overflowing_pair_sums"] == 0 and report["layers_flagged"] == [] and report["pair_sums"] > 0
+    assert torch.equal(build_engine("reference_pair16", int_model, 1)[0](x), build_engine("reference", int_model,
+                                                                                            1)[0](x))
+    for env in ({**os.environ}, {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}):
+        differences = _logit_lsb_differences(env)
+        assert set(differences) == {"torch_native_x86", "torch_native_fbgemm", "onnxruntime"}
+        # per layer the kernels round within 1 LSB of the reference; over the tiny model's layers a few LSB
+        assert max(differences.values()) <= 4, (env.get("FBGEMM_ENABLE_INSTRUCTIONS"), differences)
+
+
+def test_auto_follows_fbgemm_restricted_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qat.targets import accumulates_in_pairs, can_saturate
+
+    vnni = ["avx2", "avx512f", "avx512_vnni"]
+    assert resolve("auto", vnni, "x86_64")[0].name == "x86_vnni"
+    assert not accumulates_in_pairs("torch_native_x86", vnni, "x86_64")
+    assert accumulates_in_pairs("onnxruntime", ["avx2"], "x86_64") and not accumulates_in_pairs("onnxruntime",
+                                                                                                ["avx2"], "aarch64")
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    target, why = resolve("auto", vnni, "x86_64")
+    assert target.name == "x86_avx2" and "FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in why
+    assert accumulates_in_pairs("torch_native_x86", vnni, "x86_64")
+    assert not accumulates_in_pairs("onnxruntime", vnni, "x86_64")  # the variable is fbgemm's alone
+    assert can_saturate(QuantConfig()) and not can_saturate(constrain(QuantConfig(), target)[0])
+    assert not can_saturate(QuantConfig(act_bits=7)) and can_saturate(QuantConfig(act_bits=7, act_symmetric=True))

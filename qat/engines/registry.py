@@ -38,17 +38,22 @@ class EngineEntry:
     # x86 CPU flags with which its u8·s8 GEMM accumulates exactly in int32; without any of them it adds product
     # pairs in saturating int16 (vpmaddubsw, qat.intmodel.saturation). None: exact on every host.
     exact_int8_flags: tuple[str, ...] | None = None
+    # environment variable that restricts the engine's kernels to an older ISA whatever the CPU has
+    # (fbgemm: FBGEMM_ENABLE_INSTRUCTIONS=AVX2 selects its AVX2 kernels on a VNNI host; torch's x86 backend still
+    # sends convolutions with symmetric weights to oneDNN there, which stays exact, so only part of it saturates)
+    isa_env: str | None = None
 
 
 _FBGEMM_EXACT = ("avx512_vnni",)  # fbgemm's VNNI kernels are AVX-512 only (not AVX-VNNI)
+_FBGEMM_ISA_ENV = "FBGEMM_ENABLE_INSTRUCTIONS"
 _MLAS_EXACT = ("avx512_vnni", "avx_vnni", "amx_int8")  # MLAS u8s8 has AVX-512 VNNI and AVX-VNNI kernels
 
 ENGINES: dict[str, EngineEntry] = {e.name: e for e in (
     EngineEntry("torch_eager", "qat.models.fold", "torch", ("float",)),
     EngineEntry("torch_native_x86", "qat.engines.torch_native", "torch", ("int8",), "x86",
-                exact_int8_flags=_FBGEMM_EXACT),
+                exact_int8_flags=_FBGEMM_EXACT, isa_env=_FBGEMM_ISA_ENV),
     EngineEntry("torch_native_fbgemm", "qat.engines.torch_native", "torch", ("int8",), "fbgemm",
-                exact_int8_flags=_FBGEMM_EXACT),
+                exact_int8_flags=_FBGEMM_EXACT, isa_env=_FBGEMM_ISA_ENV),
     EngineEntry("torch_native_qnnpack", "qat.engines.torch_native", "torch", ("int8",), "qnnpack"),
     EngineEntry("onnxruntime", "qat.engines.onnxruntime_qdq", "onnxruntime", ("float", "int8"),
                 exact_int8_flags=_MLAS_EXACT),
