@@ -143,7 +143,7 @@ class Plan:
                 "accumulation": self.target.accumulation, "engines": list(self.target.engines),
                 **({"avx2_grid": self.avx2_grid} if self.target.accumulation == "pair16" else {}),
                 "constraints": [c.as_dict() for c in self.constraints], "host_flags": self.host_flags,
-                "warnings": self.warnings}
+                "isa_overrides": isa_overrides(), "warnings": self.warnings}
 
 
 def _check_bits(quant: Any, target: Target) -> None:
@@ -220,6 +220,14 @@ def isa_restricted(engine: str) -> bool:
     (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``: fbgemm's AVX2 kernels on a VNNI host, i.e. an AVX2 deployment)."""
     env = _isa_env(engine)
     return bool(env) and os.environ.get(env, "").upper() in PAIR_ISAS
+
+
+def isa_overrides() -> dict[str, str]:
+    """The engines' ISA-restricting environment variables set in this process (e.g. fbgemm's), for the record."""
+    from qat.engines import registry
+
+    names = {e.isa_env for e in registry.ENGINES.values() if e.isa_env}
+    return {name: os.environ[name] for name in sorted(names) if name in os.environ}
 
 
 def accumulates_in_pairs(engine: str, flags: Collection[str] | None = None, machine: str | None = None) -> bool:
