@@ -89,12 +89,30 @@ def plan(cfg: LatencyAppConfig) -> list[Job]:
             raise QatError("model_id", "tree mode takes each run's own model id", "leave model_id unset")
         jobs = tree_jobs(cfg.tree or "", int_base, float_base, out=cfg.out, shard=cfg.shard,
                          num_shards=cfg.num_shards)
-    for engine in sorted({job.spec.engine for job in jobs if job.spec is not None}):
-        adapter(engine)  # unknown or not installed: one line, here
-    for job in jobs:
-        if job.spec is not None:
-            job.spec.check()
+    specs = [job.spec for job in jobs if job.spec is not None]
+    for spec in {(s.engine, s.precision): s for s in specs}.values():
+        try:
+            adapter(spec.engine)  # unknown or not installed: one line, here
+        except QatError as exc:
+            raise app_error(exc, spec) from None
+    for spec in specs:
+        try:
+            spec.check()
+        except QatError as exc:
+            raise app_error(exc, spec) from None
     return jobs
+
+
+def app_error(exc: QatError, spec: MeasureSpec) -> QatError:
+    """``exc`` with this app's key for the run config's ``latency.*`` key it names (``latency.engine`` is
+    ``engine`` for int8 and ``float_engine`` for float measurements; ``latency.model`` is ``int_model``)."""
+    if exc.key == "latency.engine":
+        key = "engine" if spec.precision == "int8" else "float_engine"
+    elif exc.key == "latency.model":
+        key = "int_model"
+    else:
+        key = exc.key.removeprefix("latency.")
+    return QatError(key, exc.problem, exc.fix)
 
 
 def summary_name(cfg: LatencyAppConfig) -> str:
