@@ -30,14 +30,12 @@ from qat.engines import registry
 from qat.errors import QatError, choice_error
 from qat.fidelity import check_engine_names, evaluate_engines, primary_engine
 from qat.intmodel.convert import convert
-from qat.intmodel.graph import IntModel
-from qat.intmodel.saturation import diagnose
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.models.registry import MODELS, build_model, count_macs
 from qat.ptq.driver import check_method, not_convertible_reason, prepare_and_post_train, record_method
 from qat.quant.config import QuantConfig
-from qat.quant.describe import describe, differences
 from qat.quant.prepare import calibration_mode, prepare
+from qat.record_blocks import apply_target, quant_block, saturation_block
 from qat.records import write_record
 from qat.schema import RunConfig
 from qat.tracking import RUN_ID_KEY, RunLogger
@@ -283,53 +281,6 @@ def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunCo
     return prepared
 
 
-def apply_target(cfg: RunConfig) -> tuple[RunConfig, targets.Plan]:
-    """The run's config with the deployment target's grid (:func:`qat.targets.constrain`) and the plan for the
-    record; says in the log which target, which recipe change, and which evaluated engine would saturate."""
-    deployment, quant = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)
-    log.info("[target] %s (%s)", deployment.target.name, deployment.why)
-    for c in deployment.constraints:
-        log.info("[target] %s: %s -> %s (%s)", c.key, c.config, c.applied, c.why)
-    cfg = replace(cfg, quant=quant)
-    if cfg.quant.precision != "float":
-        deployment.warnings = targets.saturation_warnings(deployment, cfg.quant,
-                                                          [primary_int8_engine(cfg), *cfg.latency.eval_engines])
-    for line in deployment.warnings:
-        log.warning("[target] %s", line)
-    return cfg, deployment
-
-
-def saturation_block(int_model: IntModel, loader: Any, images: int, engines: list[str]) -> dict[str, Any]:
-    """The record's ``saturation`` block: 16-bit pair overflow per layer on ``images`` validation images
-    (:func:`qat.intmodel.saturation.diagnose`) and, per evaluated engine, whether it sums pairs on this host and
-    so is predicted to leave the reference where layers are flagged."""
-    batches, seen = [], 0
-    for batch, _ in loader:
-        batches.append(batch[: images - seen])
-        seen += batches[-1].shape[0]
-        if seen >= images:
-            break
-    started = time.time()
-    block = diagnose(int_model, batches).as_dict()
-    pairs_here = [e for e in engines if e in registry.ENGINES and targets.accumulates_in_pairs(e)]
-    block["engines_summing_pairs_here"] = pairs_here
-    block["predicted_to_disagree_here"] = pairs_here if block["overflowing_pair_sums"] else []
-    block["diagnostic_s"] = time.time() - started
-    log.info("[saturation] %.4f%% of 16-bit pair sums overflow on %d images (%d layer(s), worst %s); engines "
-             "summing pairs here: %s", 100 * block["overflow_share"], block["images"], len(block["layers_flagged"]),
-             block["worst_layer"], ", ".join(pairs_here) or "none")
-    return block
-
-
-def quant_block(prepared: nn.Module, cfg: RunConfig, configured: Any, calibration_batches: int) -> dict[str, Any]:
-    """The record's ``quant`` block read back from the evaluated model (:func:`qat.quant.describe.describe`),
-    with the calibration that ran and where it departs from the configured recipe."""
-    block = {**describe(prepared, "int8"), "calibration_batches": calibration_batches,
-             "overrides": [asdict(o) for o in cfg.quant.overrides]}
-    block["config_differences"] = differences(block, asdict(configured))
-    return block
-
-
 def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger | None = None) -> dict[str, Any]:
     """Run the whole pipeline for one config and write ``<run_dir>/record.json``; return the record.
     ``tracker`` (qat.tracking) receives per-step training metrics, the top-1s and the record."""
@@ -421,8 +372,8 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
                  primary, accuracy["int_top1"], record["fidelity"]["sim_vs_int_top1_agreement"],
                  record["fidelity"]["min_agreement_with_sim"])
         if cfg.target.diagnostic_images > 0:
-            record["saturation"] = saturation_block(int_model, data.val, cfg.target.diagnostic_images,
-                                                    list(record["fidelity"]["engines"]))
+            record["saturation"] = saturation_block(int_model, (x for x, _ in data.val),
+                                                    cfg.target.diagnostic_images, list(record["fidelity"]["engines"]))
         record["latency_float"] = {"engine": "torch_eager", **float_latency}
 
     record = {
