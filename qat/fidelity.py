@@ -60,6 +60,15 @@ def check_engine_names(names: Sequence[str], key: str = "latency.eval_engines") 
                 raise QatError(key, f"unknown engine {name!r}", exc.fix) from exc
 
 
+def tie_aware_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Top-1 agreement of two logit tensors in percent, where a row whose logits tie at the top agrees when the
+    other's top-1 is one of the tied classes: quantized logits tie exactly (one output LSB apart is the grid), and
+    ``argmax`` then picks the first class, an arbitrary choice that a 1-LSB difference elsewhere can flip."""
+    a_in_b = b.gather(1, a.argmax(1, keepdim=True)).squeeze(1) == b.max(1).values
+    b_in_a = a.gather(1, b.argmax(1, keepdim=True)).squeeze(1) == a.max(1).values
+    return 100.0 * (a_in_b | b_in_a).float().mean().item()
+
+
 def compare(sim_logits: torch.Tensor, sim_pred: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
             lsb: float | None) -> dict[str, Any]:
     """Top-1, agreement with the simulated model, and logit differences in output LSBs
@@ -67,7 +76,8 @@ def compare(sim_logits: torch.Tensor, sim_pred: torch.Tensor, logits: torch.Tens
     (``lsb=None``) the differences are in real units under names without ``_lsb``
     (``logit_*_abs_diff``, ``logit_diff_unit: "real"``) and there is no within-1-LSB share."""
     pred = logits.argmax(1)
-    fields: dict[str, Any] = {"top1": top1(pred, targets), "agreement_with_sim": top1(sim_pred, pred)}
+    fields: dict[str, Any] = {"top1": top1(pred, targets), "agreement_with_sim": top1(sim_pred, pred),
+                              "agreement_with_sim_tie_aware": tie_aware_agreement(sim_logits, logits)}
     diff = (sim_logits - logits).abs()
     if lsb is None:
         return {**fields, "logit_diff_unit": "real", "logit_max_abs_diff": float(diff.max()),
@@ -138,5 +148,7 @@ def evaluate_engines(int_model: IntModel, loader: DataLoader, sim_logits: torch.
              f"logit_max_abs_diff{suffix}": main[f"logit_max_abs_diff{suffix}"],
              f"logit_mean_abs_diff{suffix}": main[f"logit_mean_abs_diff{suffix}"],
              "engine_8bit_container": main.get("emulated_bits", False),
-             "min_agreement_with_sim": min(e["agreement_with_sim"] for e in engines.values() if e["status"] == "ok")}
+             "min_agreement_with_sim": min(e["agreement_with_sim"] for e in engines.values() if e["status"] == "ok"),
+             "min_agreement_with_sim_tie_aware": min(e["agreement_with_sim_tie_aware"] for e in engines.values()
+                                                     if e["status"] == "ok")}
     return block, primary_logits

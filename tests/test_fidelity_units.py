@@ -76,3 +76,14 @@ def test_block_without_output_quantizer_is_in_real_units(monkeypatch: pytest.Mon
     assert block["output_lsb"] == lsb and block["logit_diff_unit"] == "lsb"
     assert block["logit_max_abs_diff_lsb"] == pytest.approx(real_max / lsb)
     assert "logit_max_abs_diff" not in block
+
+
+def test_tie_aware_agreement_counts_a_tie_at_the_top_as_agreement() -> None:
+    from qat.fidelity import tie_aware_agreement
+
+    sim = torch.tensor([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])  # row 0: a tie at the top
+    integer = torch.tensor([[0.8, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 1.0, 2.0]])  # row 0 one LSB off: picks 1
+    assert tie_aware_agreement(sim, integer) == pytest.approx(100 * 2 / 3)  # row 1 is a real disagreement
+    fields = compare(sim, sim.argmax(1), integer, torch.tensor([0, 0, 2]), lsb=0.2)
+    assert fields["agreement_with_sim"] == pytest.approx(100 / 3)  # strict argmax: row 0 flips too
+    assert fields["agreement_with_sim_tie_aware"] == pytest.approx(100 * 2 / 3)
