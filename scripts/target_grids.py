@@ -4,10 +4,11 @@
 
 Reads every ``record.json`` under the given directories (``qat.analysis.records.load_records``) and writes
 ``<out>.csv`` and ``<out>.md``: per model width and recipe (the target, its ``avx2_grid`` and the bits that ran,
-read back from the model), the float, simulated and integer top-1, the lowest top-1 agreement of any engine with
-the simulated model, the share of 16-bit pair sums that overflow (the saturation diagnostic) and the host's CPU
-flags. With ``--readme`` the table replaces the block between ``<!-- AVX2_GRID_TABLE -->`` and
-``<!-- /AVX2_GRID_TABLE -->`` (tables in the README are regenerated, never typed).
+read back from the model), the float, simulated and integer top-1, the lowest top-1 agreement of any engine
+with the simulated model (strict, and counting ties at the top as agreement), the share of 16-bit pair sums
+that overflow (the saturation diagnostic) and the host's CPU flags. With ``--readme`` the table replaces the
+block between ``<!-- AVX2_GRID_TABLE -->`` and ``<!-- /AVX2_GRID_TABLE -->`` (README tables are regenerated,
+never typed).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from qat.records import atomic_write_bytes
 MARKER = "AVX2_GRID_TABLE"
 COLUMNS = {"width": "width", "recipe": "recipe", "bits": "bits ran", "float": "float top-1",
            "sim": "simulated top-1", "int": "int8 top-1", "engine": "primary engine",
-           "agreement": "lowest engine agreement (%)", "overflow": "pair sums overflowing (%)", "host": "host flags"}
+           "agreement": "lowest engine agreement (%)", "tie_aware": "lowest, ties as agreement (%)",
+           "overflow": "pair sums overflowing (%)", "host": "host flags"}
 
 
 def _recipe(row: pd.Series) -> str:
@@ -34,6 +36,11 @@ def _recipe(row: pd.Series) -> str:
         return "no target (older record)"
     grid = row.get("target.avx2_grid")
     return f"{target} ({grid})" if isinstance(grid, str) else str(target)
+
+
+def _bits(value: object) -> str:
+    """``7`` for 7 or 7.0; ``mixed`` where layers differ (the record's ``{"mixed": ...}`` flattened away)."""
+    return str(int(value)) if isinstance(value, (int, float)) and not pd.isna(value) else "mixed"
 
 
 def _overrides(row: pd.Series) -> str:
@@ -51,10 +58,11 @@ def grid_table(frame: pd.DataFrame) -> pd.DataFrame:
         flags = r.get("target.host_flags")
         rows.append({
             "width": r.get("model.width_mult"), "recipe": _recipe(r),
-            "bits": f"w{r.get('quant.weight_bits')}a{r.get('quant.act_bits')}",
+            "bits": f"w{_bits(r.get('quant.weight_bits'))}a{_bits(r.get('quant.act_bits'))}",
             "float": r.get("accuracy.float_top1"), "sim": r.get("accuracy.sim_top1"),
             "int": r.get("accuracy.int_top1"), "engine": r.get("fidelity.primary_engine"),
             "agreement": r.get("fidelity.min_agreement_with_sim"),
+            "tie_aware": r.get("fidelity.min_agreement_with_sim_tie_aware", float("nan")),
             "overflow": 100 * r["saturation.overflow_share"] if pd.notna(r.get("saturation.overflow_share"))
             else float("nan"),
             "host": (" ".join(flags) if isinstance(flags, list) else "") + _overrides(r),
