@@ -205,3 +205,36 @@ def test_auto_follows_fbgemm_restricted_to_avx2(monkeypatch: pytest.MonkeyPatch)
     assert not accumulates_in_pairs("onnxruntime", vnni, "x86_64")  # the variable is fbgemm's alone
     assert can_saturate(QuantConfig()) and not can_saturate(constrain(QuantConfig(), target)[0])
     assert not can_saturate(QuantConfig(act_bits=7)) and can_saturate(QuantConfig(act_bits=7, act_symmetric=True))
+
+
+FLAGGED_VS_LEFT = textwrap.dedent("""
+    import importlib.util, sys
+    sys.path.insert(0, {tests!r})
+    from test_reference import MODELS, calibrated
+    from qat.intmodel.convert import convert
+    from qat.quant.config import QuantConfig
+    from qat.targets import TARGETS, constrain
+    spec = importlib.util.spec_from_file_location("engine_layer_diff", {script!r})
+    diff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diff)
+    for label, config in (("w8", QuantConfig(act_observer="minmax")),
+                          ("w7", constrain(QuantConfig(act_observer="minmax"), TARGETS["x86_avx2"])[0])):
+        prepared, x = calibrated(MODELS["resnet"], config, n=8)
+        rows = diff.layer_differences(convert(prepared), x, "fbgemm")
+        left = sorted(name for name, _, worst, _, _ in rows if worst > 1)
+        flagged = sorted(name for name, _, _, _, overflow in rows if overflow)
+        print(label, ",".join(left) or "-", ",".join(flagged) or "-")
+""")
+
+
+def test_layers_the_avx2_engine_leaves_are_the_flagged_ones() -> None:
+    """scripts/engine_layer_diff.py with fbgemm's AVX2 kernels: every layer off by more than 1 LSB is one the
+    diagnostic flags (it predicts from the integer model and the images alone), and with 7-bit weights none is."""
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    script = FLAGGED_VS_LEFT.format(tests=str(ROOT / "tests"), script=str(ROOT / "scripts" / "engine_layer_diff.py"))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = {line.split()[0]: line.split()[1:] for line in result.stdout.strip().splitlines()}
+    left, flagged = (set(v.split(",")) - {"-"} for v in found["w8"])
+    assert left and left <= flagged, (left, flagged)
+    assert found["w7"] == ["-", "-"]
