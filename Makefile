@@ -10,11 +10,14 @@ DEMO_RUNS := outputs/demo/$(shell date +%Y%m%d-%H%M%S)
 .PHONY: install demo test lint bench clean
 
 # constraints.txt pins every package of the dependency tree (reproducible installs; see its header).
+# pip's own lines show what it collects and installs (a first install takes a few minutes); a second make skips it.
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing qat and its pinned dependencies into $(VENV) (constraints.txt; a few minutes the first time)"
+	$(PY) -m pip install --progress-bar off --upgrade pip
+	$(PY) -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
+	@echo "installed; next make runs skip this step until pyproject.toml or constraints.txt change"
 
 install: $(STAMP)
 
