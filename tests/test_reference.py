@@ -367,9 +367,13 @@ TORCH_NATIVE_TOLERANCE = {
 }
 
 
+@pytest.mark.parametrize("acts", ["8-bit", "7-bit", "7-bit signed"])
 @pytest.mark.parametrize("name", ["tiny", "resnet"])
-def test_layer_by_layer_against_torch_native(name: str) -> None:
-    prepared, x = calibrated(MODELS[name], for_this_host(QuantConfig(act_observer="minmax")), n=8)
+def test_layer_by_layer_against_torch_native(name: str, acts: str) -> None:
+    """Every op within its tolerance of the reference, 8-bit grids and <8-bit ones in 8-bit containers alike
+    (the 7-bit grid's clamp to [0, 127] or [-64, 63] after convolutions without ReLU, adds and linears)."""
+    config = QuantConfig(act_observer="minmax", act_bits=int(acts[0]), act_symmetric="signed" in acts)
+    prepared, x = calibrated(MODELS[name], for_this_host(config), n=8)
     int_model = convert(prepared)
     reference = ReferenceExecutor(int_model)
     engine = torch_native.build(int_model, "x86")

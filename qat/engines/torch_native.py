@@ -75,6 +75,37 @@ def _bias_float(node: IntNode) -> torch.Tensor:
     return (node.tensors["bias"].double() * node.tensors["bias_scale"].double()).float()
 
 
+def _code_bounds(node: IntNode) -> tuple[int, int] | None:
+    """A node's integer clamp [max(clamp_min, qmin), min(clamp_max, qmax)] in the uint8 container, where the
+    container and the kernel's own ReLU do not already give it: ReLU6's upper bound, and the grid of a <8-bit
+    output (e.g. [0, 127] for 7-bit activations) after ops whose kernels saturate to [0, 255] only (quantize,
+    convolutions without activation, linear, add, cat). ``None`` where nothing is left to clamp."""
+    out = node.out
+    if out is None or node.op in ("dequantize", "max_pool", "avg_pool", "flatten"):  # these keep their input grid
+        return None
+    low = max(node.attrs.get("clamp_min", out.qmin), out.qmin)
+    high = min(node.attrs.get("clamp_max", out.qmax), out.qmax)
+    relu = node.attrs.get("activation") in ("relu", "relu6")  # the kernel's ReLU clamps at real 0, code Z
+    needs_low = low + out.uint8_offset > 0 and not (relu and low <= out.zero_point)
+    if not needs_low and high + out.uint8_offset >= 255:
+        return None
+    return low + out.uint8_offset, high + out.uint8_offset
+
+
+def _clamped(fn: Callable[..., torch.Tensor], codes: tuple[int, int] | None) -> Callable[..., torch.Tensor]:
+    """``fn`` followed by a clamp of its quantized output's codes to ``codes``, in integers: exact on every
+    backend (qnnpack's quantized ``torch.clamp`` wants both bounds and left MobileNet-like layers tens of LSB off)."""
+    if codes is None:
+        return fn
+    low, high = codes
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        y = fn(*args)
+        return make_per_tensor_quantized_tensor(y.int_repr().clamp_(low, high), y.q_scale(), y.q_zero_point())
+
+    return run
+
+
 class TorchNativeModel(nn.Module):
     """Runs an :class:`IntModel` on ``torch.ops.quantized`` kernels; float in, float logits out."""
 
@@ -94,7 +125,7 @@ class TorchNativeModel(nn.Module):
         # ``quantized_engine(engine.backend)``); ``forward`` selects its own backend whatever is selected then
         torch.backends.quantized.engine = backend
         for node in model.nodes:
-            self.steps.append((node.name, node.inputs, self._build(node)))
+            self.steps.append((node.name, node.inputs, _clamped(self._build(node), _code_bounds(node))))
         self.emulated_bits = model.min_bits < 8  # <8-bit grids in 8-bit containers
         if self.status_note is not None and exact_depthwise and any(
                 n.op == "conv2d" and n.attrs["groups"] > 1 for n in model.nodes):
@@ -122,10 +153,7 @@ class TorchNativeModel(nn.Module):
             self.packed.append(packed)
             scale, zp = out.scale, out.uint8_zero_point
             kernel = q.conv2d_relu if a["activation"] in ("relu", "relu6") else q.conv2d
-            upper = self._upper_clamp(node)
-            if upper is None:
-                return lambda x: kernel(x, packed, scale, zp)
-            return lambda x: torch.clamp(kernel(x, packed, scale, zp), max=upper)
+            return lambda x: kernel(x, packed, scale, zp)
         if node.op == "linear":
             packed = q.linear_prepack(_weight_tensor(node), _bias_float(node))
             self.packed.append(packed)
@@ -152,15 +180,6 @@ class TorchNativeModel(nn.Module):
             scale, zp, dim = out.scale, out.uint8_zero_point, node.attrs["dim"]
             return lambda *xs: q.cat(list(xs), dim, scale, zp)
         raise QatError("engine", f"op {node.op!r} of {node.name} is not supported by torch_native", "")
-
-    @staticmethod
-    def _upper_clamp(node: IntNode) -> float | None:
-        """ReLU6's upper bound as a real value when it lies inside the output grid (else the grid clamps)."""
-        out = node.out
-        high = node.attrs.get("clamp_max", out.qmax)
-        if high >= out.qmax:
-            return None
-        return (high - out.zero_point) * out.scale
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
