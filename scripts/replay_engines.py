@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from qat.analysis.readme import markdown_table, update_file
 from qat.data.imagefolder import build_classification_loaders
 from qat.fidelity import build_engine, output_lsb, tie_aware_agreement
 from qat.intmodel.graph import IntModel
@@ -58,6 +59,20 @@ def replay(run_dir: Path, engines: list[str], images: int | None) -> list[dict[s
     return rows
 
 
+MARKER = "REPLAY_TABLE"
+SHOWN = {"width": "width", "target": "target", "bits": "bits", "engine": "engine", "top1": "top-1",
+         "agreement_with_reference": "agreement with reference (%)",
+         "agreement_with_reference_tie_aware": "ties as agreement (%)", "logit_max_abs_diff_lsb": "max Δ logit (LSB)",
+         "host": "ran on"}
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The rows as the README shows them (one host label per table, in the last column)."""
+    shown = table.assign(bits="w" + table["weight_bits"].astype(str) + "a" + table["act_bits"].astype(str))
+    return markdown_table(shown[list(SHOWN)].rename(columns=SHOWN), {"width": "{:g}", SHOWN["logit_max_abs_diff_lsb"]:
+                                                                      "{:.0f}"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -66,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the first N validation images (whole batches of 100)")
     parser.add_argument("--out", type=Path, required=True, help="CSV to write")
     parser.add_argument("--host-label", default="", help="what ran the engines, when /proc/cpuinfo cannot tell")
+    parser.add_argument("--readme", type=Path, help="also replace the README block <!-- REPLAY_TABLE --> ... with it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for run in args.runs:
@@ -77,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows).assign(host=args.host_label or f"{host['cpu']} ({' '.join(host['cpu_flags'])})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out, table.to_csv(index=False).encode())
-    print(f"wrote {args.out}")
+    text = markdown(table)
+    atomic_write_bytes(args.out.with_suffix(".md"), text.encode())
+    if args.readme:
+        update_file(args.readme, MARKER, text)
+    print(text + f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 

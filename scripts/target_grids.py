@@ -14,12 +14,12 @@ never typed).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from qat.analysis.readme import markdown_table, update_file
 from qat.analysis.records import load_records
 from qat.records import atomic_write_bytes
 
@@ -72,28 +72,8 @@ def grid_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    def cell(value: object, column: str) -> str:
-        if not isinstance(value, float):
-            return str(value)
-        if pd.isna(value):
-            return "—"
-        return f"{value:g}" if column == "width" else f"{value:.4f}" if column == "overflow" else f"{value:.1f}"
-
-    header = "| " + " | ".join(COLUMNS.values()) + " |"
-    lines = [header, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r[c], c) for c in COLUMNS) + " |" for _, r in table.iterrows()]
-    return "\n".join(lines) + "\n"
-
-
-def replace_block(text: str, block: str) -> str:
-    """``text`` with the marked block replaced by ``block`` (the markers kept, added after a lone start marker)."""
-    start, end = f"<!-- {MARKER} -->", f"<!-- /{MARKER} -->"
-    if end in text:
-        return re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: f"{start}\n{block}{end}", text,
-                      flags=re.S)
-    if start not in text:
-        raise SystemExit(f"error: the README has no {start} marker (add it where the table goes)")
-    return text.replace(start, f"{start}\n{block}{end}", 1)
+    """The table with the README's column names (width as given, overflow share to 4 decimals)."""
+    return markdown_table(table.rename(columns=COLUMNS), {COLUMNS["width"]: "{:g}", COLUMNS["overflow"]: "{:.4f}"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_bytes(args.out.with_suffix(".csv"), table.to_csv(index=False).encode())
     atomic_write_bytes(args.out.with_suffix(".md"), text.encode())
     if args.readme:
-        atomic_write_bytes(args.readme, replace_block(args.readme.read_text(), text).encode())
+        update_file(args.readme, MARKER, text)
     print(text)
     return 0
 

@@ -42,9 +42,12 @@ def test_one_row_per_int8_run_with_recipe_bits_and_overflow(grids) -> None:  # t
     assert text.count("\n") == 4 and "| 0.5 | x86_avx2 (weights7) | w7a8 |" in text
 
 
-def test_readme_block_is_replaced_between_its_markers(grids) -> None:  # type: ignore[no-untyped-def]
-    once = grids.replace_block("intro\n<!-- AVX2_GRID_TABLE -->\nrest\n", "| a |\n")
-    assert once == "intro\n<!-- AVX2_GRID_TABLE -->\n| a |\n<!-- /AVX2_GRID_TABLE -->\nrest\n"
-    assert grids.replace_block(once, "| b |\n") == once.replace("| a |", "| b |")
-    with pytest.raises(SystemExit, match="no <!-- AVX2_GRID_TABLE --> marker"):
-        grids.replace_block("no marker here", "| a |\n")
+def test_readme_block_is_replaced_between_its_markers() -> None:
+    from qat.analysis.readme import replace_block
+    from qat.errors import QatError
+
+    once = replace_block("intro\n<!-- T -->\nrest\n", "T", "| a |\n")
+    assert once == "intro\n<!-- T -->\n| a |\n<!-- /T -->\nrest\n"
+    assert replace_block(once, "T", "| b |\n") == once.replace("| a |", "| b |")
+    with pytest.raises(QatError, match="no <!-- T --> marker"):
+        replace_block("no marker here", "T", "| a |\n")
