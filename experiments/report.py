@@ -1,9 +1,10 @@
 """Hydra app: the report, or one paper table beside our runs.
 
 ``python experiments/report.py records=<runs dir> [out=results/report] [latency_budget_ms=2] [accuracy_drop=1]``
-writes ``results.csv``, ``summary.csv``, ``summary.md`` and the figures the data supports (PNG and PDF).
-``python experiments/report.py table=<name> records=<runs dir> out=<dir> [where={model.arch: resnet50}]``
-writes ``<name>.md``, ``.tex`` and ``.csv``. On bad input prints one line to stderr and exits 1.
+writes ``results.csv``, ``summary.csv``, ``fidelity.csv``, ``summary.md`` and the figures the data supports (PNG
+and PDF). ``python experiments/report.py table=<name> records=<runs dir> out=<dir> [where={model.arch: resnet50}]``
+writes ``<name>.md``, ``.tex`` and ``.csv``. On bad input prints one line, ``error: <key>: <problem> (<fix>)``,
+naming a key of ``configs/report.yaml``, to stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import check_overrides  # noqa: E402
+from _cli import check_overrides, one_line_errors  # noqa: E402
 
-from qat.analysis.report import write_paper_table, write_report
-from qat.analysis.tables import get_table
+from qat.analysis.report import paper_table, write_paper_table, write_report
 from qat.errors import QatError
 
 
@@ -28,22 +28,22 @@ def _number(cfg: DictConfig, key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise QatError(f"report.{key}", f"must be a non-negative number, got {value!r}", f"pass {key}=<number>")
+        raise QatError(key, f"must be a non-negative number, got {value!r}", f"pass {key}=<number>")
     return float(value)
 
 
 def run(cfg: DictConfig) -> None:
     """Resolve paths against the launch directory and write the report or the paper table."""
     if cfg.get("table") is not None:
-        get_table(str(cfg.table))  # an unknown name fails first, listing the names
+        paper_table(str(cfg.table))  # an unknown name fails first, listing the names
     for key in ("records", "out"):
         if OmegaConf.is_missing(cfg, key) or not str(cfg[key]).strip():
-            raise QatError(f"report.{key}", "not set", f"pass {key}=<path>")
+            raise QatError(key, "not set", f"pass {key}=<path>")
     records, out = to_absolute_path(str(cfg.records)), to_absolute_path(str(cfg.out))
     if cfg.get("table") is not None:
         where = cfg.get("where")
         if where is not None and not isinstance(where, DictConfig):
-            raise QatError("report.where", f"must be a mapping, got {where!r}", "pass 'where={column: value}'")
+            raise QatError("where", f"must be a mapping, got {where!r}", "pass 'where={column: value}'")
         where = OmegaConf.to_container(where, resolve=True) if where is not None else {}
         write_paper_table(str(cfg.table), records, out, where=where, dataset_filter=bool(cfg.dataset_filter))
         return
@@ -52,12 +52,9 @@ def run(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="report")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except QatError as exc:
-        print(exc.one_line(), file=sys.stderr)
-        sys.exit(1)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Records in; out: ``results.csv`` (one row per run and latency measurement), ``summary.csv`` (one row per
-configuration: mean, std, 95% CI and n over seeds), ``summary.md``, the trade-off plot and, when the data
-has them, the bit-depth heatmap, the method comparison and the simulated-vs-integer gap plots.
+configuration: mean, std, 95% CI and n over seeds), ``fidelity.csv`` (per configuration and int8 engine: the
+integer model beside the simulated one, :func:`qat.analysis.engines.engine_fidelity_table`), ``summary.md``, the
+trade-off plot and, when the data has them, the bit-depth heatmap, the method comparison and the
+simulated-vs-integer gap plots.
 
 Simulated-only runs (no integer model: ``simulated_only``) are kept apart and marked everywhere: ``metric`` is
 empty for them and ``metric_sim`` holds the simulated accuracy, their series is labelled "(simulated only)", they
@@ -18,10 +20,12 @@ import pandas as pd
 
 from qat.analysis.budget import fastest_within, most_accurate_under
 from qat.analysis.comparisons import gap_table, has_method_comparison, plot_methods, plot_sim_int_gap
+from qat.analysis.engines import engine_fidelity_table, host_target_line
 from qat.analysis.heatmap import has_bit_grid, plot_bit_heatmap
 from qat.analysis.latency import join_latency, load_latency_records
+from qat.analysis.paper_tables import PaperTable
 from qat.analysis.pareto import pareto_by
-from qat.analysis.plots import plot_tradeoff
+from qat.analysis.plots import METRIC_LABELS, plot_tradeoff
 from qat.analysis.records import load_records, simulated_mask
 from qat.analysis.stats import aggregate_seeds
 from qat.analysis.tables import build_table, get_table, to_markdown, write_table
@@ -149,10 +153,40 @@ SIMULATED_NOTE = ("the model has no integer form yet (the reason is in its recor
                   "no integer latency and is in no Pareto front or budget answer.")
 
 
+FIDELITY_TITLE = "Integer engines vs the simulated model"
+FIDELITY_MD_COLUMNS = {
+    "configuration": "configuration", "engine": "engine", "status": "status", "n": "n", "int": "int",
+    "agreement_with_sim": "top-1 agreement with simulated (%)", "max_abs_diff": "max abs Δ output (LSB)",
+    "mean_abs_diff": "mean abs Δ output (LSB)", "within_1lsb": "within 1 LSB (%)", "target": "target",
+    "host_flags": "host flags",
+}  # fmt: skip
+FIDELITY_NOTE = ("Per configuration (means over its n runs) and int8 engine: the integer model's accuracy on the "
+                 "engine, the share of images whose top-1 class is the simulated model's, and the largest and mean "
+                 "absolute difference of the outputs (logits; the detector core's for detection) from the simulated "
+                 "model's, in output LSBs (`real`: in real units, the model has no output quantizer). Also in "
+                 "`fidelity.csv`.")
+
+
+def fidelity_markdown(fidelity: pd.DataFrame, host: str) -> list[str]:
+    """The ``summary.md`` section of :func:`qat.analysis.engines.engine_fidelity_table`: unsupported engines
+    show why, differences in real units are marked ``real``; ``host`` (the host and target line) heads it."""
+    names = [METRIC_LABELS.get(m, str(m)) for m in dict.fromkeys(fidelity["metric_name"])]
+    shown = fidelity.assign(status=[f"{s}: {r}" if isinstance(r, str) else s
+                                    for s, r in zip(fidelity["status"], fidelity["reason"], strict=True)])
+    real = shown["unit"].eq("real")
+    for column in ("max_abs_diff", "mean_abs_diff"):
+        shown[column] = shown[column].astype(object).where(~real, shown[column].map(lambda v: f"{v:.3g} real"))
+    columns = {**FIDELITY_MD_COLUMNS, "int": f"int {' / '.join(names)} (%)"}
+    about = f" {host[:1].upper()}{host[1:]}." if host else ""
+    return [f"## {FIDELITY_TITLE}", "", FIDELITY_NOTE + about, "",
+            _markdown_table(shown[list(columns)].rename(columns=columns)), ""]
+
+
 def summary_markdown(summary: pd.DataFrame, skipped: list[tuple[Path, str]], budgets: dict[str, pd.DataFrame],
-                     plots: list[Path]) -> str:
-    """``summary.md``: the configurations, budget answers, skipped records and the figures written; simulated-only
-    configurations have their accuracy in a column of its own and a note."""
+                     plots: list[Path], *, fidelity: pd.DataFrame | None = None, host: str = "") -> str:
+    """``summary.md``: the configurations, budget answers, the int8 engines beside the simulated model (when
+    ``fidelity`` has rows), skipped records and the figures written; simulated-only configurations have their
+    accuracy in a column of its own and a note."""
     columns = {k: v for k, v in SUMMARY_MD_COLUMNS.items() if k in summary.columns}
     names = sorted(summary["task"].dropna().unique()) if "task" in summary.columns else []
     shown = summary.copy()
@@ -175,6 +209,8 @@ def summary_markdown(summary: pd.DataFrame, skipped: list[tuple[Path, str]], bud
             continue
         keep = {k: v for k, v in {**columns, "drop": "drop"}.items() if k in answer.columns and k != "pareto"}
         lines += [_markdown_table(answer[list(keep)].rename(columns=keep)), ""]
+    if fidelity is not None and not fidelity.empty:
+        lines += fidelity_markdown(fidelity, host)
     if skipped:
         lines += [f"## Skipped {len(skipped)} record(s)", ""] + [f"- `{path}`: {reason}" for path, reason in skipped]
         lines.append("")
@@ -219,17 +255,17 @@ def _print_summary(
 
 def load_store(records_root: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """Run records and separate latency records under ``records_root``, joined (one row per run and
-    measurement). Raises :class:`QatError` (``report.records``) if the root is missing or has no valid record."""
+    measurement). Raises :class:`QatError` (``records``) if the root is missing or has no valid record."""
     root = Path(records_root)
     try:
         frame, skipped = load_records(root)
         latency, skipped_latency = load_latency_records(root)
     except FileNotFoundError:
         fix = "pass records=<directory of runs>"
-        raise QatError("report.records", f"{root} does not exist", fix) from None
+        raise QatError("records", f"{root} does not exist", fix) from None
     if frame.empty:
         why = f"{len(skipped)} record.json file(s), none valid" if skipped else "no record.json found"
-        raise QatError("report.records", f"{why} under {root}", "point records= at finished runs") from None
+        raise QatError("records", f"{why} under {root}", "point records= at finished runs") from None
     return join_latency(frame, latency), skipped + skipped_latency
 
 
@@ -258,32 +294,47 @@ def write_report(
     accuracy_drop: float | None = None,
 ) -> dict[str, Any]:
     """Read ``records_root`` (run records and ``latency*.json``); write in ``out_dir``: ``results.csv``
-    (per run and measurement), ``summary.csv`` (per configuration over seeds), ``summary.md`` and the
-    figures the data supports: ``tradeoff`` (when any latency), ``bits_heatmap`` (≥ 2 bit settings of one
-    model), ``methods`` (≥ 2 quantization methods at one setting), ``sim_int_gap`` (simulated and integer
-    accuracy), each as PNG and PDF. With a latency budget (ms) or an accuracy-drop budget (points), the
+    (per run and measurement), ``summary.csv`` (per configuration over seeds), ``fidelity.csv`` (per
+    configuration and int8 engine, when there are quantized runs), ``summary.md`` and the figures the data
+    supports: ``tradeoff`` (when any latency), ``bits_heatmap`` (≥ 2 bit settings of one model), ``methods`` (≥ 2
+    quantization methods at one setting), ``sim_int_gap`` (simulated and integer accuracy, per engine), each as
+    PNG and PDF. With a latency budget (ms) or an accuracy-drop budget (points), the
     budget queries are answered per engine and device in ``summary.md`` and on stdout.
 
-    Returns ``{"table", "summary", "csv", "plots", "skipped", "budgets"}``. Raises :class:`QatError`
-    (``report.records``) if the root is missing or holds no valid record, before writing anything, and
-    (``report.out``) if the outputs cannot be written.
+    Returns ``{"table", "summary", "fidelity", "csv", "plots", "skipped", "budgets"}``. Raises
+    :class:`QatError` (``records``) if the root is missing or holds no valid record, before writing anything,
+    and (``out``) if the outputs cannot be written.
     """
     out = Path(out_dir)
     joined, skipped = load_store(records_root)
     table = results_table(joined)
     summary = configurations(table)
     budgets = _budgets(summary, latency_budget_ms, accuracy_drop)
+    fidelity = engine_fidelity_table(table)
     csv_path = out / "results.csv"
+    frames = {csv_path: table, out / "summary.csv": summary}
+    if not fidelity.empty:
+        frames[out / "fidelity.csv"] = fidelity
     try:
-        atomic_write_bytes(csv_path, table.to_csv(index=False).encode())
-        atomic_write_bytes(out / "summary.csv", summary.to_csv(index=False).encode())
+        for path, frame in frames.items():
+            atomic_write_bytes(path, frame.to_csv(index=False).encode())
         plots = _figures(table, summary, out)
-        atomic_write_bytes(out / "summary.md", summary_markdown(summary, skipped, budgets, plots).encode())
+        markdown = summary_markdown(summary, skipped, budgets, plots, fidelity=fidelity, host=host_target_line(table))
+        atomic_write_bytes(out / "summary.md", markdown.encode())
     except OSError as exc:
-        raise QatError("report.out", f"cannot write to {out}: {exc.strerror or exc}") from exc
-    _print_summary(table, skipped, [csv_path, out / "summary.csv", out / "summary.md", *plots], budgets)
-    return {"table": table, "summary": summary, "csv": csv_path, "plots": plots, "skipped": skipped,
-            "budgets": budgets}
+        raise QatError("out", f"cannot write to {out}: {exc.strerror or exc}") from exc
+    _print_summary(table, skipped, [*frames, out / "summary.md", *plots], budgets)
+    return {"table": table, "summary": summary, "fidelity": fidelity, "csv": csv_path, "plots": plots,
+            "skipped": skipped, "budgets": budgets}
+
+
+def paper_table(name: str) -> PaperTable:
+    """:func:`qat.analysis.tables.get_table` for the report app: an unknown name is a :class:`QatError` of its
+    ``table`` key, listing the names."""
+    try:
+        return get_table(name)
+    except QatError as exc:
+        raise QatError("table", exc.problem, exc.fix) from None
 
 
 def write_paper_table(
@@ -295,14 +346,14 @@ def write_paper_table(
     dataset_filter: bool = True,
 ) -> dict[str, Any]:
     """The paper table ``name`` beside our runs: ``<out>/<name>.{md,tex,csv}``; the Markdown is printed.
-    Unknown ``name`` -> :class:`QatError` (``report.table``) listing the names, before reading anything."""
-    get_table(name)
+    Unknown ``name`` -> :class:`QatError` (``table``) listing the names, before reading anything."""
+    paper_table(name)
     joined, skipped = load_store(records_root)
     table = build_table(joined, name, where=where, dataset_filter=dataset_filter)
     try:
         paths = write_table(table, name, out_dir)
     except OSError as exc:
-        raise QatError("report.out", f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
+        raise QatError("out", f"cannot write to {out_dir}: {exc.strerror or exc}") from exc
     print(to_markdown(table, name))
     if skipped:
         print(f"skipped {len(skipped)} record(s): " + "; ".join(f"{p}: {r}" for p, r in skipped))
