@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cli import check_overrides, one_line_errors  # noqa: E402
 
-from qat.analysis.report import paper_table, write_paper_table, write_report
+from qat.analysis.report import write_paper_table, write_report
+from qat.analysis.tables import get_table
 from qat.errors import QatError
 
 
@@ -35,7 +36,7 @@ def _number(cfg: DictConfig, key: str) -> float | None:
 def run(cfg: DictConfig) -> None:
     """Resolve paths against the launch directory and write the report or the paper table."""
     if cfg.get("table") is not None:
-        paper_table(str(cfg.table))  # an unknown name fails first, listing the names
+        get_table(str(cfg.table))  # an unknown name fails first, listing the names
     for key in ("records", "out"):
         if OmegaConf.is_missing(cfg, key) or not str(cfg[key]).strip():
             raise QatError(key, "not set", f"pass {key}=<path>")

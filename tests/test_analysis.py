@@ -203,7 +203,7 @@ def test_bad_root_raises(tmp_path: Path, case: str) -> None:
         write(root, "bad", "not json")
     with pytest.raises(QatError) as info:
         write_report(root, tmp_path / "out")
-    assert info.value.key == "report.records" and str(info.value).startswith("report.records: ")
+    assert info.value.key == "records" and str(info.value).startswith("records: ")
     assert not (tmp_path / "out").exists()
 
 
@@ -221,7 +221,7 @@ def test_report_app_end_to_end(runs: Path, tmp_path: Path) -> None:
     proc = run_app(tmp_path, "records=runs", "out=rep")  # relative to the launch directory
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (tmp_path / "rep").iterdir()} == {
-        "results.csv", "summary.csv", "summary.md", "tradeoff.png", "tradeoff.pdf", "sim_int_gap.png",
+        "results.csv", "summary.csv", "summary.md", "fidelity.csv", "tradeoff.png", "tradeoff.pdf", "sim_int_gap.png",
         "sim_int_gap.pdf"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "runs"]  # Hydra left nothing behind
     assert "mobilenet_v2-w1.0-r32-int8-0000" in proc.stdout and "corrupt" in proc.stdout
@@ -229,11 +229,11 @@ def test_report_app_end_to_end(runs: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [("records=nowhere", "out=rep"), ("out=rep",)])
-def test_report_app_bad_input_exits_1(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+def test_report_app_bad_input_exits_2(tmp_path: Path, overrides: tuple[str, ...]) -> None:
     proc = run_app(tmp_path, *overrides)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("report.records: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: records: "), proc.stderr
     assert not (tmp_path / "rep").exists()
 
 

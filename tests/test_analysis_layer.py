@@ -260,7 +260,7 @@ def test_write_paper_table_files(store: Path, tmp_path: Path, capsys: pytest.Cap
     assert "integer-only (Jacob et al.)" in capsys.readouterr().out
     with pytest.raises(QatError) as info:
         write_paper_table("jacob2018_table9", store, tmp_path / "none")
-    assert info.value.key == "report.table" and "whitepaper2018_table4_5_6" in str(info.value)
+    assert info.value.key == "table" and "whitepaper2018_table4_5_6" in str(info.value)
     assert not (tmp_path / "none").exists()
     write_table(result["table"], "jacob2018_table4_2", tmp_path / "again")
     assert not [p for p in (tmp_path / "again").iterdir() if p.name.startswith(".")]

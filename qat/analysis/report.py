@@ -23,7 +23,6 @@ from qat.analysis.comparisons import gap_table, has_method_comparison, plot_meth
 from qat.analysis.engines import engine_fidelity_table, host_target_line
 from qat.analysis.heatmap import has_bit_grid, plot_bit_heatmap
 from qat.analysis.latency import join_latency, load_latency_records
-from qat.analysis.paper_tables import PaperTable
 from qat.analysis.pareto import pareto_by
 from qat.analysis.plots import METRIC_LABELS, plot_tradeoff
 from qat.analysis.records import load_records, simulated_mask
@@ -328,15 +327,6 @@ def write_report(
             "skipped": skipped, "budgets": budgets}
 
 
-def paper_table(name: str) -> PaperTable:
-    """:func:`qat.analysis.tables.get_table` for the report app: an unknown name is a :class:`QatError` of its
-    ``table`` key, listing the names."""
-    try:
-        return get_table(name)
-    except QatError as exc:
-        raise QatError("table", exc.problem, exc.fix) from None
-
-
 def write_paper_table(
     name: str,
     records_root: str | os.PathLike[str],
@@ -347,7 +337,7 @@ def write_paper_table(
 ) -> dict[str, Any]:
     """The paper table ``name`` beside our runs: ``<out>/<name>.{md,tex,csv}``; the Markdown is printed.
     Unknown ``name`` -> :class:`QatError` (``table``) listing the names, before reading anything."""
-    paper_table(name)
+    get_table(name)
     joined, skipped = load_store(records_root)
     table = build_table(joined, name, where=where, dataset_filter=dataset_filter)
     try:

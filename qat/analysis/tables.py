@@ -36,9 +36,9 @@ SIMULATED_NOTE = (f"{SIMULATED_MARK} simulated only: the model has no integer fo
 
 
 def get_table(name: str) -> PaperTable:
-    """The table called ``name``; :class:`QatError` (``report.table``) listing the names otherwise."""
+    """The table called ``name``; :class:`QatError` (the report app's ``table`` key) listing the names otherwise."""
     if name not in TABLES:
-        raise choice_error("report.table", name, list(TABLES))
+        raise choice_error("table", name, list(TABLES))
     return TABLES[name]
 
 
