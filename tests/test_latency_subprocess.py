@@ -156,9 +156,9 @@ def test_app_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys: py
                                                        "(give an int_model.pt or the run directory holding it)"),
         (["arch=resnet18", f"tree={tmp_path}"], "int_model: give exactly one of int_model=, arch=, tree= (got 2)"),
         ([f"tree={tmp_path}", "engine=tensorrt", store], "tree: no record.json under"),
-        (["arch=resnet18", "resolution=32", "float_engine=tensorrt", store], "latency.engine: unknown value"),
+        (["arch=resnet18", "resolution=32", "float_engine=tensorrt", store], "float_engine: unknown value"),
         (["arch=resnet18", "resolution=32"], "out: a float model spec has no directory of its own"),
-        (["arch=resnet18", "resolution=32", "threads=0", store], "latency.threads: 0 is not a positive count"),
+        (["arch=resnet18", "resolution=32", "threads=0", store], "threads: 0 is not a positive count"),
     ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         for overrides, line in cases:
