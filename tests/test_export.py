@@ -126,3 +126,20 @@ def test_failed_export_leaves_nothing(int_model, tmp_path) -> None:
     with pytest.raises(QatError, match="export.example: a float module needs an example input"):
         export_model("onnxruntime", SmallNet(), tmp_path / "export", "m")
     assert not (tmp_path / "export").exists()
+
+
+def test_int_tolerance_is_one_output_lsb_or_the_float_tolerance_without_one() -> None:
+    import copy
+
+    from conftest import converted_mobilenet_v1
+
+    from qat.export.bundle import FLOAT_RTOL, int_tolerance
+    from qat.fidelity import output_lsb
+    from qat.quant.config import QuantConfig
+
+    int_model = converted_mobilenet_v1(QuantConfig(act_observer="minmax"), images=8)[0]
+    atol, rtol = int_tolerance(int_model)
+    assert atol == pytest.approx(output_lsb(int_model) * 1.001) and rtol == 0.0
+    no_output_quantizer = copy.deepcopy(int_model)
+    no_output_quantizer.nodes = no_output_quantizer.nodes[:-1]  # logits not dequantized from a quantized tensor
+    assert int_tolerance(no_output_quantizer) == (FLOAT_RTOL, FLOAT_RTOL)  # never a zero tolerance

@@ -22,6 +22,7 @@ from qat.errors import QatError
 from qat.export import onnx as onnx_format
 from qat.export import pte as pte_format
 from qat.export.manifest import INPUT_NAME, MANIFEST_NAME, build_manifest, fixed_input, manifest_bytes, read_manifest
+from qat.fidelity import output_lsb
 from qat.intmodel.graph import IntModel
 from qat.records import atomic_write_bytes
 
@@ -36,10 +37,11 @@ def _format(engine: str) -> ModuleType:
     return FORMATS[engine]
 
 
-def _output_lsb(int_model: IntModel) -> float:
-    """The scale of the tensor the final dequantize reads: one LSB of the logits."""
-    last = int_model.nodes[-1]
-    return float(int_model.node(last.inputs[0]).out.scale) if last.op == "dequantize" else 0.0
+def int_tolerance(int_model: IntModel) -> tuple[float, float]:
+    """(atol, rtol) of an int8 export's expected output: one output LSB (:func:`qat.fidelity.output_lsb`); a
+    model whose logits have no output quantizer has no LSB, so it gets the float tolerance instead of zero."""
+    lsb = output_lsb(int_model)
+    return (lsb * 1.001, 0.0) if lsb is not None else (FLOAT_RTOL, FLOAT_RTOL)
 
 
 def export_model(engine: str, model: IntModel | nn.Module, out_dir: str | os.PathLike[str], model_id: str, *,
@@ -55,7 +57,7 @@ def export_model(engine: str, model: IntModel | nn.Module, out_dir: str | os.Pat
         data = fmt.int_bytes(model)
         precision = "int8"
         bits: dict[str, Any] = {"min_bits": model.min_bits, "container_bits": 8, "emulated_bits": model.min_bits < 8}
-        atol, rtol = _output_lsb(model) * 1.001, 0.0
+        atol, rtol = int_tolerance(model)
     elif isinstance(model, nn.Module):
         if example is None:
             raise QatError("export.example", "a float module needs an example input", "pass example=tensor")
