@@ -33,6 +33,7 @@ from qat.errors import QatError  # noqa: E402
 from qat.latency.jobs import Job, float_job, model_job, run_job, tree_jobs  # noqa: E402
 from qat.latency.subprocess import MeasureSpec  # noqa: E402
 from qat.records import atomic_write_bytes  # noqa: E402
+from qat.tracking import register_resolvers  # noqa: E402
 
 
 @dataclass
@@ -62,6 +63,7 @@ class LatencyAppConfig:
 
 
 ConfigStore.instance().store(name="latency_app_schema", node=LatencyAppConfig)
+register_resolvers()  # ${qat_unique:} of the sweep directory
 
 
 def base_spec(cfg: LatencyAppConfig, engine: str, precision: str) -> MeasureSpec:
