@@ -21,6 +21,12 @@ class QatError(Exception):
         return f"{text} ({self.fix})" if self.fix else text
 
 
+class NoIntegerForm(QatError):
+    """A valid model with an op the canonical integer model cannot express yet (MobileNet v3's hardswish,
+    Choukroun's two-tensor layers): the one conversion failure after which a run may still record its
+    simulated accuracy, as ``status: simulated_only``. Every other conversion error stops the run."""
+
+
 def choice_error(key: str, value: object, choices: list[str] | tuple[str, ...]) -> QatError:
     """The error for an unknown name: lists the valid choices."""
     return QatError(key, f"unknown value {value!r}", "valid choices: " + ", ".join(sorted(choices)))

@@ -27,9 +27,10 @@ from qat import targets
 from qat.data.imagefolder import ClassificationData, build_classification_loaders, check_layout
 from qat.data.synthetic import default_cache_dir, make_demo_dataset
 from qat.engines import registry
-from qat.errors import QatError, choice_error
+from qat.errors import NoIntegerForm, QatError, choice_error
 from qat.fidelity import check_engine_names, evaluate_engines, primary_engine
 from qat.intmodel.convert import convert
+from qat.intmodel.graph import IntModel
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.models.registry import MODELS, build_model, count_macs
 from qat.ptq.driver import check_method, not_convertible_reason, prepare_and_post_train, record_method
@@ -281,6 +282,20 @@ def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunCo
     return prepared
 
 
+def integer_form(prepared: nn.Module) -> tuple[IntModel | None, str | None]:
+    """The canonical integer model of ``prepared``, or why it has none: only a documented gap (an op without
+    an integer form yet, e.g. MobileNet v3's hardswish; a two-tensor layer, Choukroun §3.3) gives a reason, and
+    the run then records simulated accuracy only. Any other conversion error (an uncalibrated quantizer, an
+    activation that cannot be fused) is raised: the run stops with its one line."""
+    reason = not_convertible_reason(prepared)
+    if reason is not None:
+        return None, reason
+    try:
+        return convert(prepared.cpu()), None
+    except NoIntegerForm as exc:
+        return None, exc.one_line()
+
+
 def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger | None = None) -> dict[str, Any]:
     """Run the whole pipeline for one config and write ``<run_dir>/record.json``; return the record.
     ``tracker`` (qat.tracking) receives per-step training metrics, the top-1s and the record."""
@@ -339,12 +354,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         log.info("[%s] simulated top-1 %.2f%%", cfg.method, accuracy["sim_top1"])
     reason, int_model = None, None
     if cfg.quant.precision != "float":
-        reason = not_convertible_reason(prepared)
-        if reason is None:
-            try:
-                int_model = convert(prepared.cpu())
-            except QatError as exc:  # e.g. MobileNet v3's hardswish: simulated results, the reason recorded
-                reason = exc.one_line()
+        int_model, reason = integer_form(prepared)
     status = "ok"
     if cfg.quant.precision != "float":
         calibration = cfg.ptq.calibration_batches if cfg.method == "ptq" else q.calibration_batches

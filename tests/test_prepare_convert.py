@@ -9,7 +9,7 @@ from conftest import for_this_host
 from torch import nn
 
 from qat.engines.torch_native import build
-from qat.errors import QatError
+from qat.errors import NoIntegerForm, QatError
 from qat.intmodel.convert import convert
 from qat.intmodel.fixedpoint import multiplier_value, quantize_multiplier
 from qat.intmodel.graph import IntModel
@@ -167,3 +167,26 @@ def test_simulated_bias_is_the_integer_models_int32_bias() -> None:
     integer = node.tensors["bias"].double() * node.tensors["bias_scale"].double()
     assert not torch.equal(simulated, b)  # the float bias was moved onto the int32 grid
     assert torch.allclose(simulated.double(), integer, rtol=1e-6, atol=1e-12)
+
+
+def test_only_an_op_without_integer_form_makes_a_run_simulated_only() -> None:
+    """The pipeline records simulated accuracy only for a documented gap (hardswish); an uncalibrated quantizer
+    is a real error and stops the run instead of becoming a record (issue 16 item 1)."""
+    from qat.pipeline import integer_form
+
+    uncalibrated = prepare(MODELS["mobilenet_v2"](), QuantConfig(), torch.randn(1, 3, 32, 32))
+    with pytest.raises(QatError, match="convert: .*no range") as info:
+        integer_form(uncalibrated)
+    assert not isinstance(info.value, NoIntegerForm)
+
+    hardswish = prepare(MODELS["mobilenet_v3_small"](), QuantConfig(), torch.randn(2, 3, 32, 32))
+    with calibration_mode(hardswish):
+        hardswish(torch.randn(4, 3, 32, 32))
+    int_model, reason = integer_form(hardswish)
+    assert int_model is None and "Hardswish" in reason
+
+    calibrated = prepare(MODELS["mobilenet_v2"](), QuantConfig(), torch.randn(2, 3, 32, 32))
+    with calibration_mode(calibrated):
+        calibrated(torch.randn(4, 3, 32, 32))
+    int_model, reason = integer_form(calibrated)
+    assert reason is None and isinstance(int_model, IntModel)

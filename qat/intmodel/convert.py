@@ -16,7 +16,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from qat.errors import QatError
+from qat.errors import NoIntegerForm, QatError
 from qat.intmodel.fixedpoint import add_left_shift, add_multipliers, quantize_multiplier
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 from qat.quant.fake_quant import FakeQuantize
@@ -183,8 +183,8 @@ class _Converter:
             self.env[node.name] = int_node.name
             self.qparams[int_node.name] = int_node.out
             return
-        raise QatError("convert", f"quantizer {node.target} follows {src.name}, which has no integer form",
-                       "supported ops: conv(+BN)(+ReLU/ReLU6), linear, add(+ReLU), avg/max pool, flatten, cat")
+        raise NoIntegerForm("convert", f"quantizer {node.target} follows {src.name}, which has no integer form",
+                           "supported ops: conv(+BN)(+ReLU/ReLU6), linear, add(+ReLU), avg/max pool, flatten, cat")
 
     def _on_op(self, node: fx.Node) -> None:
         module = self.modules.get(node.target) if node.op == "call_module" else None
@@ -228,8 +228,8 @@ class _Converter:
             self._emit(IntNode(node.name, "cat", inputs, None, {"dim": dim}), node.name)
         else:
             what = node.target if node.op != "call_module" else type(module).__name__
-            raise QatError("convert", f"{node.name} ({what}) has no integer implementation",
-                           "supported ops: conv(+BN)(+ReLU/ReLU6), linear, add(+ReLU), avg/max pool, flatten, cat")
+            raise NoIntegerForm("convert", f"{node.name} ({what}) has no integer implementation",
+                               "supported ops: conv(+BN)(+ReLU/ReLU6), linear, add(+ReLU), avg/max pool, flatten, cat")
 
     @staticmethod
     def _pool_attrs(module: nn.Module) -> dict:
@@ -248,8 +248,8 @@ class _Converter:
         if node.target is F.adaptive_avg_pool2d:
             size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
             return {"adaptive": True, "output_size": [size, size] if isinstance(size, int) else list(size)}
-        raise QatError("convert", f"{node.name}: functional avg_pool2d is not supported yet",
-                       "use nn.AvgPool2d or adaptive average pooling")
+        raise NoIntegerForm("convert", f"{node.name}: functional avg_pool2d is not supported yet",
+                           "use nn.AvgPool2d or adaptive average pooling")
 
     def _on_passthrough(self, node: fx.Node, module: nn.Module | None) -> None:
         src = node.args[0]
@@ -270,11 +270,11 @@ class _Converter:
                 start = module.start_dim
             self._emit(IntNode(node.name, "flatten", [in_name], q, {"start_dim": start}), node.name)
         elif node.op == "call_function" and node.target is operator.getitem:
-            raise QatError("convert", f"{node.name}: indexing has no integer implementation yet",
-                           "restructure the model to avoid tensor indexing between quantized ops")
+            raise NoIntegerForm("convert", f"{node.name}: indexing has no integer implementation yet",
+                               "restructure the model to avoid tensor indexing between quantized ops")
         else:
-            raise QatError("convert", f"{node.name} ({node.target}) has no integer implementation yet",
-                           "supported passthrough ops: dropout, identity, max pool, flatten")
+            raise NoIntegerForm("convert", f"{node.name} ({node.target}) has no integer implementation yet",
+                               "supported passthrough ops: dropout, identity, max pool, flatten")
 
 
 def convert(prepared: fx.GraphModule) -> IntModel:

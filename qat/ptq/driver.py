@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from qat.data.calibration import calibration_loader
-from qat.errors import QatError, choice_error
+from qat.errors import NoIntegerForm, choice_error
 from qat.ptq.apply import methods_tag, run_ptq
 from qat.ptq.config import PtqConfig
 from qat.ptq.two_tensor import check_convertible
@@ -70,7 +70,7 @@ def not_convertible_reason(prepared: fx.GraphModule) -> str | None:
     """Why ``prepared`` has no canonical integer model (a two-tensor layer, Choukroun §3.3), or ``None``."""
     try:
         check_convertible(prepared)
-    except QatError as exc:
+    except NoIntegerForm as exc:
         return exc.one_line()
     return None
 

@@ -14,14 +14,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from qat.errors import QatError
+from qat.errors import NoIntegerForm, QatError
 from qat.ptq.layers import layer_macs, quantized_layers
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.mse import mse_optimal_range
 from qat.quant.scheme import QuantSpec, choose_qparams, fake_quantize
 
 
-class NoIntegerForm:
+class FixedRangeObserver:
     """Observer of a two-tensor quantizer: its range is fixed (``initialized``); integer conversion, which
     asks for more (e.g. ``observer.to(device)``), gets the not-convertible error naming the layer."""
 
@@ -50,10 +50,10 @@ class TwoTensorWeightQuantizer(nn.Module):
         self.register_buffer("residual_zero_point", residual_zero_point.detach().clone())
 
     @property
-    def observer(self) -> NoIntegerForm:
+    def observer(self) -> FixedRangeObserver:
         """Ranges are fixed (``initialized``, read by the simulated int32 bias); anything else that integer
         conversion asks of the observer raises: a two-tensor layer has no integer form."""
-        return NoIntegerForm(self.layer_name)
+        return FixedRangeObserver(self.layer_name)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_name}, bits={self.spec.bits}+{self.spec.bits}, quantizing={self.quantizing}"
@@ -74,11 +74,11 @@ class TwoTensorWeightQuantizer(nn.Module):
         self.residual_scale.mul_(factor.reshape(self.residual_scale.shape))
 
 
-def not_convertible(layer_name: str) -> QatError:
-    return QatError(f"convert.{layer_name}",
-                    "is a two-tensor layer (Choukroun §3.3, W = Q1(W) + Q2(residual)); the integer model "
-                    "has no two-tensor conv/linear yet and dropping the residual would change the network",
-                    "evaluate it in simulation, or run PTQ with ptq.two_tensor_threshold=null to convert")
+def not_convertible(layer_name: str) -> NoIntegerForm:
+    return NoIntegerForm(f"convert.{layer_name}",
+                         "is a two-tensor layer (Choukroun §3.3, W = Q1(W) + Q2(residual)); the integer model "
+                         "has no two-tensor conv/linear yet and dropping the residual would change the network",
+                         "evaluate it in simulation, or run PTQ with ptq.two_tensor_threshold=null to convert")
 
 
 def check_convertible(model: nn.Module) -> None:
