@@ -20,19 +20,25 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-def load_eval_app(name: str = "qat_eval_app"):  # type: ignore[no-untyped-def]
-    """``experiments/eval.py`` imported as a module under ``name`` (its functions are called directly)."""
+def load_script(relative: str, name: str | None = None):  # type: ignore[no-untyped-def]
+    """The project file ``relative`` (e.g. ``scripts/demo_tables.py``) imported as a module under ``name`` (its
+    stem by default), so a test calls its functions directly."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments"
-                                                  / "eval.py")
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
+
+
+def load_eval_app(name: str = "qat_eval_app"):  # type: ignore[no-untyped-def]
+    """``experiments/eval.py`` imported as a module under ``name`` (its functions are called directly)."""
+    return load_script("experiments/eval.py", name)
 
 
 def converted_mobilenet_v1(config, images: int = 24):  # type: ignore[no-untyped-def]

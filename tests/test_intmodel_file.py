@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 from qat.errors import QatError
@@ -157,11 +157,7 @@ def test_unknown_op_in_file_names_the_node(int_model_and_input, tmp_path: Path) 
 
 
 def _explain_layer_script():  # type: ignore[no-untyped-def]
-    path = Path(__file__).parents[1] / "scripts" / "explain_layer.py"
-    spec = importlib.util.spec_from_file_location("explain_layer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/explain_layer.py")
 
 
 def test_explain_layer_walks_through_a_saved_layer(int_model_and_input, tmp_path: Path, capsys) -> None:

@@ -50,6 +50,9 @@ def test_ptq_run_records_its_method_and_report(ptq_run: tuple[Path, Path, dict[s
     _, run_dir, record = ptq_run
     assert record["method"] == "ptq_minmax+adaquant"
     assert record["quant"]["weight_bits"] == 4 and record["quant"]["act_bits"] == 8
+    # read back from the evaluated model: PTQ replaced quant.act_observer=ema and calibrated 1 batch, not 4
+    assert record["quant"]["act_observer"] == "minmax" and record["quant"]["calibration_batches"] == 1
+    assert record["quant"]["config_differences"]["act_observer"] == {"config": "ema", "ran": "minmax"}
     report = record["ptq"]
     assert report["method"] == "minmax+adaquant" and report["config"]["adaquant_iterations"] == 2
     assert report["calibration_images"] == 16  # 1 batch of data.batch_size, training images

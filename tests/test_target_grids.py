@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def grids():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("target_grids", ROOT / "scripts" / "target_grids.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/target_grids.py")
 
 
 def _row(width: float, target: str, grid: str | None, bits: int, overflow: float) -> dict[str, object]:
