@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_RUNS := outputs/demo/$(shell date +%Y%m%d-%H%M%S)
+DEMO_OUT ?= results/demo
 
 .PHONY: install demo test lint bench clean
 
@@ -21,10 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The wall time of the sweep and its report is printed at the end and kept in $(DEMO_OUT)/wall_time.txt.
 demo: $(STAMP)
+	@mkdir -p outputs/demo && date +%s > $(DEMO_RUNS).start
 	$(PY) experiments/run.py --multirun experiment=demo quant=float,w8a8 model.width_mult=0.35,0.5,1.0 \
 		'latency.eval_engines=[reference,onnxruntime,executorch_xnnpack]' hydra.sweep.dir=$(DEMO_RUNS)
-	$(PY) experiments/report.py records=$(DEMO_RUNS) out=results/demo
+	$(PY) experiments/report.py records=$(DEMO_RUNS) out=$(DEMO_OUT)
+	@echo "make demo: $$(( $$(date +%s) - $$(cat $(DEMO_RUNS).start) )) s wall time (6 runs and the report)$${FBGEMM_ENABLE_INSTRUCTIONS:+, FBGEMM_ENABLE_INSTRUCTIONS=$$FBGEMM_ENABLE_INSTRUCTIONS}" \
+		| tee $(DEMO_OUT)/wall_time.txt
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qat.analysis.engines import isa_overrides
 from qat.analysis.readme import markdown_table, update_file
 from qat.analysis.records import load_records
 from qat.records import atomic_write_bytes
@@ -43,13 +44,6 @@ def _bits(value: object) -> str:
     return str(int(value)) if isinstance(value, (int, float)) and not pd.isna(value) else "mixed"
 
 
-def _overrides(row: pd.Series) -> str:
-    """`` (FBGEMM_ENABLE_INSTRUCTIONS=AVX2)`` where the run restricted an engine's kernels."""
-    pairs = [(k.removeprefix("target.isa_overrides."), v) for k, v in row.items()
-             if str(k).startswith("target.isa_overrides.") and isinstance(v, str)]
-    return "".join(f" ({k}={v})" for k, v in pairs)
-
-
 def grid_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per int8 run: width, recipe, bits, float/sim/int top-1, lowest agreement, overflow share, host."""
     runs = frame[frame["quant.precision"] == "int8"]
@@ -65,7 +59,7 @@ def grid_table(frame: pd.DataFrame) -> pd.DataFrame:
             "tie_aware": r.get("fidelity.min_agreement_with_sim_tie_aware", float("nan")),
             "overflow": 100 * r["saturation.overflow_share"] if pd.notna(r.get("saturation.overflow_share"))
             else float("nan"),
-            "host": (" ".join(flags) if isinstance(flags, list) else "") + _overrides(r),
+            "host": (" ".join(flags) if isinstance(flags, list) else "") + isa_overrides(r),
         })
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     return table.sort_values(["width", "recipe"], kind="stable").reset_index(drop=True)

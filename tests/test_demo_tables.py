@@ -53,3 +53,23 @@ def test_missing_results_is_one_line(tables, tmp_path: Path,  # type: ignore[no-
     assert tables.main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "run make demo first" in err and "\n" not in err
+
+
+def test_a_second_demo_gets_its_own_blocks_with_its_command_wall_time_and_kernel_restriction(  # type: ignore[no-untyped-def]
+        tables, tmp_path: Path) -> None:
+    results = _results(tmp_path)
+    frame = pd.read_csv(results / "results.csv")
+    frame["target.isa_overrides.FBGEMM_ENABLE_INSTRUCTIONS"] = "AVX2"
+    frame.to_csv(results / "results.csv", index=False)
+    (results / "wall_time.txt").write_text("make demo: 250 s wall time (6 runs and the report)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- DEMO_TABLE -->\nvnni\n<!-- /DEMO_TABLE -->\n<!-- DEMO_TABLE_AVX2 -->\n"
+                      "<!-- DEMO_FIDELITY_TABLE_AVX2 -->\n")
+    command = "FBGEMM_ENABLE_INSTRUCTIONS=AVX2 make demo"
+    assert tables.main([str(results), "--readme", str(readme), "--readme-suffix", "_AVX2", "--command", command]) == 0
+    text = readme.read_text()
+    assert text.startswith("<!-- DEMO_TABLE -->\nvnni\n<!-- /DEMO_TABLE -->\n")  # the first demo's block is kept
+    head = text.split("<!-- DEMO_TABLE_AVX2 -->\n")[1].splitlines()[0]
+    assert head.startswith(f"Measured by `{command}` (250 s wall time (6 runs and the report)), host: AMD EPYC")
+    assert "avx2 (FBGEMM_ENABLE_INSTRUCTIONS=AVX2) — target x86_avx2" in head and "--readme-suffix _AVX2" in head
+    assert "<!-- /DEMO_FIDELITY_TABLE_AVX2 -->" in text

@@ -79,6 +79,14 @@ def host_flags(row: pd.Series) -> str:
     return " ".join(f for f in FLAGS_SHOWN if f in flags)
 
 
+def isa_overrides(row: pd.Series) -> str:
+    """`` (FBGEMM_ENABLE_INSTRUCTIONS=AVX2)`` where the run restricted an engine's kernels (the record's
+    ``target.isa_overrides``): the host's flags alone would then misdescribe what the engines ran."""
+    pairs = [(str(k).removeprefix("target.isa_overrides."), v) for k, v in row.items()
+             if str(k).startswith("target.isa_overrides.") and isinstance(v, str)]
+    return "".join(f" ({k}={v})" for k, v in pairs)
+
+
 def integer_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One row per record of a quantized run with an integer model (not float, not simulated only)."""
     runs = df[~simulated_mask(df)]
@@ -186,7 +194,7 @@ def _host(run: pd.Series) -> str | None:
     """``"<cpu> · <cores> cores · <flags>"`` for one run's host (the parts it records); ``None`` if none."""
     cores = _number(run.get("host.cores"))
     parts = [_text(run.get("host.cpu")), f"{int(cores)} cores" if math.isfinite(cores) else None,
-             host_flags(run) or None]
+             (host_flags(run) + isa_overrides(run)).strip() or None]
     return " · ".join(p for p in parts if p) or None
 
 
@@ -203,4 +211,4 @@ def host_target_line(df: pd.DataFrame) -> str:
 
 
 __all__ = ["bits_label", "configuration_labels", "engine_fidelity_table", "engine_rows", "host_target_line",
-           "integer_runs"]
+           "integer_runs", "isa_overrides"]
