@@ -111,7 +111,8 @@ def load_data(cfg: RunConfig, distributed: bool = False) -> tuple[Classification
 def float_key(cfg: RunConfig, data_info: dict[str, Any]) -> str:
     """Identity of the float training recipe: same key, same float weights."""
     recipe = {"model": asdict(cfg.model), "data": {**asdict(cfg.data), "root": data_info["root"]},
-              "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1}
+              "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1,
+              "channels_last": cfg.train.channels_last}  # another summation order: other weights
     recipe["model"].pop("weights")
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -129,6 +130,8 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
     runtime = runtime or Runtime()
     amp = amp_dtype(cfg.train.amp, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type) if amp is torch.float16 else None
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)  # parameters (and so optimizer state) in the training layout
     train_model = wrap(model, runtime)
     optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)  # fine-tuning: no warm-up
     optimizer = build_optimizer(model, optim, lr)
@@ -176,7 +179,7 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
                 data.train.sampler.set_epoch(epoch)
             first_step, saved_rng = step - skip, rng
             step, loss = train_epoch(train_model, data.train, optimizer, step=step, before_step=before_step,
-                                     device=runtime.device, amp=amp, scaler=scaler,
+                                     device=runtime.device, amp=amp, scaler=scaler, memory_format=layout,
                                      after_step=lambda s, loss, lr_now, e=epoch, f=first_step: after_step(
                                          s, loss, lr_now, e, f),
                                      lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
@@ -204,7 +207,7 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
     if train_model is not model:  # DDP: drop the wrapper now; its reducer's autograd hooks go with it
         del train_model
         gc.collect()
-    return model
+    return model.to(memory_format=torch.contiguous_format)  # what follows (conversion, engines) sees NCHW
 
 
 def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, data_info: dict[str, Any],

@@ -86,13 +86,15 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
                 after_step: Callable[[int, float, float], None] | None = None,
                 desc: str = "train", device: torch.device | None = None, amp: torch.dtype | None = None,
                 scaler: torch.amp.GradScaler | None = None, skip_batches: int = 0,
-                after_skip: Callable[[], None] | None = None) -> tuple[int, float]:
+                after_skip: Callable[[], None] | None = None,
+                memory_format: torch.memory_format = torch.contiguous_format) -> tuple[int, float]:
     """One pass over ``loader``; returns (next global step, mean loss). Stops on a non-finite loss
     (:class:`NonFiniteLoss`). A resumed epoch passes ``skip_batches``: those batches are drawn (so shuffling and
     augmentation stay in step) but not trained on, and ``after_skip()`` runs before the next one is drawn
     (to restore the RNG state saved with a mid-epoch checkpoint).
     ``after_step(step, loss, lr)`` is called after each optimizer step (metrics logging). Batches go to
-    ``device``; ``amp`` is the autocast dtype (None: float32), ``scaler`` the fp16 loss scaler."""
+    ``device`` in ``memory_format`` (the model's: ``torch.channels_last`` for NHWC training); ``amp`` is the
+    autocast dtype (None: float32), ``scaler`` the fp16 loss scaler."""
     from qat.train.distributed import autocast
 
     model.train()
@@ -103,7 +105,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             if index == skip_batches - 1 and after_skip is not None:
                 after_skip()
             continue
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         if before_step is not None:
             before_step(step)
