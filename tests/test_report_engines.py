@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from test_analysis_layer import rec, write
 
 import qat.analysis.comparisons as comparisons
+import qat.analysis.plots as plots
 from qat.analysis import load_records, write_report
 from qat.analysis.comparisons import gap_table, plot_sim_int_gap
 from qat.analysis.engines import engine_fidelity_table, engine_rows, host_target_line
@@ -103,6 +104,15 @@ def test_gap_plot_has_one_bar_per_engine_and_names_host_and_target(store: Path,
     assert [t.get_text() for t in ax.get_yticklabels()] == ["w0.5 r32 w8a8 qat"]
     subtitle = ax.get_title()
     assert subtitle == f"host: {CPU} · 2 cores · avx2 avx512_vnni — target x86_vnni"
+
+
+def test_tradeoff_plot_names_host_and_target(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures: list[Figure] = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or [Path(path)])
+    plots.plot_tradeoff(table_of(store), "tradeoff")
+    (ax,) = figures[0].axes
+    assert ax.get_title().startswith("Accuracy vs latency")
+    assert f"host: {CPU} · 2 cores · avx2 avx512_vnni — target x86_vnni" in [t.get_text() for t in ax.texts]
 
 
 def test_several_hosts_and_targets_are_listed(store: Path) -> None:

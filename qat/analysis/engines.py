@@ -201,9 +201,10 @@ def _host(run: pd.Series) -> str | None:
 def host_target_line(df: pd.DataFrame) -> str:
     """The host(s) and target(s) of the quantized runs of ``df``: ``"host: AMD EPYC 9654 · 2 cores · avx2
     avx512_vnni — target x86_vnni"``; several are listed (``hosts: A; B — targets x86_avx2, x86_vnni``), and
-    older records without them give ``host unknown`` / ``target not recorded``."""
+    older records without them give ``host unknown`` / ``target not recorded``. Without quantized runs, the hosts
+    of all runs."""
     runs = integer_runs(df)
-    hosts = list(dict.fromkeys(h for _, run in runs.iterrows() if (h := _host(run))))
+    hosts = list(dict.fromkeys(h for _, run in (runs if len(runs) else df).iterrows() if (h := _host(run))))
     targets = sorted({t for t in runs.get("target.name", pd.Series(dtype=object)) if _text(t)})
     host = f"host{'s' if len(hosts) > 1 else ''}: {'; '.join(hosts)}" if hosts else "host unknown"
     target = f"target{'s' if len(targets) > 1 else ''} {', '.join(targets)}" if targets else "target not recorded"

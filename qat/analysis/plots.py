@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -286,11 +287,15 @@ def plot_tradeoff(
     names = _unique(data, "metric_name")
     y_label = accuracy_axis_label(y, names[0] if len(names) == 1 else None)
     axes[0].set_ylabel(y_label + (", mean ± 95% CI" if bars else ""), fontsize=11)
+    from qat.analysis.engines import host_target_line  # engines imports this module
+
     heading = title if title is not None else _title(data)
+    host = textwrap.fill(host_target_line(pd.concat([data, simulated])), 110)  # every figure names its host
     if len(panels) > 1:
-        fig.suptitle(heading, fontsize=12)
+        fig.suptitle(f"{heading}\n{host}", fontsize=10)
     else:
-        axes[0].set_title(heading, fontsize=12)
+        axes[0].set_title(heading, fontsize=12, pad=22)
+        axes[0].text(0.5, 1.01, host, transform=axes[0].transAxes, ha="center", va="bottom", fontsize=8)
     handles: dict[str, object] = {}
     for ax in axes:  # one legend for all panels; "Pareto front" last
         for handle, text in zip(*ax.get_legend_handles_labels(), strict=True):
