@@ -240,6 +240,7 @@ def plot_tradeoff(
     yerr: str | None = None,
     xerr: str | None = None,
     panel: str | None = None,
+    host: str | None = None,
 ) -> list[Path]:
     """Draw ``y`` against ``x`` (log scale), one line per value of ``series``, Pareto front marked.
 
@@ -249,6 +250,8 @@ def plot_tradeoff(
     ``latency.device``): one panel per value, each with its own Pareto front. Rows with ``simulated_only`` True
     are drawn in every panel as dotted lines at their simulated accuracy (the simulated counterpart of ``y``:
     ``metric_sim.mean`` for ``metric.mean``, ``accuracy.sim_top1`` for ``accuracy.top1``), never as points.
+    Under the title, ``host`` (default: :func:`qat.analysis.engines.host_target_line` of ``df``; pass it for an
+    aggregate that lost the records' host columns).
     Writes ``<stem>.png`` and ``<stem>.pdf`` atomically (``path`` with or without a suffix) and returns them.
     Raises ``ValueError`` if no row has finite ``x`` and ``y``.
     """
@@ -290,11 +293,12 @@ def plot_tradeoff(
     from qat.analysis.engines import host_target_line  # engines imports this module
 
     heading = title if title is not None else _title(data)
-    host = textwrap.fill(host_target_line(pd.concat([data, simulated])), 110)  # every figure names its host
+    # every figure names its host: ``host`` where ``df`` is an aggregate without the records' host columns
+    host = textwrap.fill(host or host_target_line(pd.concat([data, simulated])), 110)
     if len(panels) > 1:
         fig.suptitle(f"{heading}\n{host}", fontsize=10)
     else:
-        axes[0].set_title(heading, fontsize=12, pad=22)
+        axes[0].set_title(heading, fontsize=12, pad=12 + 11 * (host.count("\n") + 1))  # room for the host
         axes[0].text(0.5, 1.01, host, transform=axes[0].transAxes, ha="center", va="bottom", fontsize=8)
     handles: dict[str, object] = {}
     for ax in axes:  # one legend for all panels; "Pareto front" last

@@ -275,7 +275,7 @@ def _figures(table: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[Path
         devices = summary["latency.device"].nunique() if "latency.device" in summary.columns else 1
         plots += plot_tradeoff(summary, out / "tradeoff", x="latency.median_ms.mean", y="metric.mean",
                                series="series", yerr="metric.ci95", xerr="latency.median_ms.ci95",
-                               panel="latency.device" if devices > 1 else None)
+                               panel="latency.device" if devices > 1 else None, host=host_target_line(table))
     if has_bit_grid(table):
         plots += plot_bit_heatmap(table, out / "bits_heatmap")
     if has_method_comparison(table):
