@@ -7,7 +7,6 @@ model -> evaluate it on a real int8 engine -> measure batch-1 latency of float a
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -39,18 +38,12 @@ from qat.quant.prepare import calibration_mode, prepare
 from qat.record_blocks import apply_target, quant_block, saturation_block
 from qat.records import write_record
 from qat.schema import RunConfig
-from qat.tracking import RUN_ID_KEY, RunLogger
-from qat.train.checkpoint import (
-    previous_path,
-    resume_state,
-    reuse_or_train,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from qat.train.distributed import Runtime, amp_dtype, exact_float32, wrap
+from qat.tracking import RunLogger
+from qat.train import engine
+from qat.train.checkpoint import reuse_or_train
+from qat.train.distributed import Runtime, exact_float32
 from qat.train.distributed import setup as setup_runtime
-from qat.train.loop import NonFiniteLoss, build_optimizer, lr_at, predict, top1, top5, train_epoch
+from qat.train.loop import classification_loss, predict, top1, top5
 
 log = logging.getLogger("qat")
 
@@ -120,94 +113,19 @@ def float_key(cfg: RunConfig, data_info: dict[str, Any]) -> str:
 def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: str, epochs: int, lr: float,
         checkpoint: Path, before_step=None, tracker: RunLogger | None = None,  # type: ignore[no-untyped-def]
         runtime: Runtime | None = None) -> nn.Module:
-    """Train ``epochs`` epochs, checkpointing atomically each epoch and every ``train.checkpoint_every_steps``
-    steps; resume from the newest good checkpoint (``checkpoint`` or its previous one, qat.train.checkpoint),
-    mid-epoch included: consumed batches are skipped and the RNG state restored, so a resumed run trains exactly
-    as an uninterrupted one. A NaN/Inf loss or weights stop the run with the last good checkpoint kept.
-    Per-step loss, lr and epoch go to ``tracker``; its run id is kept in the checkpoint (qat.tracking).
-    Under DDP (``runtime``) every rank trains its shard and rank 0 alone writes checkpoints."""
-    tracker = tracker or RunLogger()
+    """Classification on the training engine (:func:`qat.train.engine.fit`): cross-entropy on ``data.train``,
+    validation top-1 on ``data.val`` for ``train.keep_best``; fine-tuning (QAT) has no learning-rate warm-up."""
     runtime = runtime or Runtime()
-    amp = amp_dtype(cfg.train.amp, runtime.device)
-    scaler = torch.amp.GradScaler(runtime.device.type) if amp is torch.float16 else None
-    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(memory_format=layout)  # parameters (and so optimizer state) in the training layout
-    train_model = wrap(model, runtime)
-    optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)  # fine-tuning: no warm-up
-    optimizer = build_optimizer(model, optim, lr)
-    steps_per_epoch = len(data.train)
-    total = epochs * steps_per_epoch
-    lr_key = "optim.lr" if phase == "float" else "train.qat_lr"
-    every = cfg.train.checkpoint_every_steps
-    start_epoch, step, skip, rng, best = 0, 0, 0, None, float("-inf")
-    best_path = checkpoint.with_name(checkpoint.name.replace("_last", "_best"))
-    found = resume_state(checkpoint)
-    if found is not None:
-        state, source = found
-        model.load_state_dict(state["model"])  # tensors land on the model's device
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"], state["step"]
-        skip, rng = state.get("batch_in_epoch", 0), state.get("rng")
-        best = state.get("best_top1", best)
-        log.info("[%s] resuming from %s at epoch %d, batch %d", phase, source, start_epoch, skip)
 
-    def save(epoch: int, batch: int, next_step: int) -> None:
-        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-        if bad is not None:
-            raise NonFiniteLoss(next_step - 1, float("nan"), what=f"weight {bad}")
-        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "epoch": epoch, "batch_in_epoch": batch, "step": next_step, "phase": phase,
-                                     "rng": rng_state(), RUN_ID_KEY: tracker.run_id, "best_top1": best,
-                                     **({"scaler": scaler.state_dict()} if scaler is not None else {})})
+    def validate(trained: nn.Module) -> float:
+        _, predicted, targets = predict(trained, data.val, desc=f"val {phase}", device=runtime.device)
+        return top1(predicted, targets)
 
-    def after_step(s: int, loss: float, lr_now: float, epoch: int, first_step: int) -> None:
-        tracker.log_step(phase, s, {"loss": loss, "lr": lr_now, "epoch": (s + 1) / steps_per_epoch})
-        batch = s + 1 - first_step
-        if every and runtime.is_main and (s + 1) % every == 0 and batch < steps_per_epoch:
-            save(epoch, batch, s + 1)
-
-    try:
-        for epoch in range(start_epoch, epochs):
-            t0 = time.time()
-            # every epoch's randomness (shuffle, augmentation) depends only on (seed, epoch): resumes are exact
-            torch.manual_seed(cfg.seed * 1000 + epoch)
-            if data.train.generator is not None:
-                data.train.generator.manual_seed(cfg.seed * 1000 + epoch)
-            if hasattr(data.train.sampler, "set_epoch"):
-                data.train.sampler.set_epoch(epoch)
-            first_step, saved_rng = step - skip, rng
-            step, loss = train_epoch(train_model, data.train, optimizer, step=step, before_step=before_step,
-                                     device=runtime.device, amp=amp, scaler=scaler, memory_format=layout,
-                                     after_step=lambda s, loss, lr_now, e=epoch, f=first_step: after_step(
-                                         s, loss, lr_now, e, f),
-                                     lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
-                                     desc=f"{phase} {epoch + 1}/{epochs}", skip_batches=skip,
-                                     after_skip=None if saved_rng is None else lambda r=saved_rng: set_rng_state(r))
-            skip, rng = 0, None
-            if runtime.is_main:
-                if cfg.train.keep_best:  # <phase>_best.pt: the weights with the best validation top-1 so far
-                    _, predicted, targets = predict(model, data.val, desc=f"val {phase} {epoch + 1}",
-                                                    device=runtime.device)
-                    accuracy = top1(predicted, targets)
-                    if accuracy > best:
-                        best = accuracy
-                        save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch + 1,
-                                                    "top1": accuracy, "phase": phase}, keep_previous=False)
-                    log.info("[%s] epoch %d val top-1 %.2f%% (best %.2f%%)", phase, epoch + 1, accuracy, best)
-                save(epoch + 1, 0, step)
-            runtime.barrier()  # nobody runs ahead of the checkpoint it would resume from
-            log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)
-    except NonFiniteLoss as exc:
-        kept = next((p for p in (checkpoint, previous_path(checkpoint)) if p.exists()), None)
-        where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
-        raise QatError(lr_key, f"{exc.what} became {exc.value} at step {exc.step} of the {phase} phase",
-                       f"lower {lr_key}; {where}") from exc
-    if train_model is not model:  # DDP: drop the wrapper now; its reducer's autograd hooks go with it
-        del train_model
-        gc.collect()
-    return model.to(memory_format=torch.contiguous_format)  # what follows (conversion, engines) sees NCHW
+    optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)
+    return engine.fit(model, data.train, engine.Task(loss=classification_loss, validate=validate), train=cfg.train,
+                      optim=optim, seed=cfg.seed, phase=phase, epochs=epochs, lr=lr,
+                      lr_key="optim.lr" if phase == "float" else "train.qat_lr", checkpoint=checkpoint,
+                      before_step=before_step, tracker=tracker, runtime=runtime)
 
 
 def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, data_info: dict[str, Any],
@@ -407,6 +325,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         **record,
         "latency": latency,
         "host": host,
+        "training": engine.describe(cfg.train, runtime),
         "timing": {**timings, "total_s": time.time() - started},
         "run_dir": str(run_dir.resolve()),
     }

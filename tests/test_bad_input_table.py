@@ -341,3 +341,10 @@ def test_qat_debug_shows_the_traceback(tmp_path: Path) -> None:
                             text=True, timeout=300)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "QatError" in result.stderr and "model.arch" in result.stderr
+
+
+def test_every_train_key_of_the_run_app_is_a_train_key_of_the_detect_app() -> None:
+    """One training engine, one ``train`` schema (issue 17): detection accepts every ``train.*`` key of run.py."""
+    run_keys, detect_keys = (set(compose_app(app, []).train.keys()) for app in ("run", "detect"))
+    assert run_keys <= detect_keys, sorted(run_keys - detect_keys)
+    assert {"device", "amp", "keep_best", "checkpoint_every_steps", "channels_last"} <= detect_keys

@@ -25,6 +25,7 @@ from qat.intmodel.graph import IntModel
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.schema import LatencyConfig
+from qat.train.checkpoint import load_checkpoint
 from qat.train.loop import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +185,49 @@ def test_detector_weights_load_from_local_files_only(tmp_path: Path) -> None:
     with pytest.raises(QatError, match="model.weights: .*does not fit this model"):
         build_detector("mobilenet_v1", num_categories=3, width_mult=0.25, resolution=64,
                        weights=str(tmp_path / "plain.pt"))
+
+
+def test_detection_resumes_mid_epoch_exactly_on_the_training_engine(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """One training engine (issue 17): a detection run stopped mid-epoch resumes from its step checkpoint (RNG
+    included) and ends with the weights and mAP of an uninterrupted run."""
+    import qat.detection.train as detection_train
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    cfg.quant.precision, cfg.data.batch_size = "float", 4  # 4 steps per epoch
+    cfg.train.cache_float, cfg.train.checkpoint_every_steps, cfg.train.float_epochs = False, 1, 2
+    expected = run_detection(cfg, tmp_path / "uninterrupted")
+
+    calls = {"n": 0}
+    real_loss = detection_train.detection_loss
+
+    def crashing_loss(device, memory_format=torch.contiguous_format):  # type: ignore[no-untyped-def]
+        inner = real_loss(device, memory_format)
+
+        def loss(detector, batch):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 7:  # the 3rd batch of epoch 2
+                raise RuntimeError("killed")
+            return inner(detector, batch)
+        return loss
+
+    monkeypatch.setattr(detection_train, "detection_loss", crashing_loss)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_detection(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    resumed = run_detection(cfg, tmp_path / "run")
+    assert resumed["accuracy"] == expected["accuracy"]
+    ours, theirs = (load_checkpoint(tmp_path / d / "checkpoints" / "float_last.pt")["model"]
+                    for d in ("run", "uninterrupted"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_detection_trains_in_bf16_autocast_on_the_cpu(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    cfg.quant.precision, cfg.train.amp = "float", "bf16"
+    record = run_detection(cfg, tmp_path / "run")
+    assert 0.0 <= record["accuracy"]["map"] <= 100.0
+    assert record["training"] == {"device": "cpu", "world_size": 1, "autocast": "bfloat16",
+                                  "memory_format": "channels_last", "checkpoint_every_steps": 0}

@@ -4,16 +4,20 @@ item 7); the apps' error lines are checked against their composed configs in tes
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from qat.detection.train import train_epoch
+from qat.detection.config import DetectTrainConfig
+from qat.detection.train import detection_task
 from qat.errors import QatError
 from qat.quant.config import QuantConfig
 from qat.quant.observers import EmaMinMaxObserver
 from qat.quant.scheme import QuantSpec, quantize
+from qat.train import engine
+from qat.train.loop import OptimConfig
 
 QUANT_KEYS = {f"quant.{f.name}" for f in fields(QuantConfig)}
 
@@ -71,11 +75,11 @@ class _DivergingDetector(nn.Module):
 
 
 @pytest.mark.parametrize("lr_key", ["optim.lr", "train.qat_lr"])
-def test_detection_divergence_names_the_phase_lr_key(lr_key: str) -> None:
-    detector = _DivergingDetector()
+def test_detection_divergence_names_the_phase_lr_key(lr_key: str, tmp_path: Path) -> None:
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     loader = [([torch.zeros(3, 8, 8)], [target])]
-    optimizer = torch.optim.SGD(detector.parameters(), lr=0.1)
     with pytest.raises(QatError) as exc:
-        train_epoch(detector, loader, optimizer, step=0, lr_fn=lambda s: 0.1, lr_key=lr_key)  # type: ignore[arg-type]
+        engine.fit(_DivergingDetector(), loader, detection_task(), train=DetectTrainConfig(), optim=OptimConfig(),
+                   seed=0, phase="qat", epochs=1, lr=0.1, lr_key=lr_key, checkpoint=tmp_path / "qat_last.pt")
     assert _key(exc) == lr_key and f"lower {lr_key}" in exc.value.fix
+    assert "no checkpoint had been written yet" in exc.value.fix

@@ -1,5 +1,5 @@
-"""The training loop's memory format (train.channels_last): batches reach the model in the requested layout, and
-the layout changes only the summation order, not the math."""
+"""The training loop's memory format (train.channels_last): classification batches reach the model in the requested
+layout, and the layout changes only the summation order, not the math."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from qat.train.loop import train_epoch
+from qat.train.loop import classification_loss, train_epoch
 
 
 class _Recorder(nn.Module):
@@ -28,7 +28,7 @@ def _train(memory_format: torch.memory_format) -> tuple[_Recorder, float]:
     data = TensorDataset(torch.randn(32, 3, 12, 12), torch.randint(0, 4, (32,)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _, loss = train_epoch(model, DataLoader(data, batch_size=8), optimizer, step=0, lr_fn=lambda _: 0.1,
-                          memory_format=memory_format)
+                          loss=classification_loss(torch.device("cpu"), memory_format))
     return model, loss
 
 

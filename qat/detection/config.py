@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from qat.detection.synthetic import SYNTH_DEFAULTS
 from qat.quant.schedule import QuantSchedule
-from qat.schema import LatencyConfig, QuantGroup
+from qat.schema import LatencyConfig, QuantGroup, TrainConfig
 from qat.train.loop import OptimConfig
 
 
@@ -49,12 +49,13 @@ class DetectDataConfig:
 
 
 @dataclass
-class DetectTrainConfig:
+class DetectTrainConfig(TrainConfig):
+    """The classification run's ``train`` group (one schema: every ``train.*`` key of ``experiments/run.py`` is a
+    key here, with the same meaning), with detection's defaults: SSDLite trains longer, and ``keep_best`` (a COCO
+    evaluation after every epoch) is off."""
+
     float_epochs: int = 30
-    qat_epochs: int = 3
-    qat_lr: float = 0.005
-    threads: int | None = None
-    cache_float: bool = True  # reuse float weights trained by an identical earlier run
+    keep_best: bool = False
 
 
 @dataclass

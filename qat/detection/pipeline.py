@@ -30,7 +30,7 @@ from qat.detection.detector import SSDLiteDetector
 from qat.detection.metric import METRICS
 from qat.detection.models import BACKBONES, build_detector
 from qat.detection.synthetic import make_synthetic_coco
-from qat.detection.train import evaluate, fit
+from qat.detection.train import detection_task, evaluate
 from qat.engines import registry
 from qat.errors import QatError, choice_error
 from qat.fidelity import check_engine_names, on_engines, output_lsb, primary_engine
@@ -43,7 +43,10 @@ from qat.pipeline import PRECISIONS, seed_everything
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.records import write_record
+from qat.train import engine
 from qat.train.checkpoint import reuse_or_train
+from qat.train.distributed import Runtime
+from qat.train.distributed import setup as setup_runtime
 
 log = logging.getLogger("qat")
 
@@ -114,19 +117,34 @@ def load_data(cfg: DetectRunConfig) -> DetectionData:
 def float_key(cfg: DetectRunConfig, data_info: dict[str, Any]) -> str:
     """Identity of the float training recipe: same key, same float weights."""
     recipe = {"model": asdict(cfg.model), "data": {**asdict(cfg.data), "root": data_info["root"]},
-              "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1}
+              "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1,
+              "channels_last": cfg.train.channels_last}  # another summation order: other weights
     recipe["model"].pop("weights")
     return "det-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def float_weights(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRunConfig, run_dir: Path) -> str:
+def train_detector(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRunConfig, runtime: Runtime, *,
+                   phase: str, epochs: int, lr: float, checkpoint: Path,
+                   before_step: Callable[[int], None] | None = None) -> SSDLiteDetector:
+    """Detection on the training engine (:func:`qat.train.engine.fit`) on ``runtime.device``; the detector comes
+    back on the CPU, where evaluation, conversion and latency run. Fine-tuning (QAT) has no warm-up."""
+    task = detection_task(data.val, data.val_split.coco, data.val_split.category_ids)
+    optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)
+    engine.fit(detector.to(runtime.device), data.train, task, train=cfg.train, optim=optim, seed=cfg.seed,
+               phase=phase, epochs=epochs, lr=lr, lr_key="optim.lr" if phase == "float" else "train.qat_lr",
+               checkpoint=checkpoint, before_step=before_step, runtime=runtime)
+    return detector.cpu()
+
+
+def float_weights(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRunConfig, run_dir: Path,
+                  runtime: Runtime) -> str:
     """Load or train the float weights; return where they came from."""
     if cfg.model.weights:
         return f"file:{cfg.model.weights}"  # loaded by build_detector
     return reuse_or_train(
         detector, cache_dir(cfg) / "float" / f"{float_key(cfg, data.info)}.pt", enabled=cfg.train.cache_float,
-        train=lambda: fit(detector, data.train, cfg.optim, phase="float", epochs=cfg.train.float_epochs,
-                          lr=cfg.optim.lr, checkpoint=run_dir / "checkpoints" / "float_last.pt", seed=cfg.seed))
+        train=lambda: train_detector(detector, data, cfg, runtime, phase="float", epochs=cfg.train.float_epochs,
+                                     lr=cfg.optim.lr, checkpoint=run_dir / "checkpoints" / "float_last.pt"))
 
 
 def detector_latency(detector: SSDLiteDetector, cfg: DetectRunConfig) -> dict[str, Any]:
@@ -172,6 +190,10 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     started = time.time()
     validate(cfg)
+    runtime = setup_runtime(cfg.train.device)
+    if runtime.distributed:
+        raise QatError("train.device", f"detection runs in one process; this one is rank {runtime.rank} of "
+                       f"{runtime.world_size}", "start experiments/detect.py without torchrun or SLURM tasks")
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -183,7 +205,7 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.time()
-    float_source = float_weights(detector, data, cfg, run_dir)
+    float_source = float_weights(detector, data, cfg, run_dir, runtime)
     timings["float_train_s"] = time.time() - t
     float_result = evaluate(detector, data.val, annotations, category_ids, desc="eval float")
     accuracy: dict[str, Any] = _map_fields("float_", float_result)
@@ -213,9 +235,9 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
                     break
                 prepared(qdet.shell.transform(images)[0].tensors)
         sched = cfg.schedule
-        fit(qdet, data.train, replace(cfg.optim, warmup_epochs=0.0), phase="qat",  # fine-tuning: no warm-up
-            epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr, checkpoint=run_dir / "checkpoints" / "qat_last.pt",
-            seed=cfg.seed, before_step=lambda step: sched.apply(prepared, step), lr_key="train.qat_lr")
+        train_detector(qdet, data, cfg, runtime, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
+                       checkpoint=run_dir / "checkpoints" / "qat_last.pt",
+                       before_step=lambda step: sched.apply(prepared, step))
         sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
         timings["qat_train_s"] = time.time() - t
         sim_result = evaluate(qdet, data.val, annotations, category_ids, desc="eval simulated")
@@ -264,6 +286,7 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
         **record,
         "latency": latency,
         "host": describe_host(),
+        "training": engine.describe(cfg.train, runtime),
         "timing": {**timings, "total_s": time.time() - started},
         "run_dir": str(run_dir.resolve()),
     }

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,51 +82,65 @@ class NonFiniteLoss(QatError):
         self.step, self.value, self.what = step, value, what
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *, step: int,
-                lr_fn: Callable[[int], float], before_step: Callable[[int], None] | None = None,
+BatchLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
+"""A task's loss of one batch: ``(model, batch) -> (loss, number of samples)``; it moves the batch itself."""
+
+
+def classification_loss(device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+                        ) -> BatchLoss:
+    """Cross-entropy of an ``(images, targets)`` batch, the images on ``device`` in ``memory_format``."""
+
+    def loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        return F.cross_entropy(model(images).float(), targets), images.shape[0]
+
+    return loss
+
+
+def train_epoch(model: nn.Module, loader: Iterable[Any], optimizer: torch.optim.Optimizer, *, step: int,
+                lr_fn: Callable[[int], float], loss: BatchLoss,
+                before_step: Callable[[int], None] | None = None,
                 after_step: Callable[[int, float, float], None] | None = None,
                 desc: str = "train", device: torch.device | None = None, amp: torch.dtype | None = None,
                 scaler: torch.amp.GradScaler | None = None, skip_batches: int = 0,
-                after_skip: Callable[[], None] | None = None,
-                memory_format: torch.memory_format = torch.contiguous_format) -> tuple[int, float]:
-    """One pass over ``loader``; returns (next global step, mean loss). Stops on a non-finite loss
-    (:class:`NonFiniteLoss`). A resumed epoch passes ``skip_batches``: those batches are drawn (so shuffling and
-    augmentation stay in step) but not trained on, and ``after_skip()`` runs before the next one is drawn
-    (to restore the RNG state saved with a mid-epoch checkpoint).
-    ``after_step(step, loss, lr)`` is called after each optimizer step (metrics logging). Batches go to
-    ``device`` in ``memory_format`` (the model's: ``torch.channels_last`` for NHWC training); ``amp`` is the
-    autocast dtype (None: float32), ``scaler`` the fp16 loss scaler."""
+                after_skip: Callable[[], None] | None = None) -> tuple[int, float]:
+    """One pass over ``loader`` with the task's batch ``loss`` (:data:`BatchLoss`); returns (next global step,
+    mean loss). Stops on a non-finite loss (:class:`NonFiniteLoss`). A resumed epoch passes ``skip_batches``:
+    those batches are drawn (so shuffling and augmentation stay in step) but not trained on, and ``after_skip()``
+    runs before the next one is drawn (to restore the RNG state saved with a mid-epoch checkpoint).
+    ``after_step(step, loss, lr)`` is called after each optimizer step (metrics logging). ``amp`` is the autocast
+    dtype on ``device`` (None: float32), ``scaler`` the fp16 loss scaler."""
     from qat.train.distributed import autocast
 
     model.train()
     total, count = 0.0, 0
     device = device or torch.device("cpu")
-    for index, (images, targets) in enumerate(progress(loader, len(loader), desc)):
+    for index, batch in enumerate(progress(loader, len(loader), desc)):  # type: ignore[arg-type]
         if index < skip_batches:
             if index == skip_batches - 1 and after_skip is not None:
                 after_skip()
             continue
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
         if before_step is not None:
             before_step(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_fn(step)
         with autocast(device, amp):
-            loss = F.cross_entropy(model(images).float(), targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(step, loss.item())
+            value, samples = loss(model, batch)
+        if not torch.isfinite(value):
+            raise NonFiniteLoss(step, value.item())
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(value).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            value.backward()
             optimizer.step()
-        loss_value = loss.item()
-        total += loss_value * images.shape[0]
-        count += images.shape[0]
+        loss_value = value.item()
+        total += loss_value * samples
+        count += samples
         if after_step is not None:
             after_step(step, loss_value, optimizer.param_groups[0]["lr"])
         step += 1

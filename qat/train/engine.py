@@ -1,0 +1,155 @@
+"""The one training engine: every task (classification, detection) and every phase (float, QAT) trains here.
+
+A task supplies only what differs (:class:`Task`): the loss of one batch and, for ``train.keep_best``, its
+validation metric. The engine owns the rest, as torchvision's references share one ``train_one_epoch`` between
+float and quantized training: device and DDP (``qat.train.distributed``), AMP, the NHWC memory format, the
+learning-rate schedule, the schedule hook of simulated quantization (``before_step``), atomic checksummed
+checkpoints each epoch and every ``train.checkpoint_every_steps`` steps with exact mid-epoch resume (RNG state
+included), the best-validation checkpoint, the non-finite guard, per-step tracking and one log line per epoch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from qat.errors import QatError
+from qat.tracking import RUN_ID_KEY, RunLogger
+from qat.train.checkpoint import previous_path, resume_state, rng_state, save_checkpoint, set_rng_state
+from qat.train.distributed import Runtime, amp_dtype, wrap
+from qat.train.loop import BatchLoss, NonFiniteLoss, OptimConfig, build_optimizer, lr_at, train_epoch
+
+log = logging.getLogger("qat")
+
+
+class TrainSettings(Protocol):
+    """The ``train`` config keys the engine reads (:class:`qat.schema.TrainConfig` has them all)."""
+
+    checkpoint_every_steps: int
+    keep_best: bool
+    amp: str
+    channels_last: bool
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task gives the engine. ``loss(device, memory_format)`` returns the batch loss function
+    (``(model, batch) -> (loss, batch size)``, moving the batch itself); ``validate(model)`` is the metric kept
+    by ``train.keep_best`` (higher is better), named ``metric`` in the log; ``None`` disables it."""
+
+    loss: Callable[[torch.device, torch.memory_format], BatchLoss]
+    validate: Callable[[nn.Module], float] | None = None
+    metric: str = "top-1"
+
+
+def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, optim: OptimConfig, seed: int,
+        phase: str, epochs: int, lr: float, lr_key: str, checkpoint: Path,
+        before_step: Callable[[int], None] | None = None, tracker: RunLogger | None = None,
+        runtime: Runtime | None = None) -> nn.Module:
+    """Train ``model`` for ``epochs`` epochs of ``loader`` with ``optim`` at base learning rate ``lr`` (named
+    ``lr_key`` in the error a diverging run gets), resuming from ``checkpoint`` (or its previous copy) when one
+    exists: consumed batches are skipped and the RNG state restored, so a resumed run trains exactly as an
+    uninterrupted one. Every epoch's randomness depends only on (``seed``, epoch). A NaN/Inf loss or weights stop
+    the run with the last good checkpoint kept. Under DDP (``runtime``) every rank trains its shard and rank 0
+    alone writes checkpoints and validates. Returns ``model`` in NCHW memory format."""
+    tracker = tracker or RunLogger()
+    runtime = runtime or Runtime()
+    amp = amp_dtype(train.amp, runtime.device)
+    scaler = torch.amp.GradScaler(runtime.device.type) if amp is torch.float16 else None
+    layout = torch.channels_last if train.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)  # parameters (and so optimizer state) in the training layout
+    train_model = wrap(model, runtime)
+    optimizer = build_optimizer(model, optim, lr)
+    steps_per_epoch = len(loader)
+    total = epochs * steps_per_epoch
+    every = train.checkpoint_every_steps
+    start_epoch, step, skip, rng, best = 0, 0, 0, None, float("-inf")
+    best_path = checkpoint.with_name(checkpoint.name.replace("_last", "_best"))
+    found = resume_state(checkpoint)
+    if found is not None:
+        state, source = found
+        model.load_state_dict(state["model"])  # tensors land on the model's device
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step = state["epoch"], state["step"]
+        skip, rng = state.get("batch_in_epoch", 0), state.get("rng")
+        best = state.get("best_top1", best)
+        log.info("[%s] resuming from %s at epoch %d, batch %d", phase, source, start_epoch, skip)
+
+    def save(epoch: int, batch: int, next_step: int) -> None:
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise NonFiniteLoss(next_step - 1, float("nan"), what=f"weight {bad}")
+        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": epoch, "batch_in_epoch": batch, "step": next_step, "phase": phase,
+                                     "rng": rng_state(), RUN_ID_KEY: tracker.run_id, "best_top1": best,
+                                     **({"scaler": scaler.state_dict()} if scaler is not None else {})})
+
+    def after_step(s: int, loss: float, lr_now: float, epoch: int, first_step: int) -> None:
+        tracker.log_step(phase, s, {"loss": loss, "lr": lr_now, "epoch": (s + 1) / steps_per_epoch})
+        batch = s + 1 - first_step
+        if every and runtime.is_main and (s + 1) % every == 0 and batch < steps_per_epoch:
+            save(epoch, batch, s + 1)
+
+    batch_loss = task.loss(runtime.device, layout)
+    try:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.time()
+            # every epoch's randomness (shuffle, augmentation) depends only on (seed, epoch): resumes are exact
+            torch.manual_seed(seed * 1000 + epoch)
+            if getattr(loader, "generator", None) is not None:
+                loader.generator.manual_seed(seed * 1000 + epoch)
+            if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            first_step, saved_rng = step - skip, rng
+            step, loss = train_epoch(train_model, loader, optimizer, step=step, loss=batch_loss,
+                                     before_step=before_step, device=runtime.device, amp=amp, scaler=scaler,
+                                     after_step=lambda s, loss, lr_now, e=epoch, f=first_step: after_step(
+                                         s, loss, lr_now, e, f),
+                                     lr_fn=lambda s: lr_at(optim, lr, s, total, steps_per_epoch),
+                                     desc=f"{phase} {epoch + 1}/{epochs}", skip_batches=skip,
+                                     after_skip=None if saved_rng is None else lambda r=saved_rng: set_rng_state(r))
+            skip, rng = 0, None
+            if runtime.is_main:
+                if train.keep_best and task.validate is not None:  # <phase>_best.pt: best validation so far
+                    value = task.validate(model)
+                    if value > best:
+                        best = value
+                        save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch + 1,
+                                                    "top1": value, "phase": phase}, keep_previous=False)
+                    log.info("[%s] epoch %d val %s %.2f%% (best %.2f%%)", phase, epoch + 1, task.metric, value,
+                             best)
+                save(epoch + 1, 0, step)
+            runtime.barrier()  # nobody runs ahead of the checkpoint it would resume from
+            log.info("[%s] epoch %d/%d  loss %.4f  (%.1f s)", phase, epoch + 1, epochs, loss, time.time() - t0)
+    except NonFiniteLoss as exc:
+        kept = next((p for p in (checkpoint, previous_path(checkpoint)) if p.exists()), None)
+        where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
+        raise QatError(lr_key, f"{exc.what} became {exc.value} at step {exc.step} of the {phase} phase",
+                       f"lower {lr_key}; {where}") from exc
+    if train_model is not model:  # DDP: drop the wrapper now; its reducer's autograd hooks go with it
+        del train_model
+        gc.collect()
+    return model.to(memory_format=torch.contiguous_format)  # what follows (conversion, engines) sees NCHW
+
+
+def describe(train: TrainSettings, runtime: Runtime) -> dict[str, Any]:
+    """The record's ``training`` block: how the engine trained (device, processes, autocast dtype, memory format,
+    step checkpoints), resolved as :func:`fit` resolves them, not copied from the config."""
+    amp = amp_dtype(train.amp, runtime.device)
+    return {"device": str(runtime.device), "world_size": runtime.world_size,
+            "autocast": str(amp).removeprefix("torch.") if amp is not None else "none",
+            "memory_format": "channels_last" if train.channels_last else "contiguous",
+            "checkpoint_every_steps": train.checkpoint_every_steps}
+
+
+__all__ = ["Task", "TrainSettings", "describe", "fit"]
