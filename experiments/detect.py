@@ -27,7 +27,7 @@ register_detect_schemas()
 def main(cfg: DictConfig) -> float:
     config = OmegaConf.to_object(cfg)
     record = run_detection(config, HydraConfig.get().runtime.output_dir)
-    return float(record["accuracy"]["map"])
+    return float(record["accuracy"]["map"]) if record else float("nan")  # DDP: rank 0 alone has the record
 
 
 if __name__ == "__main__":

@@ -348,3 +348,9 @@ def test_every_train_key_of_the_run_app_is_a_train_key_of_the_detect_app() -> No
     run_keys, detect_keys = (set(compose_app(app, []).train.keys()) for app in ("run", "detect"))
     assert run_keys <= detect_keys, sorted(run_keys - detect_keys)
     assert {"device", "amp", "keep_best", "checkpoint_every_steps", "channels_last"} <= detect_keys
+
+
+@pytest.mark.parametrize("launcher", ["local", "submitit_local", "slurm"])
+def test_detect_app_composes_every_launcher(launcher: str) -> None:
+    cfg = compose_app("detect", [f"launcher={launcher}"])
+    assert cfg.hydra.launcher._target_ == compose_app("run", [f"launcher={launcher}"]).hydra.launcher._target_

@@ -54,6 +54,9 @@ def test_few_step_qat_run_writes_record_with_map_and_integer_core(tmp_path: Path
     assert acc["map"] == acc["int_map"]
     assert abs(acc["int_map"] - acc["sim_map"]) <= MAP_TOLERANCE
     assert record["quant"]["precision"] == "int8" and record["model"]["arch"] == "ssdlite_mobilenet_v2"
+    # read back from the evaluated core's quantizers, not copied from the config
+    assert record["quant"]["weight_bits"] == 8 and record["quant"]["act_observer"] == "ema"
+    assert record["quant"]["weight_quantizers"] > 10 and record["quant"]["config_differences"] == {}
     assert record["latency"]["engine"] == "torch_native_x86" and record["latency"]["median_ms"] > 0
     assert record["latency_float"]["median_ms"] > 0 and record["latency"]["core_median_ms"] > 0
     fidelity = record["fidelity"]

@@ -53,3 +53,26 @@ def test_app_under_torchrun_writes_one_record(tmp_path: Path) -> None:
     assert record["quant"]["precision"] == "int8" and record["accuracy"]["int_top1"] >= 0
     assert record["fidelity"]["sim_vs_int_top1_agreement"] >= 90.0
     assert "[ddp] rank 0/2" in result.stderr + result.stdout
+
+
+DETECT_TINY = ["experiment=detect_demo", "model.width_mult=0.35", "model.resolution=64", "data.batch_size=4",
+               "data.eval_batch_size=8", "data.synthetic.train_images=16", "data.synthetic.val_images=8",
+               "data.synthetic.image_size=64", "data.synthetic.num_categories=3", "train.float_epochs=1",
+               "train.qat_epochs=1", "train.threads=1", "latency.repeats=3", "latency.warmup=1",
+               "latency.min_time_s=0"]
+
+
+@pytest.mark.slow
+def test_detection_under_torchrun_trains_on_both_ranks_and_writes_one_record(tmp_path: Path) -> None:
+    """One training engine (issue 17): detection gets DDP like classification; each rank trains its shard of the
+    seeded permutation, rank 0 alone evaluates, converts and writes the record."""
+    run_dir = tmp_path / "run"
+    result = _torchrun([str(ROOT / "experiments" / "detect.py"), *DETECT_TINY, "quant=w8a8",
+                        f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = result.stderr + result.stdout
+    assert "[ddp] rank 0/2" in logs and "[ddp] rank 1/2" in logs
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["training"]["world_size"] == 2 and record["task"] == "detection"
+    assert 0.0 <= record["accuracy"]["int_map"] <= 100.0 and (run_dir / "int_model.pt").exists()
+    assert sorted(p.name for p in run_dir.glob("record*.json")) == ["record.json"]

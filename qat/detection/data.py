@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
@@ -149,7 +149,14 @@ def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torc
 
 
 def detection_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0,
-                     seed: int = 0) -> DataLoader:
+                     seed: int = 0, distributed: bool = False) -> DataLoader:
+    """Batches of (images, targets) lists. ``shuffle`` draws with a generator seeded by ``seed``; under DDP
+    (``distributed``) each rank draws its shard of one ``seed``-ed permutation instead (``DistributedSampler``;
+    the training engine calls ``set_epoch``)."""
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                          drop_last=False)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
                       generator=generator, drop_last=False)

@@ -42,6 +42,7 @@ from qat.models.registry import count_macs
 from qat.pipeline import PRECISIONS, seed_everything
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
+from qat.record_blocks import quant_block
 from qat.records import write_record
 from qat.train import engine
 from qat.train.checkpoint import reuse_or_train
@@ -95,7 +96,7 @@ def cache_dir(cfg: DetectRunConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
-def load_data(cfg: DetectRunConfig) -> DetectionData:
+def load_data(cfg: DetectRunConfig, distributed: bool = False) -> DetectionData:
     d = cfg.data
     if d.name == "synthetic":
         root = make_synthetic_coco(cache_dir(cfg) / "data", **asdict(d.synthetic))
@@ -110,7 +111,7 @@ def load_data(cfg: DetectRunConfig) -> DetectionData:
     val_set = CocoDetectionSet(val_split, detection_transforms(res, False), d.max_val_images)
     info = {"name": d.name, "root": str(root), "num_categories": val_split.num_categories,
             "categories": val_split.category_names, "train_size": len(train_set), "val_size": len(val_set)}
-    return DetectionData(detection_loader(train_set, d.batch_size, True, d.workers, cfg.seed),
+    return DetectionData(detection_loader(train_set, d.batch_size, True, d.workers, cfg.seed, distributed),
                          detection_loader(val_set, d.eval_batch_size, False, d.workers), val_split, info)
 
 
@@ -143,6 +144,7 @@ def float_weights(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRun
         return f"file:{cfg.model.weights}"  # loaded by build_detector
     return reuse_or_train(
         detector, cache_dir(cfg) / "float" / f"{float_key(cfg, data.info)}.pt", enabled=cfg.train.cache_float,
+        write=runtime.is_main,
         train=lambda: train_detector(detector, data, cfg, runtime, phase="float", epochs=cfg.train.float_epochs,
                                      lr=cfg.optim.lr, checkpoint=run_dir / "checkpoints" / "float_last.pt"))
 
@@ -185,19 +187,39 @@ def model_id(cfg: DetectRunConfig, float_source: str) -> str:
     return f"ssdlite_{cfg.model.backbone}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
 
 
+def quantize_and_finetune(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRunConfig, run_dir: Path,
+                          runtime: Runtime) -> tuple[nn.Module, SSDLiteDetector]:
+    """Prepare simulated quantization of the core, calibrate it, QAT fine-tune the detector with the schedule;
+    return (prepared core, detector around it), on the CPU."""
+    q, res = cfg.quant, cfg.model.resolution
+    qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
+    prepared = prepare(detector.core, qconfig, torch.zeros(1, 3, res, res))
+    qdet = _with_core(detector, prepared)
+    with calibration_mode(prepared), torch.no_grad():
+        for i, (images, _) in enumerate(data.train):
+            if i >= q.calibration_batches:
+                break
+            prepared(qdet.shell.transform(images)[0].tensors)
+    sched = cfg.schedule
+    train_detector(qdet, data, cfg, runtime, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
+                   checkpoint=run_dir / "checkpoints" / "qat_last.pt",
+                   before_step=lambda step: sched.apply(prepared, step))
+    sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
+    return prepared, qdet
+
+
 def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run the whole detection pipeline for one config and write ``<run_dir>/record.json``; return it."""
+    """Run the whole detection pipeline for one config and write ``<run_dir>/record.json``; return it. Under DDP
+    (torchrun, SLURM tasks) every rank trains its shard and only rank 0 evaluates and writes (the others get
+    ``{}``)."""
     run_dir = Path(run_dir)
     started = time.time()
     validate(cfg)
     runtime = setup_runtime(cfg.train.device)
-    if runtime.distributed:
-        raise QatError("train.device", f"detection runs in one process; this one is rank {runtime.rank} of "
-                       f"{runtime.world_size}", "start experiments/detect.py without torchrun or SLURM tasks")
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    data = load_data(cfg)
+    data = load_data(cfg, distributed=runtime.distributed)
     m = cfg.model
     detector = build_detector(m.backbone, num_categories=data.info["num_categories"], width_mult=m.width_mult,
                               resolution=m.resolution, weights=m.weights, backbone_weights=m.backbone_weights)
@@ -207,6 +229,10 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
     t = time.time()
     float_source = float_weights(detector, data, cfg, run_dir, runtime)
     timings["float_train_s"] = time.time() - t
+    if not runtime.is_main:  # DDP: the other ranks only train; rank 0 evaluates, measures, writes the record
+        if cfg.quant.precision != "float":
+            quantize_and_finetune(detector, data, cfg, run_dir, runtime)
+        return {}
     float_result = evaluate(detector, data.val, annotations, category_ids, desc="eval float")
     accuracy: dict[str, Any] = _map_fields("float_", float_result)
     log.info("[float] mAP %.2f  AP50 %.2f", float_result["map"], float_result["map_50"])
@@ -224,21 +250,8 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
         latency = float_latency
         quant: dict[str, Any] = {"precision": "float", "weight_bits": 32, "act_bits": 32}
     else:
-        q = cfg.quant
-        qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
-        prepared = prepare(detector.core, qconfig, torch.zeros(1, 3, res, res))
-        qdet = _with_core(detector, prepared)
         t = time.time()
-        with calibration_mode(prepared), torch.no_grad():
-            for i, (images, _) in enumerate(data.train):
-                if i >= q.calibration_batches:
-                    break
-                prepared(qdet.shell.transform(images)[0].tensors)
-        sched = cfg.schedule
-        train_detector(qdet, data, cfg, runtime, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
-                       checkpoint=run_dir / "checkpoints" / "qat_last.pt",
-                       before_step=lambda step: sched.apply(prepared, step))
-        sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
+        prepared, qdet = quantize_and_finetune(detector, data, cfg, run_dir, runtime)
         timings["qat_train_s"] = time.time() - t
         sim_result = evaluate(qdet, data.val, annotations, category_ids, desc="eval simulated")
         accuracy.update(_map_fields("sim_", sim_result))
@@ -262,7 +275,7 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
         accuracy.update(_map_fields("int_", int_result))
         accuracy.update(_map_fields("", int_result))
         log.info("[int8] %s mAP %.2f (simulated %.2f)", name, int_result["map"], sim_result["map"])
-        quant = {"precision": "int8", **{k: v for k, v in asdict(q).items() if k != "precision"}}
+        quant = quant_block(prepared, cfg, cfg.quant, cfg.quant.calibration_batches)  # read back from the model
         record["latency_float"] = float_latency
         record["coco_summary_simulated"] = sim_result["summary"]
 
