@@ -75,14 +75,24 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--engines", nargs="+", default=["torch_native_x86", "onnxruntime"])
     parser.add_argument("--images", type=int, default=None,
                         help="only the first N validation images (whole batches of 100)")
     parser.add_argument("--out", type=Path, required=True, help="CSV to write")
     parser.add_argument("--host-label", default="", help="what ran the engines, when /proc/cpuinfo cannot tell")
     parser.add_argument("--readme", type=Path, help="also replace the README block <!-- REPLAY_TABLE --> ... with it")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="replay nothing: rewrite the .md and the README block from the CSV at --out")
     args = parser.parse_args(argv)
+    if args.tables_only:
+        if not args.out.is_file():
+            print(f"error: {args.out} does not exist (replay runs into it first)", file=sys.stderr)
+            return 2
+        return _write_tables(pd.read_csv(args.out), args.out, args.readme)
+    if not args.runs:
+        print("error: runs: give the run directories of int8 runs to replay (or --tables-only)", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     for run in args.runs:
         if not (run / "int_model.pt").is_file():
@@ -93,11 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows).assign(host=args.host_label or f"{host['cpu']} ({' '.join(host['cpu_flags'])})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out, table.to_csv(index=False).encode())
-    text = markdown(table)
-    atomic_write_bytes(args.out.with_suffix(".md"), text.encode())
-    if args.readme:
-        update_file(args.readme, MARKER, text)
-    print(text + f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return _write_tables(table, args.out, args.readme)
+
+
+def _write_tables(table: pd.DataFrame, out: Path, readme: Path | None) -> int:
+    """The Markdown table beside the CSV (``.md``) and, with ``readme``, in its REPLAY_TABLE block."""
+    text = (f"Replayed runs: {', '.join(dict.fromkeys(map(str, table['run'])))}. Regenerated from `{out}` by "
+            f"`python scripts/replay_engines.py --out {out} --tables-only --readme README.md`.\n\n" + markdown(table))
+    atomic_write_bytes(out.with_suffix(".md"), text.encode())
+    if readme:
+        update_file(readme, MARKER, text)
+    print(text + f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 
