@@ -325,7 +325,7 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         **record,
         "latency": latency,
         "host": host,
-        "training": engine.describe(cfg.train, runtime),
+        "training": engine.describe(cfg.train, runtime, data.train),
         "timing": {**timings, "total_s": time.time() - started},
         "run_dir": str(run_dir.resolve()),
     }

@@ -26,6 +26,7 @@ from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.schema import LatencyConfig
 from qat.train.checkpoint import load_checkpoint
+from qat.train.engine import CPU_AUTOCAST_NCHW
 from qat.train.loop import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,5 +233,6 @@ def test_detection_trains_in_bf16_autocast_on_the_cpu(tmp_path: Path) -> None:
     cfg.quant.precision, cfg.train.amp = "float", "bf16"
     record = run_detection(cfg, tmp_path / "run")
     assert 0.0 <= record["accuracy"]["map"] <= 100.0
-    assert record["training"] == {"device": "cpu", "world_size": 1, "autocast": "bfloat16",
-                                  "memory_format": "channels_last", "checkpoint_every_steps": 0}
+    assert record["training"] == {"device": "cpu", "world_size": 1, "batch_size_per_process": 8, "autocast": "bfloat16",
+                                  "memory_format": "contiguous", "memory_format_reason": CPU_AUTOCAST_NCHW,
+                                  "checkpoint_every_steps": 0}  # NHWC asked for, NCHW ran: the record says which

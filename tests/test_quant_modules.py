@@ -79,17 +79,22 @@ def test_bn_fold_gradients_match_float_network(mode: str) -> None:
     assert torch.allclose(fused.conv.weight.grad, ref_grad, atol=1e-10)
 
 
-def test_bn_freeze_uses_running_statistics() -> None:
+@pytest.mark.parametrize("mode", ["jacob", "whitepaper", "unfolded"])
+def test_bn_freeze_uses_running_statistics(mode: str) -> None:
+    """A frozen BN (schedule.bn_freeze_step) normalises with its running statistics and leaves them alone, in
+    every fold mode (the unfolded one used batch statistics before)."""
     reference = _float_reference()
     x = torch.randn(6, 3, 10, 10)
-    prepared = prepare(reference, QuantConfig(bn_fold="jacob"), x[:1]).train()
+    prepared = prepare(reference, QuantConfig(bn_fold=mode), x[:1]).train()
     _quantization_off(prepared)
     QuantSchedule(bn_freeze_step=0).apply(prepared, 0)
     for m in prepared.modules():
         if isinstance(m, FakeQuantize):
             m.quantizing = False
+    running = {k: v.clone() for k, v in prepared.state_dict().items() if "running" in k}
     reference.eval()
     assert torch.allclose(prepared(x), reference(x), atol=1e-5)
+    assert all(torch.equal(v, prepared.state_dict()[k]) for k, v in running.items())
 
 
 def test_ema_observer_follows_jacob_update() -> None:

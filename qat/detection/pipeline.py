@@ -299,7 +299,7 @@ def run_detection(cfg: DetectRunConfig, run_dir: str | Path) -> dict[str, Any]:
         **record,
         "latency": latency,
         "host": describe_host(),
-        "training": engine.describe(cfg.train, runtime),
+        "training": engine.describe(cfg.train, runtime, data.train),
         "timing": {**timings, "total_s": time.time() - started},
         "run_dir": str(run_dir.resolve()),
     }

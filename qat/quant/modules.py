@@ -106,8 +106,11 @@ class QConvBnAct(IntegerBias, nn.Module):
             w, b = self.folded_weight_and_bias()
             w_q = self.weight_fq(w)
             y = self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
-        elif self.bn_fold == "unfolded":
-            y = self.bn(self._conv(x, self.weight_fq(self.conv.weight), self.conv.bias))
+        elif self.bn_fold == "unfolded":  # batch norm after the quantized conv; frozen: running statistics
+            bn, training = self.bn, self._use_batch_stats()
+            y = F.batch_norm(self._conv(x, self.weight_fq(self.conv.weight), self.conv.bias), bn.running_mean,
+                             bn.running_var, bn.weight, bn.bias, training, self._momentum() if training else 0.0,
+                             bn.eps)
         elif self.bn_fold == "jacob":
             y = self._forward_jacob(x)
         else:

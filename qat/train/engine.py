@@ -50,6 +50,20 @@ class Task:
     metric: str = "top-1"
 
 
+CPU_AUTOCAST_NCHW = ("NHWC under CPU autocast gave NaN gradients at random in oneDNN's bf16 kernels (SSDLite's "
+                     "small extra layers, torch 2.14.1), so this run trains NCHW")
+
+
+def memory_format(train: TrainSettings, device: torch.device) -> tuple[torch.memory_format, str | None]:
+    """The layout the engine trains in, and why it is not the configured one: ``train.channels_last`` (NHWC),
+    except under CPU autocast (:data:`CPU_AUTOCAST_NCHW`; logged and recorded, never silent)."""
+    if not train.channels_last:
+        return torch.contiguous_format, None
+    if device.type == "cpu" and amp_dtype(train.amp, device) is not None:
+        return torch.contiguous_format, CPU_AUTOCAST_NCHW
+    return torch.channels_last, None
+
+
 def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, optim: OptimConfig, seed: int,
         phase: str, epochs: int, lr: float, lr_key: str, checkpoint: Path,
         before_step: Callable[[int], None] | None = None, tracker: RunLogger | None = None,
@@ -64,7 +78,9 @@ def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, opti
     runtime = runtime or Runtime()
     amp = amp_dtype(train.amp, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type) if amp is torch.float16 else None
-    layout = torch.channels_last if train.channels_last else torch.contiguous_format
+    layout, why = memory_format(train, runtime.device)
+    if why:
+        log.warning("[%s] train.channels_last: %s", phase, why)
     model.to(memory_format=layout)  # parameters (and so optimizer state) in the training layout
     train_model = wrap(model, runtime)
     optimizer = build_optimizer(model, optim, lr)
@@ -142,14 +158,18 @@ def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, opti
     return model.to(memory_format=torch.contiguous_format)  # what follows (conversion, engines) sees NCHW
 
 
-def describe(train: TrainSettings, runtime: Runtime) -> dict[str, Any]:
-    """The record's ``training`` block: how the engine trained (device, processes, autocast dtype, memory format,
-    step checkpoints), resolved as :func:`fit` resolves them, not copied from the config."""
+def describe(train: TrainSettings, runtime: Runtime, loader: Any) -> dict[str, Any]:
+    """The record's ``training`` block: how the engine trained (device, processes, batch size per process read from
+    ``loader``, autocast dtype, memory format, step checkpoints), resolved as :func:`fit` resolves them, not copied
+    from the config."""
     amp = amp_dtype(train.amp, runtime.device)
+    layout, why = memory_format(train, runtime.device)
     return {"device": str(runtime.device), "world_size": runtime.world_size,
+            "batch_size_per_process": getattr(loader, "batch_size", None),
             "autocast": str(amp).removeprefix("torch.") if amp is not None else "none",
-            "memory_format": "channels_last" if train.channels_last else "contiguous",
+            "memory_format": "channels_last" if layout is torch.channels_last else "contiguous",
+            **({"memory_format_reason": why} if why else {}),
             "checkpoint_every_steps": train.checkpoint_every_steps}
 
 
-__all__ = ["Task", "TrainSettings", "describe", "fit"]
+__all__ = ["CPU_AUTOCAST_NCHW", "Task", "TrainSettings", "describe", "fit", "memory_format"]
