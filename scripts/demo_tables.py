@@ -23,9 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from qat.analysis.engines import host_target_line
-from qat.analysis.readme import markdown_table, update_file
-from qat.errors import QatError
-from qat.records import atomic_write_bytes
+from qat.analysis.readme import markdown_table, publish
 
 ENGINE_FIELDS = {"top1": "top-1", "agreement_with_sim": "agreement with simulated (%)",
                  "agreement_with_sim_tie_aware": "ties as agreement (%)",
@@ -93,17 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = head + markdown_table(demo_table(frame), {"drop": "{:.1f}", "float ms": "{:.2f}", "int8 ms": "{:.2f}"})
     fidelity = head + markdown_table(fidelity_table(frame), {ENGINE_FIELDS["logit_max_abs_diff_lsb"]: "{:.0f}",
                                                              ENGINE_FIELDS["logit_mean_abs_diff_lsb"]: "{:.2f}"})
-    atomic_write_bytes(args.results / "demo_table.md", demo.encode())
-    atomic_write_bytes(args.results / "fidelity_table.md", fidelity.encode())
-    if args.readme:
-        try:
-            update_file(args.readme, f"DEMO_TABLE{args.readme_suffix}", demo)
-            update_file(args.readme, f"DEMO_FIDELITY_TABLE{args.readme_suffix}", fidelity)
-        except QatError as exc:
-            print(f"error: {exc.one_line()}", file=sys.stderr)
-            return 2
-    print(demo + "\n" + fidelity)
-    return 0
+    return publish({f"DEMO_TABLE{args.readme_suffix}": (args.results / "demo_table.md", demo),
+                    f"DEMO_FIDELITY_TABLE{args.readme_suffix}": (args.results / "fidelity_table.md", fidelity)},
+                   args.readme)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 
 from qat.analysis.engines import host_target_line
-from qat.analysis.readme import markdown_table, update_file
+from qat.analysis.readme import markdown_table, publish
 from qat.errors import QatError
-from qat.records import atomic_write_bytes
 
 METHOD_LABELS = {"float": "float", "ptq_minmax": "min/max (PTQ)", "ptq_mse": "MMSE (PTQ)",
                  "ptq_minmax+adaquant": "AdaQuant (PTQ)", "ptq_mse+adaquant": "MMSE + AdaQuant (PTQ)",
@@ -81,15 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             "`python scripts/methods_table.py results/methods --readme README.md`. Cells: integer top-1, mean ± "
             "std over seeds (mean change against each seed's float model); † simulated only.\n\n"
             + markdown_table(table))
-    atomic_write_bytes(args.results / "methods_table.md", text.encode())
-    if args.readme:
-        try:
-            update_file(args.readme, "METHODS_TABLE", text)
-        except QatError as exc:
-            print(f"error: {exc.one_line()}", file=sys.stderr)
-            return 2
-    print(text)
-    return 0
+    return publish({"METHODS_TABLE": (args.results / "methods_table.md", text)}, args.readme)
 
 
 if __name__ == "__main__":

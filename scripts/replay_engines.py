@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from qat.analysis.readme import markdown_table, update_file
+from qat.analysis.readme import markdown_table, publish
 from qat.data.imagefolder import build_classification_loaders
 from qat.fidelity import build_engine, output_lsb, tie_aware_agreement
 from qat.intmodel.graph import IntModel
@@ -110,11 +110,7 @@ def _write_tables(table: pd.DataFrame, out: Path, readme: Path | None) -> int:
     """The Markdown table beside the CSV (``.md``) and, with ``readme``, in its REPLAY_TABLE block."""
     text = (f"Replayed runs: {', '.join(dict.fromkeys(map(str, table['run'])))}. Regenerated from `{out}` by "
             f"`python scripts/replay_engines.py --out {out} --tables-only --readme README.md`.\n\n" + markdown(table))
-    atomic_write_bytes(out.with_suffix(".md"), text.encode())
-    if readme:
-        update_file(readme, MARKER, text)
-    print(text + f"wrote {out} and {out.with_suffix('.md')}")
-    return 0
+    return publish({MARKER: (out.with_suffix(".md"), text)}, readme)
 
 
 if __name__ == "__main__":

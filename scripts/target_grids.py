@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from qat.analysis.engines import isa_overrides
-from qat.analysis.readme import markdown_table, update_file
+from qat.analysis.readme import markdown_table, publish
 from qat.analysis.records import load_records
 from qat.records import atomic_write_bytes
 
@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out.with_suffix(".csv"), table.to_csv(index=False).encode())
-    atomic_write_bytes(args.out.with_suffix(".md"), text.encode())
-    if args.readme:
-        update_file(args.readme, MARKER, text)
-    print(text)
-    return 0
+    return publish({MARKER: (args.out.with_suffix(".md"), text)}, args.readme)
 
 
 if __name__ == "__main__":

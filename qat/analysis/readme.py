@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,3 +48,20 @@ def update_file(path: str | os.PathLike[str], marker: str, block: str) -> None:
     """Replace the marked block of the file at ``path`` (atomically)."""
     path = Path(path)
     atomic_write_bytes(path, replace_block(path.read_text(), marker, block).encode())
+
+
+def publish(tables: Mapping[str, tuple[Path, str]], readme: str | os.PathLike[str] | None = None) -> int:
+    """Each ``marker: (md_path, text)`` of ``tables`` written to its ``.md`` file and, with ``readme``, into the
+    README's ``<!-- marker -->`` block, then printed. Returns a script's exit code: 0, or 2 after one ``error:``
+    line when the README lacks a marker (the ``.md`` files are written first)."""
+    for md, text in tables.values():
+        atomic_write_bytes(md, text.encode())
+    if readme is not None:
+        try:
+            for marker, (_, text) in tables.items():
+                update_file(readme, marker, text)
+        except QatError as exc:
+            print(f"error: {exc.one_line()}", file=sys.stderr)
+            return 2
+    print("\n".join(text for _, text in tables.values()))
+    return 0
