@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from qat.quant.fake_quant import FakeQuantize
+from qat.quant.modules import QConvBnAct
 from qat.quant.observers import OBSERVERS, EmaMinMaxObserver, PercentileObserver
 
 
@@ -54,6 +55,9 @@ def describe(model: nn.Module, precision: str = "int8") -> dict[str, Any]:
             "weight_narrow_range": _summary([q.spec.narrow_range for q in weights]),
             "weight_observer": _summary([observer_name(q.observer) for q in weights]),
         })
+    folds = [m.bn_fold for m in model.modules() if isinstance(m, QConvBnAct) and m.bn is not None]
+    if folds:
+        block["bn_fold"] = _summary(folds)
     if acts:
         block.update({
             "act_bits": _summary([q.spec.bits for q in acts]),
