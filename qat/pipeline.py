@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -114,17 +114,15 @@ def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: st
         checkpoint: Path, before_step=None, tracker: RunLogger | None = None,  # type: ignore[no-untyped-def]
         runtime: Runtime | None = None) -> nn.Module:
     """Classification on the training engine (:func:`qat.train.engine.fit`): cross-entropy on ``data.train``,
-    validation top-1 on ``data.val`` for ``train.keep_best``; fine-tuning (QAT) has no learning-rate warm-up."""
+    validation top-1 on ``data.val`` for ``train.keep_best``."""
     runtime = runtime or Runtime()
 
     def validate(trained: nn.Module) -> float:
         _, predicted, targets = predict(trained, data.val, desc=f"val {phase}", device=runtime.device)
         return top1(predicted, targets)
 
-    optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)
     return engine.fit(model, data.train, engine.Task(loss=classification_loss, validate=validate), train=cfg.train,
-                      optim=optim, seed=cfg.seed, phase=phase, epochs=epochs, lr=lr,
-                      lr_key="optim.lr" if phase == "float" else "train.qat_lr", checkpoint=checkpoint,
+                      optim=cfg.optim, seed=cfg.seed, phase=phase, epochs=epochs, lr=lr, checkpoint=checkpoint,
                       before_step=before_step, tracker=tracker, runtime=runtime)
 
 

@@ -74,12 +74,12 @@ class _DivergingDetector(nn.Module):
         return {"bbox_regression": self.w * float("inf"), "classification": self.w}
 
 
-@pytest.mark.parametrize("lr_key", ["optim.lr", "train.qat_lr"])
-def test_detection_divergence_names_the_phase_lr_key(lr_key: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("phase", "lr_key"), [("float", "optim.lr"), ("qat", "train.qat_lr")])
+def test_detection_divergence_names_the_phase_lr_key(phase: str, lr_key: str, tmp_path: Path) -> None:
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     loader = [([torch.zeros(3, 8, 8)], [target])]
     with pytest.raises(QatError) as exc:
         engine.fit(_DivergingDetector(), loader, detection_task(), train=DetectTrainConfig(), optim=OptimConfig(),
-                   seed=0, phase="qat", epochs=1, lr=0.1, lr_key=lr_key, checkpoint=tmp_path / "qat_last.pt")
+                   seed=0, phase=phase, epochs=1, lr=0.1, checkpoint=tmp_path / f"{phase}_last.pt")
     assert _key(exc) == lr_key and f"lower {lr_key}" in exc.value.fix
     assert "no checkpoint had been written yet" in exc.value.fix

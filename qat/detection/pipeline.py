@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -128,12 +128,10 @@ def train_detector(detector: SSDLiteDetector, data: DetectionData, cfg: DetectRu
                    phase: str, epochs: int, lr: float, checkpoint: Path,
                    before_step: Callable[[int], None] | None = None) -> SSDLiteDetector:
     """Detection on the training engine (:func:`qat.train.engine.fit`) on ``runtime.device``; the detector comes
-    back on the CPU, where evaluation, conversion and latency run. Fine-tuning (QAT) has no warm-up."""
+    back on the CPU, where evaluation, conversion and latency run."""
     task = detection_task(data.val, data.val_split.coco, data.val_split.category_ids)
-    optim = cfg.optim if phase == "float" else replace(cfg.optim, warmup_epochs=0.0)
-    engine.fit(detector.to(runtime.device), data.train, task, train=cfg.train, optim=optim, seed=cfg.seed,
-               phase=phase, epochs=epochs, lr=lr, lr_key="optim.lr" if phase == "float" else "train.qat_lr",
-               checkpoint=checkpoint, before_step=before_step, runtime=runtime)
+    engine.fit(detector.to(runtime.device), data.train, task, train=cfg.train, optim=cfg.optim, seed=cfg.seed,
+               phase=phase, epochs=epochs, lr=lr, checkpoint=checkpoint, before_step=before_step, runtime=runtime)
     return detector.cpu()
 
 

@@ -14,7 +14,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,18 +64,24 @@ def memory_format(train: TrainSettings, device: torch.device) -> tuple[torch.mem
     return torch.channels_last, None
 
 
+PHASE_LR_KEYS = {"float": "optim.lr", "qat": "train.qat_lr"}  # the config key of each phase's learning rate
+
+
 def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, optim: OptimConfig, seed: int,
-        phase: str, epochs: int, lr: float, lr_key: str, checkpoint: Path,
+        phase: str, epochs: int, lr: float, checkpoint: Path,
         before_step: Callable[[int], None] | None = None, tracker: RunLogger | None = None,
         runtime: Runtime | None = None) -> nn.Module:
-    """Train ``model`` for ``epochs`` epochs of ``loader`` with ``optim`` at base learning rate ``lr`` (named
-    ``lr_key`` in the error a diverging run gets), resuming from ``checkpoint`` (or its previous copy) when one
-    exists: consumed batches are skipped and the RNG state restored, so a resumed run trains exactly as an
-    uninterrupted one. Every epoch's randomness depends only on (``seed``, epoch). A NaN/Inf loss or weights stop
-    the run with the last good checkpoint kept. Under DDP (``runtime``) every rank trains its shard and rank 0
-    alone writes checkpoints and validates. Returns ``model`` in NCHW memory format."""
+    """Train ``model`` for ``epochs`` epochs of ``loader`` with ``optim`` at base learning rate ``lr`` (the config
+    key :data:`PHASE_LR_KEYS` names for ``phase`` is the one a diverging run's error names; fine-tuning phases
+    have no warm-up), resuming from ``checkpoint`` (or its previous copy) when one exists: consumed batches are
+    skipped and the RNG state restored, so a resumed run trains exactly as an uninterrupted one. Every epoch's
+    randomness depends only on (``seed``, epoch). A NaN/Inf loss or weights stop the run with the last good
+    checkpoint kept. Under DDP (``runtime``) every rank trains its shard and rank 0 alone writes checkpoints and
+    validates. Returns ``model`` in NCHW memory format."""
     tracker = tracker or RunLogger()
     runtime = runtime or Runtime()
+    lr_key = PHASE_LR_KEYS[phase]
+    optim = optim if phase == "float" else replace(optim, warmup_epochs=0.0)  # fine-tuning: no warm-up
     amp = amp_dtype(train.amp, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type) if amp is torch.float16 else None
     layout, why = memory_format(train, runtime.device)
@@ -172,4 +178,4 @@ def describe(train: TrainSettings, runtime: Runtime, loader: Any) -> dict[str, A
             "checkpoint_every_steps": train.checkpoint_every_steps}
 
 
-__all__ = ["CPU_AUTOCAST_NCHW", "Task", "TrainSettings", "describe", "fit", "memory_format"]
+__all__ = ["CPU_AUTOCAST_NCHW", "PHASE_LR_KEYS", "Task", "TrainSettings", "describe", "fit", "memory_format"]
