@@ -3,7 +3,7 @@
 Interleaves float and QAT steps in one process (same data, same threads) and prints the ratio per model
 and BN-folding mode, with torch.ao's ``prepare_qat`` (deprecated eager API) as the peer where it applies.
 
-    .venv/bin/python scripts/bench/qat_overhead.py --resolution 112 --batch 32 --steps 5
+    .venv/bin/python scripts/bench/qat_overhead.py --resolution 112 --batch 32 --steps 5 [--channels-last]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import prepare
+from qat.quant.schedule import QuantSchedule
 
 
 def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -62,14 +63,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="every model and the batch in NHWC (train.channels_last, the pipeline's default)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device).to(memory_format=layout)
     y = torch.randint(0, 10, (args.batch,), device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU thread(s)"
-    print(f"batch {args.batch}, {args.resolution}x{args.resolution}, {where}, w8a8 per-channel; "
+    layout_name = "NHWC" if args.channels_last else "NCHW"
+    print(f"batch {args.batch}, {args.resolution}x{args.resolution}, {where}, {layout_name}, w8a8 per-channel; "
           f"median of {args.steps} interleaved steps")
     print(f"{'model':<14}{'variant':<22}{'ms/step':>10}{'ratio':>8}")
     for name in ("resnet18", "mobilenet_v2"):
@@ -77,6 +82,11 @@ def main() -> None:
         variants: dict[str, nn.Module] = {"float": model}
         for mode in ("jacob", "whitepaper", "unfolded"):
             variants[f"qat bn_fold={mode}"] = prepare(copy.deepcopy(model), QuantConfig(bn_fold=mode), x[:1]).train()
+        frozen = prepare(copy.deepcopy(model), QuantConfig(), x[:1]).train()
+        QuantSchedule(bn_freeze_step=0).apply(frozen, 0)  # BN frozen: one convolution with the running-σ fold
+        variants["qat bn frozen"] = frozen
+        for variant in variants.values():
+            variant.to(memory_format=layout)
         if name == "resnet18":
             peer = torch_ao_peer(copy.deepcopy(model))
             if peer is not None:
