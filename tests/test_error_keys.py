@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qat.detection.config import DetectTrainConfig
-from qat.detection.train import detection_task
+from qat.detection.train import detection_loss
 from qat.errors import QatError
 from qat.quant.config import QuantConfig
 from qat.quant.observers import EmaMinMaxObserver
@@ -79,7 +79,7 @@ def test_detection_divergence_names_the_phase_lr_key(phase: str, lr_key: str, tm
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     loader = [([torch.zeros(3, 8, 8)], [target])]
     with pytest.raises(QatError) as exc:
-        engine.fit(_DivergingDetector(), loader, detection_task(), train=DetectTrainConfig(), optim=OptimConfig(),
-                   seed=0, phase=phase, epochs=1, lr=0.1, checkpoint=tmp_path / f"{phase}_last.pt")
+        engine.fit(_DivergingDetector(), loader, engine.Task(loss=detection_loss), train=DetectTrainConfig(),
+                   optim=OptimConfig(), seed=0, phase=phase, epochs=1, lr=0.1, checkpoint=tmp_path / f"{phase}_last.pt")
     assert _key(exc) == lr_key and f"lower {lr_key}" in exc.value.fix
     assert "no checkpoint had been written yet" in exc.value.fix

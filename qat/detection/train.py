@@ -29,12 +29,9 @@ def detection_loss(device: torch.device, memory_format: torch.memory_format = to
     return loss
 
 
-def detection_task(val: DataLoader | None = None, annotations: dict[str, Any] | None = None,
-                   category_ids: list[int] | None = None) -> Task:
-    """Detection on the training engine; given the validation data, ``train.keep_best`` keeps the weights with the
-    best COCO mAP."""
-    if val is None or annotations is None or category_ids is None:
-        return Task(loss=detection_loss)
+def detection_task(val: DataLoader, annotations: dict[str, Any], category_ids: list[int]) -> Task:
+    """Detection on the training engine: the SSD loss, and the COCO mAP on ``val`` by which ``train.keep_best``
+    keeps the best weights."""
     return Task(loss=detection_loss, metric="mAP",
                 validate=lambda detector: evaluate(detector, val, annotations, category_ids, desc="val")["map"])
 
