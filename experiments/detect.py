@@ -1,4 +1,5 @@
-"""One detection run: SSDLite float -> QAT of backbone + heads -> integer core -> COCO mAP and latency -> record.
+"""One detection run: SSDLite float -> QAT (or PTQ) of backbone + heads -> integer core -> COCO mAP and latency
+-> record, through the same pipeline as experiments/run.py (qat.pipeline.run with the detection task).
 
     python experiments/detect.py experiment=detect_demo                       # synthetic shapes, minutes on CPU
     python experiments/detect.py -m experiment=detect_demo quant=float,w8a8 model.width_mult=0.5,1.0
@@ -14,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
 from _cli import check_overrides, one_line_errors, register_detect_schemas  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from qat.detection.pipeline import run_detection  # noqa: E402
+from qat.app import run_app  # noqa: E402
+from qat.detection.task import DETECTION  # noqa: E402
 
 register_detect_schemas()
 
@@ -25,9 +26,7 @@ register_detect_schemas()
 @hydra.main(version_base="1.3", config_path="../configs", config_name="detect")
 @one_line_errors
 def main(cfg: DictConfig) -> float:
-    config = OmegaConf.to_object(cfg)
-    record = run_detection(config, HydraConfig.get().runtime.output_dir)
-    return float(record["accuracy"]["map"]) if record else float("nan")  # DDP: rank 0 alone has the record
+    return run_app(cfg, DETECTION)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""One classification run, end to end (the spine of the framework):
+"""One run, end to end, for every task (the spine of the framework; the task seam is :mod:`qat.task`):
 
-float model -> (train or load float weights) -> evaluate float -> prepare simulated quantization ->
-calibrate -> QAT fine-tune with the schedule -> evaluate simulated -> convert to the canonical integer
-model -> evaluate it on a real int8 engine -> measure batch-1 latency of float and int8 -> one record.
+data -> model -> float weights (train or reuse) -> evaluate float -> float latency -> prepare the core for
+simulated quantization -> calibrate -> QAT fine-tuning with the schedule, or the PTQ methods -> evaluate
+simulated -> convert the core to the canonical integer model -> every engine's fidelity -> int8 latency ->
+one record. Latency is measured in fresh subprocesses (:mod:`qat.latency.subprocess`). Classification
+(:mod:`qat.classification`) and detection (:mod:`qat.detection.task`) differ only in what the task supplies.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import logging
 import random
+import tempfile
 import time
 import uuid
 from dataclasses import asdict
@@ -23,34 +26,30 @@ import torch
 from torch import nn
 
 from qat import targets
-from qat.data.imagefolder import ClassificationData, build_classification_loaders, check_layout
-from qat.data.synthetic import default_cache_dir, make_demo_dataset
+from qat.classification import CLASSIFICATION, cache_dir, load_data
 from qat.engines import registry
-from qat.errors import NoIntegerForm, QatError, choice_error
-from qat.fidelity import check_engine_names, evaluate_engines, primary_engine
+from qat.errors import NoIntegerForm, choice_error
+from qat.fidelity import check_engine_names, primary_engine
 from qat.intmodel.convert import convert
 from qat.intmodel.graph import IntModel
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
-from qat.models.registry import MODELS, build_model, count_macs
-from qat.ptq.driver import check_method, not_convertible_reason, prepare_and_post_train, record_method
-from qat.quant.config import QuantConfig
+from qat.ptq.apply import run_ptq
+from qat.ptq.driver import check_method, not_convertible_reason, quant_config, record_method
 from qat.quant.prepare import calibration_mode, prepare
 from qat.record_blocks import apply_target, quant_block, saturation_block
 from qat.records import write_record
-from qat.schema import RunConfig
+from qat.task import Evaluation, RunTask, TaskData
 from qat.tracking import RunLogger
 from qat.train import engine
 from qat.train.checkpoint import reuse_or_train
 from qat.train.distributed import Runtime, exact_float32
 from qat.train.distributed import setup as setup_runtime
-from qat.train.loop import classification_loss, predict, top1, top5
 
 log = logging.getLogger("qat")
 
 PRECISIONS = ("float", "int8")
 # latency.engine: torch_native (with latency.backend) or any int8 engine of the registry
 ENGINES = ("auto", "torch_native", *[name for name, e in registry.ENGINES.items() if "int8" in e.precisions])
-DATASETS = ("demo", "imagefolder")
 
 
 def seed_everything(seed: int) -> None:
@@ -59,10 +58,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: Any, task: RunTask = CLASSIFICATION) -> None:
     """Cheap checks of every name and path before any work is done."""
-    if cfg.model.arch not in MODELS:
-        raise choice_error("model.arch", cfg.model.arch, list(MODELS))
+    task.validate(cfg)
     if cfg.quant.precision not in PRECISIONS:
         raise choice_error("quant.precision", cfg.quant.precision, PRECISIONS)
     check_method(cfg.method)
@@ -72,88 +70,56 @@ def validate(cfg: RunConfig) -> None:
     deployment, _ = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)  # refuses what cannot run
     if cfg.quant.precision != "float":
         targets.check_installed(deployment.target, [primary_int8_engine(cfg)])
-    if cfg.data.name not in DATASETS:
-        raise choice_error("data.name", cfg.data.name, DATASETS)
-    if cfg.data.name == "imagefolder":
-        if not cfg.data.root:
-            raise QatError("data.root", "is not set", "give the folder holding train/ and val/")
-        check_layout(cfg.data.root)
 
 
-def cache_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-
-
-def load_data(cfg: RunConfig, distributed: bool = False) -> tuple[ClassificationData, dict[str, Any]]:
-    d = cfg.data
-    if d.name == "demo":
-        root = make_demo_dataset(cache_dir(cfg) / "data", **asdict(d.demo))
-    else:
-        root = Path(str(d.root)).expanduser()
-    data = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.batch_size,
-                                        workers=d.workers, train_crop_scale=tuple(d.train_crop_scale),
-                                        resize_ratio=d.resize_ratio, seed=cfg.seed, distributed=distributed)
-    val = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.eval_batch_size,
-                                       workers=d.workers, resize_ratio=d.resize_ratio, seed=cfg.seed).val
-    data = ClassificationData(data.train, val, data.class_names)
-    info = {"name": d.name, "root": str(root), "num_classes": len(data.class_names),
-            "train_size": len(data.train.dataset), "val_size": len(data.val.dataset)}
-    return data, info
-
-
-def float_key(cfg: RunConfig, data_info: dict[str, Any]) -> str:
+def float_key(cfg: Any, data_info: dict[str, Any], task: RunTask = CLASSIFICATION) -> str:
     """Identity of the float training recipe: same key, same float weights."""
     recipe = {"model": asdict(cfg.model), "data": {**asdict(cfg.data), "root": data_info["root"]},
               "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1,
               "channels_last": cfg.train.channels_last}  # another summation order: other weights
     recipe["model"].pop("weights")
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return task.float_key_prefix + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def fit(model: nn.Module, data: ClassificationData, cfg: RunConfig, *, phase: str, epochs: int, lr: float,
-        checkpoint: Path, before_step=None, tracker: RunLogger | None = None,  # type: ignore[no-untyped-def]
+def fit(model: nn.Module, data: TaskData, cfg: Any, *, phase: str, epochs: int, lr: float, checkpoint: Path,
+        task: RunTask = CLASSIFICATION, before_step=None, tracker: RunLogger | None = None,  # type: ignore[no-untyped-def]
         runtime: Runtime | None = None) -> nn.Module:
-    """Classification on the training engine (:func:`qat.train.engine.fit`): cross-entropy on ``data.train``,
-    validation top-1 on ``data.val`` for ``train.keep_best``."""
+    """``task``'s loss and validation metric on the training engine (:func:`qat.train.engine.fit`)."""
     runtime = runtime or Runtime()
-
-    def validate(trained: nn.Module) -> float:
-        _, predicted, targets = predict(trained, data.val, desc=f"val {phase}", device=runtime.device)
-        return top1(predicted, targets)
-
-    return engine.fit(model, data.train, engine.Task(loss=classification_loss, validate=validate), train=cfg.train,
-                      optim=cfg.optim, seed=cfg.seed, phase=phase, epochs=epochs, lr=lr, checkpoint=checkpoint,
+    return engine.fit(model, data.train, task.train_task(data, runtime), train=cfg.train, optim=cfg.optim,
+                      seed=cfg.seed, phase=phase, epochs=epochs, lr=lr, checkpoint=checkpoint,
                       before_step=before_step, tracker=tracker, runtime=runtime)
 
 
-def float_weights(model: nn.Module, data: ClassificationData, cfg: RunConfig, data_info: dict[str, Any],
-                  run_dir: Path, tracker: RunLogger | None = None, runtime: Runtime | None = None) -> str:
+def float_weights(model: nn.Module, data: TaskData, cfg: Any, run_dir: Path, task: RunTask = CLASSIFICATION,
+                  tracker: RunLogger | None = None, runtime: Runtime | None = None) -> str:
     """Load or train the float weights; return where they came from."""
     if cfg.model.weights:
-        return f"file:{cfg.model.weights}"  # loaded by build_model
+        return f"file:{cfg.model.weights}"  # loaded when the model was built
     return reuse_or_train(
-        model, cache_dir(cfg) / "float" / f"{float_key(cfg, data_info)}.pt", enabled=cfg.train.cache_float,
+        model, cache_dir(cfg) / "float" / f"{float_key(cfg, data.info, task)}.pt", enabled=cfg.train.cache_float,
         write=runtime is None or runtime.is_main,
         train=lambda: fit(model, data, cfg, phase="float", epochs=cfg.train.float_epochs, lr=cfg.optim.lr,
-                          checkpoint=run_dir / "checkpoints" / "float_last.pt", tracker=tracker, runtime=runtime))
+                          checkpoint=run_dir / "checkpoints" / "float_last.pt", task=task, tracker=tracker,
+                          runtime=runtime))
 
 
-def measure_latency(cfg: RunConfig, *, engine: str, precision: str, int_model: Path | None = None,
-                    num_classes: int = 1000) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_latency(cfg: Any, *, engine: str, precision: str, model_fields: dict[str, Any],
+                    int_model: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Latency of the run's float or int8 model measured in a fresh subprocess with fixed threads and CPU
-    affinity (qat.latency.subprocess); returns (latency block, host description of the measuring process).
-    Float models are timed with the run's architecture (weights do not change the work done)."""
+    affinity (:mod:`qat.latency.subprocess`); returns (latency block, host description of the measuring
+    process). ``model_fields`` (the task's :meth:`~qat.task.RunTask.latency_model`) build the model there."""
     lat = cfg.latency
     spec = MeasureSpec(engine=engine, precision=precision, int_model=str(int_model) if int_model else None,
-                       arch=cfg.model.arch, width_mult=cfg.model.width_mult, num_classes=num_classes,
-                       resolution=cfg.model.resolution, batch=lat.batch, threads=lat.threads, warmup=lat.warmup,
-                       repeats=lat.repeats, min_time_s=lat.min_time_s, seed=cfg.seed)
+                       batch=lat.batch, threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
+                       min_time_s=lat.min_time_s, seed=cfg.seed, **model_fields)
     result = measure_in_subprocess(spec)
-    block = {**result["engine"], **result["stats"], "device": "cpu", "threads_in_child": result["child"]}
+    block = {**result["engine"], **result["stats"], **result.get("scopes", {}), "device": "cpu",
+             "threads_in_child": result["child"]}
     return block, result["host"]
 
 
-def model_id(cfg: RunConfig, float_source: str) -> str:
+def model_id(cfg: Any, float_source: str, task: RunTask = CLASSIFICATION) -> str:
     q = cfg.quant
     blob = json.dumps({"model": asdict(cfg.model), "quant": asdict(q), "schedule": asdict(cfg.schedule),
                        "train": asdict(cfg.train), "data": cfg.data.name, "seed": cfg.seed,
@@ -161,44 +127,55 @@ def model_id(cfg: RunConfig, float_source: str) -> str:
                       sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
     tag = "float" if q.precision == "float" else f"w{q.weight_bits}a{q.act_bits}"
-    return f"{cfg.model.arch}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
+    return f"{task.model_name(cfg)}-w{cfg.model.width_mult:g}-r{cfg.model.resolution}-{tag}-{digest}"
 
 
 def metric_name(key: str) -> str:
-    """Tracker name of an accuracy key: top1, top1/float, top1/sim, top1/int, top5, top5/float, ..."""
-    if key in ("top1", "top5"):
-        return key
-    stage, _, kind = key.rpartition("_")
-    return f"{kind}/{stage}"
+    """Tracker name of an accuracy key: top1, top1/float, top1/sim, top1/int, map, map/float, map_50/sim, ..."""
+    for stage in ("float", "sim", "int"):
+        if key.startswith(f"{stage}_"):
+            return f"{key[len(stage) + 1:]}/{stage}"
+    return key
 
 
-def primary_int8_engine(cfg: RunConfig) -> str:
-    """The engine whose int8 accuracy is the run's top-1 (the latency engine)."""
+def primary_int8_engine(cfg: Any) -> str:
+    """The engine whose int8 accuracy is the run's accuracy (the latency engine)."""
     return primary_engine(cfg.latency.engine, cfg.latency.backend, cfg.target.name)
 
 
-def quantize_and_finetune(model: nn.Module, data: ClassificationData, cfg: RunConfig, run_dir: Path,
-                          tracker: RunLogger, runtime: Runtime) -> nn.Module:
-    """Prepare simulated quantization, calibrate the ranges, then QAT fine-tuning with the schedule."""
+def quantize_and_finetune(model: nn.Module, data: TaskData, cfg: Any, run_dir: Path, tracker: RunLogger | None,
+                          runtime: Runtime, task: RunTask = CLASSIFICATION) -> nn.Module:
+    """Prepare simulated quantization of the task's core, calibrate its ranges, then QAT fine-tuning of the whole
+    model with the schedule; returns the prepared core (inside the model the task rebuilt around it)."""
     q = cfg.quant
-    qconfig = QuantConfig(**{k: v for k, v in asdict(q).items() if k not in ("precision", "calibration_batches")})
     example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution, device=runtime.device)
-    prepared = prepare(model, qconfig, example)
+    prepared = prepare(task.core(model), quant_config(q), example)
+    quantized = task.with_core(model, prepared)
     # calibration batches depend on the seed alone, not on what ran before: a resumed run skips float training
     torch.manual_seed(cfg.seed)
-    if data.train.generator is not None:
+    if getattr(data.train, "generator", None) is not None:
         data.train.generator.manual_seed(cfg.seed)
     with calibration_mode(prepared), torch.no_grad():
         for i, (images, _) in enumerate(data.train):
             if i >= q.calibration_batches:
                 break
-            prepared(images.to(runtime.device))
+            prepared(task.core_input(quantized, images, runtime.device))
     sched = cfg.schedule
-    fit(prepared, data, cfg, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
-        checkpoint=run_dir / "checkpoints" / "qat_last.pt",
+    fit(quantized, data, cfg, phase="qat", epochs=cfg.train.qat_epochs, lr=cfg.train.qat_lr,
+        checkpoint=run_dir / "checkpoints" / "qat_last.pt", task=task,
         before_step=lambda step: sched.apply(prepared, step), tracker=tracker, runtime=runtime)
     sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
     return prepared
+
+
+def post_train(model: nn.Module, data: TaskData, cfg: Any, device: torch.device, task: RunTask = CLASSIFICATION
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Prepare simulated quantization of the task's core (a copy; the float model is unchanged) and run the
+    ``ptq`` methods (:func:`qat.ptq.apply.run_ptq`) on training images seen through the evaluation transform;
+    returns the prepared core and the methods' report."""
+    example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution, device=device)
+    prepared = prepare(task.core(model), quant_config(cfg.quant), example)
+    return prepared, run_ptq(prepared, task.calibration_batches(cfg, data, model, device), cfg.ptq)
 
 
 def integer_form(prepared: nn.Module) -> tuple[IntModel | None, str | None]:
@@ -215,111 +192,114 @@ def integer_form(prepared: nn.Module) -> tuple[IntModel | None, str | None]:
         return None, exc.one_line()
 
 
-def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger | None = None) -> dict[str, Any]:
-    """Run the whole pipeline for one config and write ``<run_dir>/record.json``; return the record.
-    ``tracker`` (qat.tracking) receives per-step training metrics, the top-1s and the record."""
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}{key}": value for key, value in metrics.items()}
+
+
+def run(cfg: Any, run_dir: str | Path, task: RunTask = CLASSIFICATION, tracker: RunLogger | None = None
+        ) -> dict[str, Any]:
+    """Run the whole pipeline for one config of ``task`` and write ``<run_dir>/record.json``; return the record.
+    ``tracker`` (qat.tracking) receives per-step training metrics, the accuracies and the record. Under DDP
+    (torchrun, SLURM tasks) every rank trains its shard and only rank 0 evaluates, measures and writes (the
+    others return ``{}``)."""
     tracker = tracker or RunLogger()
     run_dir = Path(run_dir)
     started = time.time()
-    validate(cfg)
+    validate(cfg, task)
     configured_quant = cfg.quant
     cfg, deployment = apply_target(cfg)
     runtime = setup_runtime(cfg.train.device)
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    data, data_info = load_data(cfg, distributed=runtime.distributed)
-    model = build_model(cfg.model.arch, width_mult=cfg.model.width_mult, num_classes=data_info["num_classes"],
-                        resolution=cfg.model.resolution, weights=cfg.model.weights).to(runtime.device)
+    data = task.load_data(cfg, distributed=runtime.distributed)
+    model = task.build_model(cfg, data).to(runtime.device)
     device = runtime.device
     timings: dict[str, float] = {}
+    int8 = cfg.quant.precision != "float"
 
     t = time.time()
-    float_source = float_weights(model, data, cfg, data_info, run_dir, tracker, runtime)
+    float_source = float_weights(model, data, cfg, run_dir, task, tracker, runtime)
     timings["float_train_s"] = time.time() - t
     if not runtime.is_main:  # DDP: the other ranks only train; rank 0 evaluates, measures, writes the record
-        if cfg.quant.precision != "float" and cfg.method == "qat":  # PTQ has no training to share
-            quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime)
+        if int8 and cfg.method == "qat":  # PTQ has no training to share
+            quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime, task)
         return {}
-    float_logits, float_pred, targets = predict(model, data.val, desc="eval float", device=device)
-    accuracy = {"float_top1": top1(float_pred, targets), "float_top5": top5(float_logits, targets)}
-    log.info("[float] top-1 %.2f%%", accuracy["float_top1"])
-
-    float_latency, host = measure_latency(cfg, engine="torch_eager", precision="float",
-                                          num_classes=data_info["num_classes"])
-    log.info("[latency] float %.3f ms (median, batch %d, %d thread(s))", float_latency["median_ms"],
-             cfg.latency.batch, cfg.latency.threads)
+    float_eval = task.evaluate(model, data, "eval float", device)
+    accuracy: dict[str, Any] = _prefixed("float_", float_eval.metrics)
+    log.info("[float] %s", task.headline(float_eval.metrics))
+    primary = primary_int8_engine(cfg)
+    with tempfile.TemporaryDirectory(prefix="qat-latency-") as scratch:
+        float_fields = task.latency_model(cfg, data, model, Path(scratch))
+        float_latency, host = measure_latency(cfg, engine=task.float_latency_engine(cfg, primary),
+                                              precision="float", model_fields=float_fields)
+    log.info("[latency] float %.3f ms (median, batch %d, %d thread(s), %s)", float_latency["median_ms"],
+             cfg.latency.batch, cfg.latency.threads, float_latency["engine"])
     record: dict[str, Any] = {}
-    if cfg.quant.precision == "float":
-        accuracy["top1"], accuracy["top5"] = accuracy["float_top1"], accuracy["float_top5"]
+    final: Evaluation = float_eval
+    status = "ok"
+    if not int8:
+        accuracy.update(float_eval.metrics)
         latency = float_latency
-        quant = {"precision": "float", "weight_bits": 32, "act_bits": 32}
+        quant: dict[str, Any] = {"precision": "float", "weight_bits": 32, "act_bits": 32}
     else:
-        q = cfg.quant
         t = time.time()
         if cfg.method == "ptq":  # post-training methods of cfg.ptq (qat.ptq) instead of QAT fine-tuning
-            prepared, record["ptq"] = prepare_and_post_train(
-                model, q, cfg.ptq, data_root=data_info["root"], resolution=cfg.model.resolution,
-                batch_size=cfg.data.batch_size, resize_ratio=cfg.data.resize_ratio, seed=cfg.seed,
-                workers=cfg.data.workers, device=device)
+            prepared, record["ptq"] = post_train(model, data, cfg, device, task)
             timings["ptq_s"] = time.time() - t
         else:
-            prepared = quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime)
+            prepared = quantize_and_finetune(model, data, cfg, run_dir, tracker, runtime, task)
             timings["qat_train_s"] = time.time() - t
         with exact_float32():
-            sim_logits, sim_pred, _ = predict(prepared, data.val, desc="eval simulated", device=device)
-        accuracy["sim_top5"] = top5(sim_logits, targets)
-        accuracy["sim_top1"] = top1(sim_pred, targets)
-        log.info("[%s] simulated top-1 %.2f%%", cfg.method, accuracy["sim_top1"])
-    reason, int_model = None, None
-    if cfg.quant.precision != "float":
+            simulated = task.evaluate(task.with_core(model, prepared), data, "eval simulated", device)
+        accuracy.update(_prefixed("sim_", simulated.metrics))
+        log.info("[%s] simulated %s", cfg.method, task.headline(simulated.metrics))
+        final = simulated
         int_model, reason = integer_form(prepared)
-    status = "ok"
-    if cfg.quant.precision != "float":
-        calibration = cfg.ptq.calibration_batches if cfg.method == "ptq" else q.calibration_batches
-        quant = quant_block(prepared, cfg, configured_quant, calibration)
+        calibration = cfg.ptq.calibration_batches if cfg.method == "ptq" else cfg.quant.calibration_batches
+        quant = quant_block(prepared, cfg, configured_quant, calibration)  # read back from the evaluated model
         record["target"] = deployment.record()
-    if reason is not None:  # e.g. two-tensor layers (Choukroun §3.3): simulated results only, no top1/top5
-        status = "simulated_only"
-        record["fidelity"] = {"integer_model": f"not convertible: {reason}"}
-        latency = {"engine": "none (simulated only, no integer model)", "median_ms": None}
-        record["latency_float"] = {"engine": "torch_eager", **float_latency}
-        log.warning("[%s] no integer model: %s (the record has simulated accuracy only)", cfg.method, reason)
-    elif int_model is not None:
-        int_model.meta.update({"arch": cfg.model.arch, "width_mult": cfg.model.width_mult,
-                               "resolution": cfg.model.resolution, "num_classes": data_info["num_classes"]})
-        int_model.save(run_dir / "int_model.pt")
-        latency, _ = measure_latency(cfg, engine=primary_int8_engine(cfg), precision="int8",
-                                     int_model=run_dir / "int_model.pt")
-        log.info("[latency] int8 %.3f ms (median)", latency["median_ms"])
-        primary = primary_int8_engine(cfg)
-        record["fidelity"], int_logits = evaluate_engines(int_model, data.val, sim_logits, sim_pred, targets,
-                                                 cfg.latency.eval_engines, primary, cfg.latency.threads)
-        accuracy["int_top1"] = accuracy["top1"] = record["fidelity"]["engines"][primary]["top1"]
-        accuracy["int_top5"] = accuracy["top5"] = top5(int_logits, targets)
-        log.info("[int8] %s top-1 %.2f%%  (agreement with simulated %.2f%%; lowest over engines %.2f%%)",
-                 primary, accuracy["int_top1"], record["fidelity"]["sim_vs_int_top1_agreement"],
-                 record["fidelity"]["min_agreement_with_sim"])
-        if cfg.target.diagnostic_images > 0:
-            record["saturation"] = saturation_block(int_model, (x for x, _ in data.val),
-                                                    cfg.target.diagnostic_images, list(record["fidelity"]["engines"]))
-        record["latency_float"] = {"engine": "torch_eager", **float_latency}
+        record["latency_float"] = float_latency
+        if int_model is None:  # e.g. two-tensor layers (Choukroun §3.3): simulated results only, no top-level
+            status = "simulated_only"
+            record["fidelity"] = {"integer_model": f"not convertible: {reason}"}
+            latency = {"engine": "none (simulated only, no integer model)", "median_ms": None}
+            log.warning("[%s] no integer model: %s (the record has simulated accuracy only)", cfg.method, reason)
+        else:
+            model = model.cpu()
+            int_model.meta.update({"task": task.name, **task.int_meta(cfg, model, data)})
+            int_model.save(run_dir / "int_model.pt")
+            with tempfile.TemporaryDirectory(prefix="qat-latency-") as scratch:
+                latency, _ = measure_latency(cfg, engine=primary, precision="int8", int_model=run_dir / "int_model.pt",
+                                             model_fields=task.latency_model(cfg, data, model, Path(scratch)))
+            log.info("[latency] int8 %.3f ms (median, %s)", latency["median_ms"], primary)
+            record["fidelity"], final = task.fidelity(int_model, prepared, model, data, simulated,
+                                                      list(cfg.latency.eval_engines), primary, cfg.latency.threads)
+            accuracy.update(_prefixed("int_", final.metrics))
+            accuracy.update(final.metrics)
+            if cfg.target.diagnostic_images > 0:
+                cpu = torch.device("cpu")
+                record["saturation"] = saturation_block(
+                    int_model, (task.core_input(model, x, cpu) for x, _ in data.val), cfg.target.diagnostic_images,
+                    list(record["fidelity"]["engines"]))
 
     record = {
         "run_id": f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}",
         "method": record_method(cfg.method, cfg.quant.precision, cfg.ptq),
-        "model_id": model_id(cfg, float_source),
+        "model_id": model_id(cfg, float_source, task),
         "status": status,
+        "task": task.name,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "experiment": cfg.tag,
         "seed": cfg.seed,
-        "model": {"arch": cfg.model.arch, "width_mult": cfg.model.width_mult, "resolution": cfg.model.resolution,
-                  "num_classes": data_info["num_classes"], "params": sum(p.numel() for p in model.parameters()),
-                  "macs": count_macs(model, cfg.model.resolution), "float_source": float_source},
-        "data": data_info,
+        "model": task.record_model(cfg, model, data, float_source),
+        "data": data.info,
         "quant": quant,
         "schedule": asdict(cfg.schedule),
         "accuracy": accuracy,
+        **final.record,
+        **({f"{key}_simulated": value for key, value in simulated.record.items()} if int8 and final is not simulated
+           else {}),
         **record,
         "latency": latency,
         "host": host,
@@ -328,10 +308,21 @@ def run_classification(cfg: RunConfig, run_dir: str | Path, tracker: RunLogger |
         "run_dir": str(run_dir.resolve()),
     }
     path = write_record(run_dir, record)
-    tracker.log_metrics({metric_name(key): value for key, value in accuracy.items()})
+    # a COCO size bucket without objects has no AP (None): nothing to track
+    tracker.log_metrics({metric_name(key): value for key, value in accuracy.items() if value is not None})
     tracker.log_record(record)
-    shown = (f"top-1 {accuracy['top1']:.2f}%" if "top1" in accuracy
-             else f"simulated top-1 {accuracy['sim_top1']:.2f}% (no integer model)")
+    shown = (task.headline(final.metrics) if task.objective in accuracy
+             else f"simulated {task.headline(final.metrics)} (no integer model)")
     log.info("[record] %s  %s  latency %s ms", path, shown,
              "n/a" if latency["median_ms"] is None else f"{latency['median_ms']:.3f}")
     return record
+
+
+def run_classification(cfg: Any, run_dir: str | Path, tracker: RunLogger | None = None) -> dict[str, Any]:
+    """:func:`run` with the classification task."""
+    return run(cfg, run_dir, CLASSIFICATION, tracker)
+
+
+__all__ = ["ENGINES", "PRECISIONS", "cache_dir", "fit", "float_key", "float_weights", "integer_form", "load_data",
+           "measure_latency", "metric_name", "model_id", "post_train", "primary_int8_engine", "quantize_and_finetune",
+           "run", "run_classification", "seed_everything", "validate"]

@@ -354,3 +354,12 @@ def test_every_train_key_of_the_run_app_is_a_train_key_of_the_detect_app() -> No
 def test_detect_app_composes_every_launcher(launcher: str) -> None:
     cfg = compose_app("detect", [f"launcher={launcher}"])
     assert cfg.hydra.launcher._target_ == compose_app("run", [f"launcher={launcher}"]).hydra.launcher._target_
+
+
+def test_the_detect_app_composes_the_run_apps_groups() -> None:
+    """One schema (issue 17): detection has every top-level key of run.py, and the groups where the tasks do not
+    differ compose to the same values."""
+    run_cfg, detect_cfg = compose_app("run", []), compose_app("detect", [])
+    assert set(run_cfg.keys()) <= set(detect_cfg.keys()), sorted(set(run_cfg.keys()) - set(detect_cfg.keys()))
+    for group in ("method", "quant", "schedule", "optim", "ptq", "latency", "target", "logger"):
+        assert detect_cfg[group] == run_cfg[group], group

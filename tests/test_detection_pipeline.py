@@ -17,11 +17,12 @@ from qat.detection.config import (
     SyntheticCocoConfig,
 )
 from qat.detection.models import build_detector
-from qat.detection.pipeline import run_detection
+from qat.detection.task import DETECTION
 from qat.engines.torch_native import build
 from qat.errors import QatError
 from qat.intmodel.convert import convert
 from qat.intmodel.graph import IntModel
+from qat.pipeline import run
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 from qat.schema import LatencyConfig
@@ -32,6 +33,11 @@ from qat.train.loop import OptimConfig
 ROOT = Path(__file__).resolve().parents[1]
 # stated tolerance: the int8 detector's COCO mAP within 5 points of the simulated detector's
 MAP_TOLERANCE = 5.0
+
+
+def run_detection(cfg: DetectRunConfig, run_dir: Path) -> dict:
+    """The one run pipeline with the detection task."""
+    return run(cfg, run_dir, DETECTION)
 
 
 def tiny_config(tmp_path: Path) -> DetectRunConfig:
@@ -236,3 +242,29 @@ def test_detection_trains_in_bf16_autocast_on_the_cpu(tmp_path: Path) -> None:
     assert record["training"] == {"device": "cpu", "world_size": 1, "batch_size_per_process": 8, "autocast": "bfloat16",
                                   "memory_format": "contiguous", "memory_format_reason": CPU_AUTOCAST_NCHW,
                                   "checkpoint_every_steps": 0}  # NHWC asked for, NCHW ran: the record says which
+
+
+def test_ptq_detection_goes_through_the_one_pipeline_tracked_and_timed_in_subprocesses(tmp_path: Path) -> None:
+    """One run pipeline (issue 17): ``method=ptq`` works for detection, the tracker gets its training steps and
+    accuracies, and the whole detector and its integer core are timed in fresh subprocesses."""
+    import csv
+    import os
+
+    from qat.schema import LoggerConfig
+    from qat.tracking import open_logger
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    cfg.method = "ptq"
+    cfg.ptq.calibration_batches = 1
+    run_dir = tmp_path / "run"
+    with open_logger(LoggerConfig(name="csv"), run_dir, config={}, group=None, run_name=None) as tracker:
+        record = run(cfg, run_dir, DETECTION, tracker=tracker)
+    assert record["method"] == "ptq_minmax" and record["task"] == "detection" and "ptq" in record
+    assert record["accuracy"]["map"] == record["accuracy"]["int_map"]
+    for block in (record["latency"], record["latency_float"]):
+        assert block["threads_in_child"]["pid"] != os.getpid()  # measured in a child process
+        assert block["scope"].startswith("detector") and 0 < block["core_median_ms"] <= block["median_ms"]
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    names = {row["key"] for row in rows}
+    assert {"loss", "map/float", "map/sim", "map/int", "map"} <= names, names

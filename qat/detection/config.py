@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qat.detection.synthetic import SYNTH_DEFAULTS
+from qat.ptq.config import PtqConfig
 from qat.quant.schedule import QuantSchedule
-from qat.schema import LatencyConfig, QuantGroup, TrainConfig
+from qat.schema import LatencyConfig, LoggerConfig, QuantGroup, TargetConfig, TrainConfig
 from qat.train.loop import OptimConfig
 
 
@@ -60,8 +61,12 @@ class DetectTrainConfig(TrainConfig):
 
 @dataclass
 class DetectRunConfig:
+    """The classification run's schema (:class:`qat.schema.RunConfig`) with detection's ``model``, ``data`` and
+    ``train`` defaults: every other group is the same one."""
+
     tag: str = "detect"
     seed: int = 0
+    method: str = "qat"  # qat: calibrate + QAT fine-tuning | ptq: the post-training methods of ptq/ only
     cache_dir: str | None = None  # default $QAT_CACHE or ~/.cache/qat
     model: DetectModelConfig = field(default_factory=DetectModelConfig)
     data: DetectDataConfig = field(default_factory=DetectDataConfig)
@@ -70,3 +75,6 @@ class DetectRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: DetectTrainConfig = field(default_factory=DetectTrainConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ptq: PtqConfig = field(default_factory=PtqConfig)  # used when method=ptq

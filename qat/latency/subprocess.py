@@ -37,6 +37,7 @@ from qat.errors import QatError
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 PRECISIONS = ("float", "int8")
+TASKS = ("classification", "detection")
 ENGINE_FILES = {"onnxruntime": ("qat.engines.onnxruntime_qdq", "load"),
                 "executorch_xnnpack": ("qat.engines.executorch_xnnpack", "load_pte")}
 """Engines that can load a compiled file (module, loader): lowering once, measuring at many thread counts."""
@@ -49,7 +50,10 @@ class MeasureSpec:
     engine: str
     precision: str = "int8"
     int_model: str | None = None  # int8: path of a file written by IntModel.save
-    arch: str | None = None  # float: qat.models.build_model arguments
+    # classification: the model alone; detection: the whole detector (the core on the engine, box decoding and
+    # NMS in float around it, qat.detection.latency) and then its core alone ("core_*" statistics)
+    task: str = "classification"
+    arch: str | None = None  # float: qat.models.build_model arguments (detection: the backbone)
     width_mult: float = 1.0
     num_classes: int = 1000
     weights: str | None = None  # float: optional state-dict file (latency does not depend on the values)
@@ -69,6 +73,8 @@ class MeasureSpec:
         from qat.engines.registry import ENGINES, entry
 
         e = entry(self.engine)
+        if self.task not in TASKS:
+            raise QatError("latency.task", f"unknown task {self.task!r}", f"use one of: {', '.join(TASKS)}")
         if self.precision not in PRECISIONS:
             raise QatError("latency.precision", f"unknown value {self.precision!r}", "use float or int8")
         if self.precision not in e.precisions:
@@ -244,7 +250,17 @@ def run_spec(spec: MeasureSpec) -> dict[str, Any]:
     torch.set_num_threads(spec.threads)
     with contextlib.suppress(RuntimeError):  # already set (in-process use after parallel work started)
         torch.set_num_interop_threads(1)
-    fn, example = _build(spec)
+    scopes: dict[str, Any] = {}
+    if spec.task == "detection":
+        from qat.detection.latency import build_for_latency
+
+        fn, example, core, core_example = build_for_latency(spec)
+        core_stats = measure(core, core_example, threads=spec.threads, warmup=spec.warmup, repeats=spec.repeats,
+                             min_time_s=spec.min_time_s).as_dict()
+        scopes = {"scope": "detector (core + float post-processing)",
+                  **{f"core_{name}": value for name, value in core_stats.items()}}
+    else:
+        fn, example = _build(spec)
     stats = measure(fn, example, threads=spec.threads, warmup=spec.warmup, repeats=spec.repeats,
                     min_time_s=spec.min_time_s)
     child = {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
@@ -253,7 +269,7 @@ def run_spec(spec: MeasureSpec) -> dict[str, Any]:
              "env": {name: os.environ.get(name) for name in THREAD_ENV},
              "emulated_bits": bool(getattr(fn, "emulated_bits", False))}
     return {"stats": stats.as_dict(), "engine": engine_info(spec.engine), "child": child, "host": describe_host(),
-            "input_shape": list(example.shape)}
+            "input_shape": list(example.shape), "scopes": scopes}
 
 
 def _child_main(spec_path: str, result_path: str) -> int:

@@ -1,25 +1,21 @@
-"""The run pipeline's post-training branch (``method=ptq``): calibration data, the PTQ methods, the record's
+"""The run pipeline's post-training branch (``method=ptq``): the method key, the record's
 method name, and whether the result has an integer form.
 
-Kept apart from :mod:`qat.pipeline` so the pipeline only chooses between QAT fine-tuning and this step.
+The pipeline (:func:`qat.pipeline.post_train`) prepares the task's core and calls :func:`qat.ptq.apply.run_ptq`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
-from torch import fx, nn
+from torch import fx
 
-from qat.data.calibration import calibration_loader
 from qat.errors import NoIntegerForm, choice_error
-from qat.ptq.apply import methods_tag, run_ptq
+from qat.ptq.apply import methods_tag
 from qat.ptq.config import PtqConfig
 from qat.ptq.two_tensor import check_convertible
 from qat.quant.config import QuantConfig
-from qat.quant.prepare import prepare
 
 RUN_METHODS = ("qat", "ptq")
 
@@ -47,25 +43,6 @@ def quant_config(quant: Any) -> QuantConfig:
     return QuantConfig(**{k: v for k, v in dataclasses.asdict(quant).items() if k in fields})
 
 
-def _on_device(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for images, labels in loader:
-        yield images.to(device), labels
-
-
-def prepare_and_post_train(model: nn.Module, quant: Any, ptq: PtqConfig, *, data_root: str, resolution: int,
-                           batch_size: int, resize_ratio: float, seed: int, workers: int = 0,
-                           device: torch.device | str = "cpu") -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Prepare simulated quantization of ``model`` (a copy; the float model is unchanged) with ``quant`` and run
-    the ``ptq`` methods on it with training images seen through the evaluation transform
-    (:mod:`qat.data.calibration`); return the prepared model and :func:`qat.ptq.apply.run_ptq`'s report."""
-    device = torch.device(device)
-    example = torch.zeros(1, 3, resolution, resolution, device=device)
-    prepared = prepare(model, quant_config(quant), example)
-    loader = calibration_loader(data_root, resolution=resolution, batch_size=batch_size, seed=seed,
-                                resize_ratio=resize_ratio, workers=workers)
-    return prepared, run_ptq(prepared, _on_device(loader, device), ptq)
-
-
 def not_convertible_reason(prepared: fx.GraphModule) -> str | None:
     """Why ``prepared`` has no canonical integer model (a two-tensor layer, Choukroun §3.3), or ``None``."""
     try:
@@ -75,5 +52,5 @@ def not_convertible_reason(prepared: fx.GraphModule) -> str | None:
     return None
 
 
-__all__ = ["RUN_METHODS", "check_method", "not_convertible_reason", "prepare_and_post_train", "quant_config",
+__all__ = ["RUN_METHODS", "check_method", "not_convertible_reason", "quant_config",
            "record_method"]

@@ -36,6 +36,7 @@ from qat.ptq.config import PtqConfig  # noqa: E402
 from qat.quant.config import QuantConfig  # noqa: E402
 from qat.quant.prepare import prepare  # noqa: E402
 from qat.schema import RunConfig  # noqa: E402
+from qat.task import TaskData  # noqa: E402
 from qat.train.loop import predict, top1  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def main() -> None:
                             resolution=cfg.model.resolution)
         cached = cache_dir(cfg) / "float" / f"{float_key(cfg, info)}.pt"
         with tempfile.TemporaryDirectory() as run_dir:
-            source = float_weights(model, data, cfg, info, Path(run_dir))
+            source = float_weights(model, TaskData(data.train, data.val, info), cfg, Path(run_dir))
         print(f"\nMobileNet v2 width {width:g}, {cfg.model.resolution}x{cfg.model.resolution}, float weights: "
               f"{source if source != 'trained' else f'trained {cfg.train.float_epochs} epochs -> {cached}'}")
         _, pred, targets = predict(model.eval(), data.val, desc="float")
