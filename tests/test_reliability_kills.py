@@ -129,11 +129,19 @@ TINY = ["experiment=demo", "model.width_mult=0.35", "quant=w8a8", "train.float_e
         "data.demo.num_classes=4", "data.demo.train_per_class=24", "data.demo.val_per_class=8",
         "data.batch_size=16", "latency.repeats=5", "latency.warmup=1", "latency.min_time_s=0", "train.threads=1",
         "train.cache_float=false", "train.checkpoint_every_steps=1", "logger=csv"]
-FLOAT_STEPS, QAT_STEPS = 2 * 6, 6  # 2 float epochs and 1 QAT epoch of 6 batches (96 images, batch 16)
+TINY_DETECT = ["experiment=detect_demo", "model.width_mult=0.35", "model.resolution=64", "quant=w8a8",
+               "train.float_epochs=2", "train.qat_epochs=1", "data.synthetic.train_images=48",
+               "data.synthetic.val_images=16", "data.synthetic.image_size=64", "data.synthetic.num_categories=3",
+               "data.batch_size=8", "data.eval_batch_size=16", "latency.repeats=5", "latency.warmup=1",
+               "latency.min_time_s=0", "train.threads=1", "train.cache_float=false",
+               "train.checkpoint_every_steps=1", "logger=csv", "target.diagnostic_images=0"]
+# (app, overrides, float steps, QAT steps): 2 float epochs and 1 QAT epoch of 6 batches each
+APPS = {"classification": ("run.py", TINY, 2 * 6, 6), "detection": ("detect.py", TINY_DETECT, 2 * 6, 6)}
 
 
-def _command(run_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "experiments" / "run.py"), *TINY, f"hydra.run.dir={run_dir}"]
+def _command(run_dir: Path, app: str = "classification") -> list[str]:
+    script, overrides, _, _ = APPS[app]
+    return [sys.executable, str(ROOT / "experiments" / script), *overrides, f"hydra.run.dir={run_dir}"]
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -142,13 +150,13 @@ def _env(cache: Path) -> dict[str, str]:
     return env
 
 
-def _progress(metrics: Path) -> int:
+def _progress(metrics: Path, float_steps: int) -> int:
     """Training steps done so far, counted over both phases, from the ``loss`` rows of metrics.csv."""
     if not metrics.exists():
         return 0
     with metrics.open(encoding="utf-8") as handle:
         rows = [row for row in csv.reader(handle) if len(row) == 5 and row[3] == "loss"]
-    return max((int(step) + 1 + (FLOAT_STEPS if phase == "qat" else 0) for _, phase, step, _, _ in rows), default=0)
+    return max((int(step) + 1 + (float_steps if phase == "qat" else 0) for _, phase, step, _, _ in rows), default=0)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -169,11 +177,14 @@ def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app", list(APPS))
+def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_result(app: str, tmp_path: Path) -> None:
+    """Both tasks' apps (one pipeline, one training engine): killed at seeded moments, re-run to the end."""
     torch.set_num_threads(1)
+    _, _, float_steps, qat_steps = APPS[app]
     cache = tmp_path / "cache"
     reference = tmp_path / "reference"
-    done = subprocess.run(_command(reference), cwd=tmp_path, env=_env(cache), capture_output=True, text=True,
+    done = subprocess.run(_command(reference, app), cwd=tmp_path, env=_env(cache), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = json.loads((reference / "record.json").read_text())
@@ -183,14 +194,14 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp
     rng = random.Random(2024)
     # kill i comes a random instant (0-0.4 s) after the run passed a random step: mid-step, mid-checkpoint-write,
     # at start-up (when the previous delay overshot the next step) or after the last step (evaluation, conversion)
-    targets = sorted(rng.sample(range(1, FLOAT_STEPS + QAT_STEPS + 1), 5))
+    targets = sorted(rng.sample(range(1, float_steps + qat_steps + 1), 5))
     outputs, had_checkpoint = [], []
     for target in targets:
         delay = rng.uniform(0.0, 0.4)
         had_checkpoint.append(_has_checkpoint(run_dir))
-        proc = subprocess.Popen(_command(run_dir), cwd=tmp_path, env=_env(cache), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(_command(run_dir, app), cwd=tmp_path, env=_env(cache), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        while proc.poll() is None and _progress(metrics) < target:
+        while proc.poll() is None and _progress(metrics, float_steps) < target:
             time.sleep(0.02)
         time.sleep(delay)
         assert proc.poll() is None, "the run ended before its kill; give it more steps"
@@ -199,7 +210,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp
         assert proc.returncode == -signal.SIGKILL
         assert not (run_dir / "record.json").exists()
     had_checkpoint.append(_has_checkpoint(run_dir))
-    final = subprocess.run(_command(run_dir), cwd=tmp_path, env=_env(cache), capture_output=True, text=True,
+    final = subprocess.run(_command(run_dir, app), cwd=tmp_path, env=_env(cache), capture_output=True, text=True,
                            timeout=300)
     assert final.returncode == 0, final.stderr[-3000:]
     outputs.append(final.stdout + final.stderr)
@@ -221,5 +232,5 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_result(tmp
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
     for phase in ("float", "qat"):
-        steps = FLOAT_STEPS if phase == "float" else QAT_STEPS
+        steps = float_steps if phase == "float" else qat_steps
         assert load_checkpoint(run_dir / "checkpoints" / f"{phase}_last.pt")["step"] == steps
