@@ -1,4 +1,5 @@
-"""A 4-job multirun through hydra-submitit-launcher's local executor, with one job preempted and requeued.
+"""Multiruns through hydra-submitit-launcher's local executor, with one job preempted and requeued
+(classification: 4 jobs; detection: 2).
 
 submitit's protocol: the job process gets USR2 before preemption or its time limit; submitit calls the task's
 ``checkpoint()`` (hydra-submitit-launcher resubmits the same job), the process exits with the requeue code and
@@ -118,3 +119,42 @@ def test_submitit_local_multirun_with_a_preempted_job(tmp_path: Path) -> None:
     assert steps["qat"] == set(range(len(qat_rows))) and len(steps["float"]) == 2 * len(qat_rows)
     assert {r["key"] for r in rows if r["phase"] == "eval"} == {f"top{k}{stage}" for k in (1, 5)
                                                                for stage in ("", "/float", "/sim", "/int")}
+
+
+TINY_DETECT = ["experiment=detect_demo", "model.width_mult=0.35", "model.resolution=64", "quant=w8a8",
+               "train.float_epochs=2", "train.qat_epochs=1", "data.synthetic.train_images=48",
+               "data.synthetic.val_images=16", "data.synthetic.image_size=64", "data.synthetic.num_categories=3",
+               "data.batch_size=8", "data.eval_batch_size=16", "latency.repeats=5", "latency.warmup=1",
+               "latency.min_time_s=0", "train.threads=1", "train.cache_float=false", "logger.log_every=1",
+               "target.diagnostic_images=0"]
+
+
+@pytest.mark.slow
+def test_submitit_local_detection_sweep_with_a_preempted_job(tmp_path: Path) -> None:
+    """The detection app on the same launcher and tracker (issue 17): job 1 (W&B) is preempted during float
+    training, requeued, resumes and continues its W&B run, and ends like its csv twin (job 0)."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "QAT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)
+    cmd = [sys.executable, str(ROOT / "experiments" / "detect.py"), "-m", *TINY_DETECT, "launcher=submitit_local",
+           "logger=csv,wandb", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        preempt_when(sweep / "1" / "detect.log", "[float] epoch 1/2", proc)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    records = {job: json.loads((sweep / str(job) / "record.json").read_text()) for job in range(2)}
+    log = (sweep / "1" / "detect.log").read_text()
+    assert "this job is preempted" in log and "Requeued job" in log and "[float] resuming from" in log
+    assert records[1]["task"] == "detection" and records[1]["accuracy"] == records[0]["accuracy"]
+    a, b = state_dict(sweep / "1"), state_dict(sweep / "0")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    attempts = [summarize(p) for p in sorted((sweep / "1").glob("wandb/offline-run-*/run-*.wandb"))]
+    assert len(attempts) == 2 and attempts[0]["id"] == attempts[1]["id"] and attempts[0]["preempting"]
+    final = attempts[1]
+    assert final["summary"]["map/int"] == records[1]["accuracy"]["int_map"]
+    assert final["config"]["hydra_choices"]["launcher"] == "submitit_local"
+    assert [row["qat/step"] for row in final["history"] if "qat/loss" in row] == list(range(6))
