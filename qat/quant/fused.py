@@ -42,6 +42,7 @@ import torch
 
 from qat.compat.torch_private import fake_quantize_cachemask_tensor_qparams, foreach_add_, foreach_mul, foreach_mul_
 from qat.errors import QatError
+from qat.quant import range_sync
 from qat.quant.observers import EmaMinMaxObserver
 from qat.quant.scheme import QuantSpec
 
@@ -108,8 +109,12 @@ def applies(fq: FakeQuantize, x: torch.Tensor) -> bool:
 
 
 def ema_update(obs: EmaMinMaxObserver, x: torch.Tensor) -> None:
-    """Jacob §3.1: m <- decay·m + (1 - decay)·batch for min and max; the first batch sets the range."""
+    """Jacob §3.1: m <- decay·m + (1 - decay)·batch for min and max; the first batch sets the range. Under
+    :func:`qat.quant.range_sync.synchronized` the batch is the global one (min of the ranks' minima, max of
+    their maxima), as on the unfused path."""
     low, high = torch.aminmax(x.detach())
+    if range_sync.active():
+        low, high = range_sync.combine(low, high, obs.sync)
     if obs.min_val.numel() == 0:
         obs.min_val, obs.max_val = low, high
         return

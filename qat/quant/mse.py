@@ -94,7 +94,15 @@ def _histogram_search(rows: torch.Tensor, spec: QuantSpec, grid: int) -> tuple[t
 
 class MseObserver(MinMaxObserver):
     """Range = MSE-optimal clipping of each batch; per channel for weights, running mean over batches
-    for activations (calibration data)."""
+    for activations (calibration data).
+
+    Under data parallelism (:mod:`qat.quant.range_sync`) the ranks' batch optima of an activation are averaged
+    before the running mean, which then equals (up to float rounding) a single process seeing the ranks'
+    shards as separate batches; the MSE optimum of the concatenated global batch would need its data. The
+    weight search (``running=False``) depends on the weight tensor alone and is not communicated.
+    """
+
+    sync = "mean"
 
     def __init__(self, spec: QuantSpec, per_channel: bool = False, ch_axis: int = 0, grid: int = 100,
                  running: bool = True) -> None:
@@ -102,6 +110,8 @@ class MseObserver(MinMaxObserver):
         self.spec = spec
         self.grid = grid
         self.running = running
+        if not running:
+            self.sync = None
         self.register_buffer("batches", torch.tensor(0))
         self._searched: torch.Tensor | None = None  # last weight tensor searched (not saved)
 
@@ -116,7 +126,7 @@ class MseObserver(MinMaxObserver):
             if self._searched is not None and self._searched.shape == x.shape and torch.equal(self._searched, x):
                 return x
             self._searched = x.detach().clone()
-        low, high = self.batch_range(x)
+        low, high = self.observed_range(x)
         if self.running and self.initialized:
             n = float(self.batches)
             low = (self.min_val * n + low) / (n + 1)

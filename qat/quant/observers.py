@@ -2,6 +2,10 @@
 
 An observer sees tensors and keeps a running real range ``[min_val, max_val]`` (per tensor, or per channel
 along ``ch_axis``). MSE-optimal clipping (Choukroun et al. 2019) lives in :mod:`qat.quant.mse`.
+
+Under data parallelism (:mod:`qat.quant.range_sync`) each observer combines its batch range across the ranks
+before updating (``sync``): min/max-based observers take the global batch's min and max, so every rank holds
+the range a single process computes on the global batch.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import torch
 from torch import nn
 
 from qat.errors import QatError, choice_error
+from qat.quant import range_sync
 from qat.quant.scheme import QuantSpec
 
 
@@ -21,7 +26,13 @@ def _reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
 
 
 class Observer(nn.Module):
-    """Base: buffers ``min_val``/``max_val`` (empty until the first observation)."""
+    """Base: buffers ``min_val``/``max_val`` (empty until the first observation).
+
+    ``sync`` says how the ranks' batch ranges combine under :func:`qat.quant.range_sync.synchronized`
+    (``"extremes"``: global min and max; ``"mean"``; ``None``: not communicated).
+    """
+
+    sync: str | None = "extremes"
 
     def __init__(self, per_channel: bool = False, ch_axis: int = 0) -> None:
         super().__init__()
@@ -41,6 +52,11 @@ class Observer(nn.Module):
         dims = _reduce_dims(x, self.per_channel, self.ch_axis)
         return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
 
+    def observed_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's range; under :func:`qat.quant.range_sync.synchronized`, the ranks' ranges combined."""
+        low, high = self.batch_range(x)
+        return range_sync.combine(low, high, self.sync) if range_sync.active() else (low, high)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         for name in ("min_val", "max_val"):  # buffers start empty: take the saved shape
             if prefix + name in state_dict:
@@ -55,7 +71,7 @@ class CurrentMinMaxObserver(Observer):
     """Min and max of the tensor seen last: for weights, whose range must follow training."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.min_val, self.max_val = self.batch_range(x)
+        self.min_val, self.max_val = self.observed_range(x)
         return x
 
 
@@ -63,7 +79,7 @@ class MinMaxObserver(Observer):
     """Running minimum and maximum over everything seen (post-training calibration)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low, high = self.batch_range(x)
+        low, high = self.observed_range(x)
         if self.initialized:
             low, high = torch.minimum(low, self.min_val), torch.maximum(high, self.max_val)
         self.min_val, self.max_val = low, high
@@ -71,7 +87,14 @@ class MinMaxObserver(Observer):
 
 
 class EmaMinMaxObserver(Observer):
-    """Exponential moving average of batch min/max (Jacob §3.1): m <- decay·m + (1 - decay)·batch."""
+    """Exponential moving average of batch min/max (Jacob et al. 2018 §3.1; Krishnamoorthi 2018 §3.2):
+    m <- decay·m + (1 - decay)·batch, the first batch setting the range.
+
+    Under data parallelism "batch" is the global batch: the ranks' batch minima and maxima are all-reduced
+    (min of minima, max of maxima, :mod:`qat.quant.range_sync`) before the update, so every rank holds the EMA
+    a single process computes on the concatenated global batches, bit for bit, rather than the EMA of a mean
+    of per-rank ranges (which would shrink the range whenever the extremes sit on one rank).
+    """
 
     def __init__(self, per_channel: bool = False, ch_axis: int = 0, decay: float = 0.99,
                  key: str = "quant.ema_decay") -> None:
@@ -81,7 +104,7 @@ class EmaMinMaxObserver(Observer):
         self.decay = decay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low, high = self.batch_range(x)
+        low, high = self.observed_range(x)
         if self.initialized:
             low = self.decay * self.min_val + (1 - self.decay) * low
             high = self.decay * self.max_val + (1 - self.decay) * high
@@ -90,7 +113,12 @@ class EmaMinMaxObserver(Observer):
 
 
 class PercentileObserver(MinMaxObserver):
-    """Running min/max of the batch's lower/upper percentiles (clips outliers; whitepaper §3.1)."""
+    """Running min/max of the batch's lower/upper percentiles (clips outliers; whitepaper §3.1).
+
+    Under data parallelism the ranks' batch percentiles are averaged (the global batch's percentile is not a
+    function of per-rank percentiles; it lies between their minimum and maximum)."""
+
+    sync = "mean"
 
     def __init__(self, per_channel: bool = False, ch_axis: int = 0, percentile: float = 99.99) -> None:
         super().__init__(per_channel, ch_axis)
@@ -129,4 +157,7 @@ def make_observer(name: str, *, per_channel: bool, ch_axis: int, key: str = "qua
         kwargs["decay"] = options["ema_decay"]
     if name == "percentile" and "percentile" in options:
         kwargs["percentile"] = options["percentile"]
-    return cls(per_channel=per_channel, ch_axis=ch_axis, **kwargs)
+    observer = cls(per_channel=per_channel, ch_axis=ch_axis, **kwargs)
+    if weights and name == "current":  # a function of the weight tensor, identical on every DDP rank
+        observer.sync = None
+    return observer

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.errors import QatError, choice_error
+from qat.quant import range_sync
 
 log = logging.getLogger("qat")
 
@@ -86,11 +87,18 @@ def teardown() -> None:
 
 def wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
     """DistributedDataParallel around ``model`` when there are several processes (buffers — BN running
-    statistics — are broadcast from rank 0 at each forward, as in torchvision's reference scripts)."""
+    statistics — are broadcast from rank 0 at each forward, as in torchvision's reference scripts).
+
+    Its construction broadcasts rank 0's parameters and buffers, quantizer ranges included (so ranks start
+    from rank 0's calibration); in each of its forward passes the activation quantizers combine their batch
+    statistics across the ranks (:mod:`qat.quant.range_sync`), so every rank updates the same ranges from the
+    global batch and fake-quantizes with the same (S, Z); the checkpoint rank 0 writes holds them."""
     if not runtime.distributed:
         return model
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    range_sync.install(ddp)
+    return ddp
 
 
 def unwrap(model: nn.Module) -> nn.Module:
