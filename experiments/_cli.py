@@ -1,17 +1,15 @@
-"""Shared bits of the Hydra entry points: schema registration and one-line errors."""
+"""Hydra-specific helpers of the entry points: schema registration, and override checks whose failures are one
+line. The one error wrapper of every app is :func:`qat.errors.one_line_errors` (re-exported here)."""
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from qat.errors import QatError
+from qat.errors import QatError, one_line_errors
 from qat.schema import RunConfig
 from qat.tracking import register_resolvers
 
@@ -31,24 +29,26 @@ def register_detect_schemas() -> None:
     register_resolvers()
 
 
-def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn :class:`QatError` into one line on stderr and exit 2 (a traceback only with QAT_DEBUG=1)."""
+def register_eval_schemas() -> None:
+    """The eval app's typed config (``configs/eval.yaml``: :class:`qat.evaluation.EvalConfig`) and the run
+    schemas its groups use."""
+    from qat.evaluation import EvalConfig
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except QatError as exc:
-            if os.environ.get("QAT_DEBUG"):
-                raise
-            print(f"error: {exc.one_line()}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+    register_schemas()
 
 
-def _hydra_error_line(exc: BaseException, override: str) -> str:
-    """Hydra's multi-line composition error as ``<key>: <problem> (<fix>)``."""
+def register_latency_schemas() -> None:
+    """The latency app's typed config (``configs/latency_app.yaml``: :class:`qat.latency.app.LatencyAppConfig`)
+    and ``${qat_unique:}`` of its sweep directory."""
+    from qat.latency.app import LatencyAppConfig
+
+    ConfigStore.instance().store(name="latency_app_schema", node=LatencyAppConfig)
+    register_resolvers()
+
+
+def _hydra_error(exc: BaseException, override: str) -> QatError:
+    """Hydra's multi-line composition error as one naming the key: ``<key>: <problem> (<fix>)``."""
     from hydra.errors import MissingConfigException
 
     text = str(exc)
@@ -58,20 +58,22 @@ def _hydra_error_line(exc: BaseException, override: str) -> str:
         options = [line.strip() for line in text.split("Available options in", 1)[-1].splitlines()[1:]
                    if line.startswith("\t") and "=" not in line]
         fix = f"choose one of: {', '.join(options)}" if options else "check the config group's name"
-        return f"{key or group}: no option {name!r} (given as {override!r}) ({fix})"
+        return QatError(key or group, f"no option {name!r} (given as {override!r})", fix)
     cause = exc.__cause__ or exc
     detail = str(cause).splitlines()[0] if str(cause).strip() else type(cause).__name__
     key = getattr(cause, "full_key", None) or override.split("=", 1)[0].lstrip("+~")
     fix = "check the spelling against the config tree (configs/) and qat/schema.py"
     if type(cause).__name__ == "ValidationError":
         fix = "give a value of the key's type"
-    return f"{key}: {detail} ({fix})"
+    return QatError(key, detail, fix)
 
 
+@one_line_errors
 def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
     """Compose the config once per given value before Hydra runs, so a wrong group option, a misspelt key or a
     wrong type is one line naming the key (exit 2) instead of Hydra's multi-line report. Sweep values
-    (``a,b``) are each checked with the other overrides at their first value."""
+    (``a,b``) are each checked with the other overrides at their first value; ``QAT_DEBUG=1`` shows Hydra's
+    error."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -82,8 +84,8 @@ def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra's parser errors are reported as one line
-        print(f"error: overrides: {str(exc).splitlines()[0]} (see Hydra's override grammar)", file=sys.stderr)
-        sys.exit(2)
+        raise QatError("overrides", str(exc).splitlines()[0], "see Hydra's override grammar") from exc
+
     def pinned(o, value: str) -> str:  # type: ignore[no-untyped-def]
         return f"{o.get_key_element()}={value}"
 
@@ -102,5 +104,8 @@ def check_overrides(config_name: str, argv: list[str] | None = None) -> None:
             if os.environ.get("QAT_DEBUG"):
                 raise
             culprit = next((t for t in trial if t.split("=", 1)[0].lstrip("+~") in str(exc)), " ".join(trial))
-            print(f"error: {_hydra_error_line(exc, culprit)}", file=sys.stderr)
-            sys.exit(2)
+            raise _hydra_error(exc, culprit) from exc
+
+
+__all__ = ["check_overrides", "one_line_errors", "register_detect_schemas", "register_eval_schemas",
+           "register_latency_schemas", "register_schemas"]

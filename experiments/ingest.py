@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from qat.errors import QatError
-from qat.export.manifest import read_manifest
-from qat.latency.ingest import FORMATS, ingest_file
-from qat.latency.record import latency_filename, write_latency_record
+from qat.errors import ArgumentParser, one_line_errors
+from qat.latency.ingest import FORMATS, ingest_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="tool outputs to ingest")
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--out", required=True, help="results-store directory the records are written into")
@@ -39,38 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def ingest(args: argparse.Namespace) -> list[Path]:
-    """Parse every file, then write every record; returns the written paths."""
-    model_id, engine, batch, extra = args.model_id, args.engine, args.batch, {}
-    if args.manifest:
-        manifest = read_manifest(args.manifest)
-        model_id = model_id or manifest["model_id"]
-        engine = engine or manifest["engine"]
-        batch = batch or int(manifest["input_shape"][0])
-        extra = {"export": {"file": manifest["file"], "sha256": manifest["sha256"], "precision":
-                            manifest["precision"], "resolution": manifest["input_shape"][2:]}}
-    for key, value in (("--threads", args.threads), ("--batch", batch)):
-        if value is not None and value < 1:
-            raise QatError(key, f"{value} is not a positive count", "use 1 or more")
-    records = []
-    for file in args.files:
-        records += ingest_file(file, args.format, model_id=model_id, device=args.device, engine=engine,
-                               threads=args.threads, batch=batch, extra=extra)
-    names = [latency_filename(record) for record in records]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise QatError("files", f"two measurements would both be written as {twice[0]}",
-                       "ingest one file per model, device, engine, threads and batch (or give distinct --device)")
-    return [write_latency_record(record, args.out) for record in records]
-
-
+@one_line_errors(exit=False)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        written = ingest(args)
-    except QatError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return 2
+    written = ingest_files(args.files, args.format, args.out, manifest=args.manifest, model_id=args.model_id,
+                           device=args.device, engine=args.engine, threads=args.threads, batch=args.batch)
     for path in written:
         print(path)
     return 0

@@ -10,150 +10,38 @@ Each measurement runs in a fresh subprocess (threads and CPU affinity fixed, hos
 ``experiments/report.py`` joins with the accuracy records on ``model_id``. Tree mode needs only the run
 directories (record.json, int_model.pt), so it can run on another machine than the training; a model the engine
 cannot run is listed as ``unsupported`` with the reason (stderr and ``jobs-latency-*.json``), never measured on
-another engine. Config: ``configs/latency_app.yaml``.
+another engine. Config: ``configs/latency_app.yaml``; the app itself: ``qat/latency/app.py``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
-from _cli import check_overrides, one_line_errors  # noqa: E402
-from hydra.core.config_store import ConfigStore  # noqa: E402
+from _cli import check_overrides, register_latency_schemas  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from qat.engines.registry import adapter  # noqa: E402
-from qat.errors import QatError  # noqa: E402
-from qat.latency.jobs import Job, float_job, model_job, run_job, tree_jobs  # noqa: E402
-from qat.latency.subprocess import MeasureSpec  # noqa: E402
-from qat.records import atomic_write_bytes  # noqa: E402
-from qat.tracking import register_resolvers  # noqa: E402
+from qat.errors import one_line_errors  # noqa: E402
+from qat.latency import app  # noqa: E402
+from qat.latency.app import LatencyAppConfig, plan  # noqa: E402
 
-
-@dataclass
-class LatencyAppConfig:
-    int_model: str | None = None
-    arch: str | None = None
-    width_mult: float = 1.0
-    num_classes: int = 1000
-    weights: str | None = None
-    tree: str | None = None
-    shard: int = 0
-    num_shards: int = 1
-    model_id: str | None = None
-    engine: str = "torch_native_x86"
-    float_engine: str = "torch_eager"
-    device: str = "cpu"
-    threads: int = 1
-    batch: int = 1
-    resolution: int | None = None
-    warmup: int = 10
-    repeats: int = 50
-    min_time_s: float = 0.5
-    affinity: Any = "auto"
-    seed: int = 0
-    timeout_s: float = 900.0
-    out: str | None = None
-
-
-ConfigStore.instance().store(name="latency_app_schema", node=LatencyAppConfig)
-register_resolvers()  # ${qat_unique:} of the sweep directory
-
-
-def base_spec(cfg: LatencyAppConfig, engine: str, precision: str) -> MeasureSpec:
-    affinity = cfg.affinity if isinstance(cfg.affinity, str) else [int(c) for c in cfg.affinity]
-    return MeasureSpec(engine=engine, precision=precision, width_mult=cfg.width_mult, num_classes=cfg.num_classes,
-                       weights=cfg.weights, resolution=cfg.resolution, batch=cfg.batch, threads=cfg.threads,
-                       warmup=cfg.warmup, repeats=cfg.repeats, min_time_s=cfg.min_time_s, affinity=affinity,
-                       seed=cfg.seed)
-
-
-def plan(cfg: LatencyAppConfig) -> list[Job]:
-    """The jobs of this invocation; bad keys, unknown or missing engines fail here, before any measurement."""
-    chosen = [key for key, value in (("int_model", cfg.int_model), ("arch", cfg.arch), ("tree", cfg.tree)) if value]
-    if len(chosen) != 1:
-        raise QatError("int_model", f"give exactly one of int_model=, arch=, tree= (got {len(chosen) or 'none'})",
-                       "int_model=<file or run dir> | arch=<name> resolution=<px> out=<dir> | tree=<dir>")
-    int_base = base_spec(cfg, cfg.engine, "int8")
-    float_base = base_spec(cfg, cfg.float_engine, "float")
-    if cfg.int_model:
-        jobs = [model_job(cfg.int_model, int_base, model_id=cfg.model_id, out=cfg.out)]
-    elif cfg.arch:
-        jobs = [float_job(cfg.arch, float_base, model_id=cfg.model_id, out=cfg.out)]
-    else:
-        if cfg.model_id:
-            raise QatError("model_id", "tree mode takes each run's own model id", "leave model_id unset")
-        jobs = tree_jobs(cfg.tree or "", int_base, float_base, out=cfg.out, shard=cfg.shard,
-                         num_shards=cfg.num_shards)
-    specs = [job.spec for job in jobs if job.spec is not None]
-    for spec in {(s.engine, s.precision): s for s in specs}.values():
-        try:
-            adapter(spec.engine)  # unknown or not installed: one line, here
-        except QatError as exc:
-            raise app_error(exc, spec) from None
-    for spec in specs:
-        try:
-            spec.check()
-        except QatError as exc:
-            raise app_error(exc, spec) from None
-    return jobs
-
-
-def app_error(exc: QatError, spec: MeasureSpec) -> QatError:
-    """``exc`` with this app's key for the run config's ``latency.*`` key it names (``latency.engine`` is
-    ``engine`` for int8 and ``float_engine`` for float measurements; ``latency.model`` is ``int_model``)."""
-    if exc.key == "latency.engine":
-        key = "engine" if spec.precision == "int8" else "float_engine"
-    elif exc.key == "latency.model":
-        key = "int_model"
-    else:
-        key = exc.key.removeprefix("latency.")
-    return QatError(key, exc.problem, exc.fix)
-
-
-def summary_name(cfg: LatencyAppConfig) -> str:
-    return (f"jobs-latency-{cfg.device}-{cfg.engine}-{cfg.float_engine}-t{cfg.threads}-b{cfg.batch}"
-            f"-shard{cfg.shard}of{cfg.num_shards}.json")
-
-
-@one_line_errors
-def run(cfg: LatencyAppConfig) -> int:
-    """Plan, then measure one job after the other; bad input exits 2 with one line before any measurement."""
-    jobs = plan(cfg)
-    if not cfg.tree:  # one model: its errors are the command's errors
-        path, record = run_job(jobs[0], device=cfg.device, timeout_s=cfg.timeout_s)
-        print(f"{record['model_id']}  {record['engine']}  {record['median_ms']:.3f} ms (median of {record['n']}, "
-              f"p10 {record['p10_ms']:.3f}, p90 {record['p90_ms']:.3f})  -> {path}")
-        return 0
-    summary = []
-    for job in jobs:
-        try:
-            path, record = run_job(job, device=cfg.device, timeout_s=cfg.timeout_s)
-        except QatError as exc:
-            print(f"unsupported: {job.model_id} ({job.source}): {exc.one_line()}", file=sys.stderr)
-            summary.append({"model_id": job.model_id, "source": str(job.source), "status": "unsupported",
-                            "reason": exc.one_line()})
-            continue
-        print(f"{record['model_id']}  {record['engine']}  {record['median_ms']:.3f} ms  -> {path}")
-        summary.append({"model_id": job.model_id, "source": str(job.source), "status": "ok", "record": str(path),
-                        "engine": record["engine"], "median_ms": record["median_ms"]})
-    destination = Path(cfg.out or cfg.tree or ".") / summary_name(cfg)
-    atomic_write_bytes(destination, (json.dumps(summary, indent=1) + "\n").encode())
-    measured = sum(item["status"] == "ok" for item in summary)
-    print(f"{measured} of {len(summary)} models measured; summary -> {destination}")
-    return 0
+register_latency_schemas()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="latency_app")
+@one_line_errors
 def main(dict_cfg: DictConfig) -> int:
-    return run(OmegaConf.to_object(dict_cfg))  # type: ignore[arg-type]
+    return app.run(OmegaConf.to_object(dict_cfg))  # type: ignore[arg-type]
 
+
+run = one_line_errors(app.run)
+"""The app on a typed config, as the command runs it: bad input exits 2 with one line, before any measurement."""
+
+
+__all__ = ["LatencyAppConfig", "main", "plan", "run"]  # the library's, for the script's callers
 
 if __name__ == "__main__":
     check_overrides("latency_app")

@@ -1,4 +1,4 @@
-"""Hydra app: the report, or one paper table beside our runs.
+"""Hydra app: the report, or one paper table beside our runs (``qat/analysis/app.py``).
 
 ``python experiments/report.py records=<runs dir> [out=results/report] [latency_budget_ms=2] [accuracy_drop=1]``
 writes ``results.csv``, ``summary.csv``, ``fidelity.csv``, ``summary.md`` and the figures the data supports (PNG
@@ -12,50 +12,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import check_overrides, one_line_errors  # noqa: E402
 
-from qat.analysis.report import write_paper_table, write_report
-from qat.analysis.tables import get_table
-from qat.errors import QatError
+import hydra  # noqa: E402
+from _cli import check_overrides  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-
-def _number(cfg: DictConfig, key: str) -> float | None:
-    value = cfg.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise QatError(key, f"must be a non-negative number, got {value!r}", f"pass {key}=<number>")
-    return float(value)
-
-
-def run(cfg: DictConfig) -> None:
-    """Resolve paths against the launch directory and write the report or the paper table."""
-    if cfg.get("table") is not None:
-        get_table(str(cfg.table))  # an unknown name fails first, listing the names
-    for key in ("records", "out"):
-        if OmegaConf.is_missing(cfg, key) or not str(cfg[key]).strip():
-            raise QatError(key, "not set", f"pass {key}=<path>")
-    records, out = to_absolute_path(str(cfg.records)), to_absolute_path(str(cfg.out))
-    if cfg.get("table") is not None:
-        where = cfg.get("where")
-        if where is not None and not isinstance(where, DictConfig):
-            raise QatError("where", f"must be a mapping, got {where!r}", "pass 'where={column: value}'")
-        where = OmegaConf.to_container(where, resolve=True) if where is not None else {}
-        write_paper_table(str(cfg.table), records, out, where=where, dataset_filter=bool(cfg.dataset_filter))
-        return
-    write_report(records, out, latency_budget_ms=_number(cfg, "latency_budget_ms"),
-                 accuracy_drop=_number(cfg, "accuracy_drop"))
+from qat.analysis.app import report_app  # noqa: E402
+from qat.errors import one_line_errors  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="report")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    report_app(cfg)
 
 
 if __name__ == "__main__":

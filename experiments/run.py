@@ -13,11 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hydra  # noqa: E402
-from _cli import check_overrides, one_line_errors, register_schemas  # noqa: E402
+from _cli import check_overrides, register_schemas  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from qat.app import run_app  # noqa: E402
 from qat.classification import CLASSIFICATION  # noqa: E402
+from qat.errors import one_line_errors  # noqa: E402
 
 register_schemas()
 

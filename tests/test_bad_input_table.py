@@ -363,3 +363,62 @@ def test_the_detect_app_composes_the_run_apps_groups() -> None:
     assert set(run_cfg.keys()) <= set(detect_cfg.keys()), sorted(set(run_cfg.keys()) - set(detect_cfg.keys()))
     for group in ("method", "quant", "schedule", "optim", "ptq", "latency", "target", "logger"):
         assert detect_cfg[group] == run_cfg[group], group
+
+
+# One bad input per app under experiments/, run as a user would (issue 17 item 4): every app, Hydra and argparse
+# alike, reports it through qat.errors.one_line_errors as one `error:` line on stderr with exit status 2.
+# {x} is the test's tmp dir; a new app must add its cases here (test_every_app_has_a_bad_input_case).
+APP_BAD_INPUT = [
+    ("run", ["model.arch=resnet9000", "hydra.run.dir={x}/run"], "model.arch: unknown value 'resnet9000'"),
+    ("detect", ["model.backbone=vgg16", "hydra.run.dir={x}/run"], "model.backbone: unknown value 'vgg16'"),
+    ("eval", ["checkpoint={x}/missing.pt", "hydra.run.dir={x}/run"], "checkpoint: {x}/missing.pt does not exist"),
+    ("eval", ["hydra.run.dir={x}/run"], "checkpoint: not set"),
+    ("eval", ["checkpiont={x}/w.pt"], "checkpiont: Key 'checkpiont' not in 'EvalConfig'"),
+    ("latency", ["int_model={x}/missing"], "int_model: {x}/missing does not exist"),
+    ("report", ["records={x}/missing", "out={x}/report"], "records: {x}/missing does not exist"),
+    ("collect", ["{x}/missing"], "records: {x}/missing does not exist"),
+    ("collect", [], "records: missing (required)"),
+    ("ingest", ["{x}/missing.txt", "--format", "csv", "--out", "{x}/store"], "{x}/missing.txt: does not exist"),
+    ("ingest", ["{x}/perf.txt", "--format", "nvprof", "--out", "{x}/store"], "--format: invalid choice: 'nvprof'"),
+]
+
+
+def test_every_app_has_a_bad_input_case() -> None:
+    apps = {p.stem for p in (ROOT / "experiments").glob("*.py") if not p.stem.startswith("_")}
+    assert apps == {app for app, _, _ in APP_BAD_INPUT}
+
+
+@pytest.mark.parametrize(("app", "args", "line"), APP_BAD_INPUT,
+                         ids=[f"{app}:{' '.join(args)[:40]}" for app, args, _ in APP_BAD_INPUT])
+def test_every_app_reports_bad_input_as_one_error_line_and_exit_2(app: str, args: list[str], line: str,
+                                                                  tmp_path: Path) -> None:
+    x = str(tmp_path)
+    env = {**os.environ, "QAT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("QAT_DEBUG", None)
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{app}.py"),
+                             *(a.replace("{x}", x) for a in args)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {line.replace('{x}', x)}"), \
+        result.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.csv"))
+
+
+def test_hydra_apps_task_functions_unpickle_without_experiments_on_the_path(tmp_path: Path) -> None:
+    """Launchers that pickle a Hydra app's task function (submitit, cloudpickle) load it in a process where
+    experiments/ is not importable: everything ``main`` refers to, the error wrapper included, comes from qat."""
+    import cloudpickle
+
+    for app in ("run", "detect", "eval", "latency", "report"):
+        task = runpy.run_path(str(ROOT / "experiments" / f"{app}.py"), run_name=f"qat_pickled_{app}")["main"]
+        (tmp_path / f"{app}.pkl").write_bytes(cloudpickle.dumps(task.__wrapped__))  # hydra.main's task function
+    child = ("import pathlib, sys, cloudpickle\n"
+             "assert not any(pathlib.Path(p or '.').resolve().name == 'experiments' for p in sys.path)\n"
+             "for path in sorted(pathlib.Path(sys.argv[1]).glob('*.pkl')):\n"
+             "    task = cloudpickle.loads(path.read_bytes())\n"
+             "    assert callable(task) and task.__wrapped__.__name__ == 'main', path\n"
+             "assert '_cli' not in sys.modules\n"
+             "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", child, str(tmp_path)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

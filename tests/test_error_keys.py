@@ -12,7 +12,7 @@ from torch import nn
 
 from qat.detection.config import DetectTrainConfig
 from qat.detection.train import detection_loss
-from qat.errors import QatError
+from qat.errors import BAD_INPUT, ArgumentParser, QatError, one_line_errors
 from qat.quant.config import QuantConfig
 from qat.quant.observers import EmaMinMaxObserver
 from qat.quant.scheme import QuantSpec, quantize
@@ -83,3 +83,45 @@ def test_detection_divergence_names_the_phase_lr_key(phase: str, lr_key: str, tm
                    optim=OptimConfig(), seed=0, phase=phase, epochs=1, lr=0.1, checkpoint=tmp_path / f"{phase}_last.pt")
     assert _key(exc) == lr_key and f"lower {lr_key}" in exc.value.fix
     assert "no checkpoint had been written yet" in exc.value.fix
+
+
+def _bad(key: str) -> int:
+    raise QatError(key, "is wrong", "fix it")
+
+
+@pytest.mark.parametrize("exits", [True, False])
+def test_one_line_errors_is_one_line_and_status_2(exits: bool, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one error wrapper of every app: Hydra apps exit, argparse apps' ``main(argv) -> int`` return 2."""
+    monkeypatch.delenv("QAT_DEBUG", raising=False)
+    wrapped = one_line_errors(_bad) if exits else one_line_errors(exit=False)(_bad)
+    assert wrapped.__name__ == "_bad"
+    if exits:
+        with pytest.raises(SystemExit) as exit_info:
+            wrapped("data.root")
+        assert exit_info.value.code == BAD_INPUT == 2
+    else:
+        assert wrapped("data.root") == BAD_INPUT
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: data.root: is wrong (fix it)\n"
+    monkeypatch.setenv("QAT_DEBUG", "1")
+    with pytest.raises(QatError, match="^data.root: is wrong"):
+        wrapped("data.root")
+    assert one_line_errors(exit=False)(lambda: 0)() == 0
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    ([], "error: files, --format: missing (required) (see app --help)\n"),
+    (["f", "--format", "x"], "error: --format: invalid choice: 'x' (choose from 'a', 'b') (see app --help)\n"),
+    (["f", "--format", "a", "--threads", "two"], "error: --threads: invalid int value: 'two' (see app --help)\n"),
+    (["f", "--format", "a", "--nope"], "error: arguments: unrecognized arguments: --nope (see app --help)\n"),
+])
+def test_argument_parser_usage_errors_are_one_line(argv: list[str], line: str, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QAT_DEBUG", raising=False)
+    parser = ArgumentParser(prog="app")
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--format", required=True, choices=["a", "b"])
+    parser.add_argument("-t", "--threads", type=int)
+    assert one_line_errors(exit=False)(parser.parse_args)(argv) == 2
+    assert capsys.readouterr().err == line

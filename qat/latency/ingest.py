@@ -40,7 +40,7 @@ from typing import Any
 
 from qat.errors import QatError, choice_error
 from qat.latency.harness import summarize
-from qat.latency.record import latency_record
+from qat.latency.record import latency_filename, latency_record, write_latency_record
 
 _NUMBER = r"([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)"
 CSV_COLUMNS = ("model_id", "device", "engine", "threads", "batch", "ms")
@@ -258,3 +258,35 @@ def ingest_file(path: str | Path, fmt: str, *, model_id: str | None = None, devi
             source={"format": fmt, "file": str(path.resolve()), "line": measured.line}, **measured.extra,
             **(extra or {})))
     return records
+
+
+def ingest_files(files: list[str | Path], fmt: str, out: str | Path, *, manifest: str | Path | None = None,
+                 model_id: str | None = None, device: str | None = None, engine: str | None = None,
+                 threads: int | None = None, batch: int | None = None) -> list[Path]:
+    """The ingest app (``experiments/ingest.py``): parse every file, then write every record into the results
+    store ``out``; returns the written paths. ``manifest`` (a ``qat.export`` directory) gives the model id, engine
+    and batch of the exported file that was run, where not given. Nothing is written when any file is malformed or
+    two measurements would share one record file. Keys of errors are the app's options (``--threads``)."""
+    from qat.export.manifest import read_manifest  # torch and the exporters: only when a manifest is given
+
+    extra: dict[str, Any] = {}
+    if manifest:
+        info = read_manifest(manifest)
+        model_id = model_id or info["model_id"]
+        engine = engine or info["engine"]
+        batch = batch or int(info["input_shape"][0])
+        extra = {"export": {"file": info["file"], "sha256": info["sha256"], "precision": info["precision"],
+                            "resolution": info["input_shape"][2:]}}
+    for key, value in (("--threads", threads), ("--batch", batch)):
+        if value is not None and value < 1:
+            raise QatError(key, f"{value} is not a positive count", "use 1 or more")
+    records = []
+    for file in files:
+        records += ingest_file(file, fmt, model_id=model_id, device=device, engine=engine, threads=threads,
+                              batch=batch, extra=extra)
+    names = [latency_filename(record) for record in records]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise QatError("files", f"two measurements would both be written as {twice[0]}",
+                       "ingest one file per model, device, engine, threads and batch (or give distinct --device)")
+    return [write_latency_record(record, out) for record in records]
