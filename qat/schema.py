@@ -39,6 +39,7 @@ class DataConfig:
     eval_batch_size: int = 250
     workers: int = 0
     train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5  # probability of a horizontal flip of each training image; 0: never (digits, text)
     resize_ratio: float = 0.875
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchvision import transforms
 
 from qat.data import imagefolder, synthetic
 from qat.data.imagefolder import build_classification_loaders, check_layout
@@ -269,3 +270,67 @@ def test_nested_images_count(tiny: Path, tmp_path: Path) -> None:
     for p in list(folder.glob("*.png")):
         os.replace(p, folder / "sub" / p.name)
     assert check_layout(root) == sorted(CLASS_NAMES[:3])
+
+
+# --- augmentation (data.hflip) ---------------------------------------------------------------------------
+
+
+def _flips(transform: object) -> list[object]:
+    return [t for t in transform.transforms if isinstance(t, transforms.RandomHorizontalFlip)]  # type: ignore[attr-defined]
+
+
+def test_hflip_probability_is_config(tiny: Path) -> None:
+    """``data.hflip``: 0 leaves no flip step (the transform is the crop alone, deterministic given its random
+    parameters), 1 flips every image, the default 0.5 is ImageNet's (today's) flip."""
+    image = Image.open(next((tiny / "train").rglob("*.png"))).convert("RGB")
+    never, _ = imagefolder.classification_transforms(16, train_crop_scale=(0.5, 1.0), hflip=0.0)
+    always, _ = imagefolder.classification_transforms(16, train_crop_scale=(0.5, 1.0), hflip=1.0)
+    default, _ = imagefolder.classification_transforms(16)
+    assert not _flips(never) and [f.p for f in _flips(always)] == [1.0] and [f.p for f in _flips(default)] == [0.5]
+    for seed in range(5):  # the crop draws its parameters first: the same seed gives the same crop
+        torch.manual_seed(seed)
+        plain = never(image)
+        torch.manual_seed(seed)
+        assert torch.equal(never(image), plain)
+        torch.manual_seed(seed)
+        flipped = always(image)
+        assert torch.equal(flipped, plain.flip(-1)) and not torch.equal(flipped, plain)
+    train = build_classification_loaders(tiny, resolution=8, batch_size=4, hflip=0.0).train
+    assert not _flips(train.dataset.transform)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(QatError, match=r"^data\.hflip: "):
+            imagefolder.classification_transforms(16, hflip=bad)
+
+
+@pytest.mark.parametrize("data", ["demo", "imagefolder", "imagenet"])
+def test_composed_config_accepts_data_hflip(data: str) -> None:
+    import sys
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from qat.schema import DataConfig, RunConfig
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "experiments"))
+    from _cli import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        default = compose("run", overrides=[f"data={data}", "data.root=/x"])
+        off = compose("run", overrides=[f"data={data}", "data.root=/x", "data.hflip=0"])
+    assert default.data.hflip == DataConfig().hflip == 0.5
+    config = OmegaConf.to_object(off)
+    assert isinstance(config, RunConfig) and config.data.hflip == 0.0
+
+
+@pytest.mark.xfail(strict=True, reason="qat/classification.py load_data does not pass data.hflip to "
+                                       "build_classification_loaders yet (one keyword; that file is owned elsewhere)")
+def test_run_data_uses_data_hflip(tiny: Path) -> None:
+    from qat.classification import load_data
+    from qat.schema import DataConfig, RunConfig
+
+    cfg = RunConfig(data=DataConfig(name="imagefolder", root=str(tiny), batch_size=4, hflip=0.0))
+    cfg.model.resolution = 8
+    data, _ = load_data(cfg)
+    assert not _flips(data.train.dataset.transform)

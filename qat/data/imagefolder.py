@@ -103,13 +103,19 @@ def check_layout(root: str | os.PathLike[str]) -> list[str]:
 
 
 def classification_transforms(
-    resolution: int, *, train_crop_scale: tuple[float, float] = (0.08, 1.0), resize_ratio: float = 0.875
+    resolution: int, *, train_crop_scale: tuple[float, float] = (0.08, 1.0), resize_ratio: float = 0.875,
+    hflip: float = 0.5,
 ) -> tuple[transforms.Compose, transforms.Compose]:
-    """ImageNet-style (train, val) transforms: random-resized crop + flip; resize + centre crop."""
+    """ImageNet-style (train, val) transforms: random-resized crop (``data.train_crop_scale``) + horizontal flip
+    with probability ``hflip`` (``data.hflip``; 0: no flip step at all); resize + centre crop."""
+    if not 0.0 <= hflip <= 1.0:
+        raise QatError("data.hflip", f"{hflip} is not a probability in [0, 1]",
+                       "0.5 flips half the training images (ImageNet); 0 never (digits, text)")
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    flip = [transforms.RandomHorizontalFlip(hflip)] if hflip > 0 else []
     train = transforms.Compose([
         transforms.RandomResizedCrop(resolution, scale=train_crop_scale),
-        transforms.RandomHorizontalFlip(),
+        *flip,
         transforms.ToTensor(),
         normalize,
     ])  # fmt: skip
@@ -130,10 +136,12 @@ def build_classification_loaders(
     workers: int = 0,
     train_crop_scale: tuple[float, float] = (0.08, 1.0),
     resize_ratio: float = 0.875,
+    hflip: float = 0.5,
     seed: int = 0,
     distributed: bool = False,
 ) -> ClassificationData:
-    """Train and val loaders over ``<root>/{train,val}/<class>/*``.
+    """Train and val loaders over ``<root>/{train,val}/<class>/*``; training images are augmented by
+    :func:`classification_transforms` (random-resized crop, horizontal flip with probability ``hflip``).
 
     The train loader shuffles with a generator seeded by ``seed`` (or a seeded ``DistributedSampler`` when
     ``distributed``; call ``sampler.set_epoch`` each epoch) and drops the last partial batch when there is
@@ -151,7 +159,7 @@ def build_classification_loaders(
     classes = check_layout(root)
     root = Path(root).expanduser()
     train_tf, val_tf = classification_transforms(
-        resolution, train_crop_scale=train_crop_scale, resize_ratio=resize_ratio
+        resolution, train_crop_scale=train_crop_scale, resize_ratio=resize_ratio, hflip=hflip
     )
     train_set = ImageFolder(str(root / "train"), transform=train_tf, loader=read_image)
     val_set = ImageFolder(str(root / "val"), transform=val_tf, loader=read_image)
