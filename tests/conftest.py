@@ -70,3 +70,49 @@ def for_this_host(config):  # type: ignore[no-untyped-def]
     from qat.targets import constrain, resolve
 
     return constrain(config, resolve("auto")[0])[0]
+
+
+# --- tiny runs: the apps' overrides that make a whole run take seconds on 2 cores ------------------------------
+
+TINY_CLASSIFICATION: dict[str, object] = {
+    "experiment": "demo", "model.width_mult": 0.35, "data.demo.num_classes": 4, "data.demo.train_per_class": 24,
+    "data.demo.val_per_class": 8, "data.batch_size": 16, "train.float_epochs": 2, "train.qat_epochs": 1,
+    "latency.repeats": 5, "latency.warmup": 1, "latency.min_time_s": 0, "train.threads": 1}
+"""``experiments/run.py``: MobileNet v2 x0.35 on 4 demo classes (96 training images: 6 batches of 16)."""
+
+TINY_DETECTION: dict[str, object] = {
+    "experiment": "detect_demo", "model.width_mult": 0.35, "model.resolution": 64, "data.synthetic.train_images": 48,
+    "data.synthetic.val_images": 16, "data.synthetic.image_size": 64, "data.synthetic.num_categories": 3,
+    "data.batch_size": 8, "data.eval_batch_size": 16, "train.float_epochs": 2, "train.qat_epochs": 1,
+    "latency.repeats": 5, "latency.warmup": 1, "latency.min_time_s": 0, "train.threads": 1,
+    "target.diagnostic_images": 0}
+"""``experiments/detect.py``: SSDLite MobileNet v2 x0.35 at 64 px on 3 synthetic categories (6 batches of 8)."""
+
+
+def overrides(base: dict[str, object], changes: dict[str, object] | None = None) -> list[str]:
+    """Hydra overrides ``key=value`` of ``base`` updated with ``changes`` (each key once; a change to ``None``
+    drops the key, leaving the config's own value)."""
+    merged = {**base, **(changes or {})}
+    return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in merged.items()
+            if value is not None]
+
+
+# --- tiny networks ------------------------------------------------------------------------------------------
+
+class TinyResidualNet(torch.nn.Module):
+    """Conv-BN-ReLU stem, pooling (``pool``, max-pool 2 by default), a residual block (conv-BN-``act``-conv-BN,
+    add, ReLU), global average pool, linear to 10 classes: the integer model's common ops at 8 channels."""
+
+    def __init__(self, pool: torch.nn.Module | None = None, act: type[torch.nn.Module] = torch.nn.ReLU) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = pool or nn.MaxPool2d(2)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(),
+                                   nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem(x))
+        return self.head(torch.relu(x + self.block(x)))

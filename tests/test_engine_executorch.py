@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import for_this_host
+from conftest import TinyResidualNet, for_this_host
 from torch import nn
 
 from qat.engines import executorch_xnnpack as et
@@ -20,22 +20,6 @@ from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
 
 warnings.filterwarnings("ignore", message=".*experimental.*")
-
-
-class Tiny(nn.Module):
-    """Conv+BN+ReLU, max-pool, residual add+ReLU, global average pool, linear: every IntModel op but cat."""
-
-    def __init__(self, pool: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.pool = pool or nn.MaxPool2d(2)
-        self.conv2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
-        self.relu = nn.ReLU()
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pool(self.conv1(x))
-        return self.head(self.relu(self.conv2(y) + y))
 
 
 def _int_model(model: nn.Module, x: torch.Tensor, config: QuantConfig | None = None) -> IntModel:
@@ -82,7 +66,7 @@ def resnet(images: torch.Tensor) -> tuple[IntModel, et.Lowered]:
 def tiny_w4a4() -> tuple[IntModel, et.ExecutorchProgram]:
     torch.manual_seed(0)
     x = torch.randn(32, 3, 16, 16)
-    int_model = _int_model(_with_data_bn_statistics(Tiny(), x), x,
+    int_model = _int_model(_with_data_bn_statistics(TinyResidualNet(), x), x,
                            QuantConfig(weight_bits=4, act_bits=4, act_observer="minmax"))
     return int_model, et.build_int(int_model, threads=1)
 
@@ -153,9 +137,10 @@ def test_every_int8_layer_is_delegated_to_xnnpack_int8_kernels(arch: str, reques
 def test_float_model_on_xnnpack_equals_torch(tmp_path) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 3, 16, 16)
-    model = _with_data_bn_statistics(Tiny(), x)
+    model = _with_data_bn_statistics(TinyResidualNet(), x)
     engine = et.build_float(model, x[:1], threads=1)
-    assert et.describe(engine)["xnn_nodes"]["XNNConv2d(fp32,fp32->fp32)"] == 2
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert et.describe(engine)["xnn_nodes"]["XNNConv2d(fp32,fp32->fp32)"] == convs  # every conv delegated
     with torch.no_grad():
         expected = model(x)
     assert torch.allclose(engine(x), expected, atol=1e-4, rtol=0)
@@ -206,14 +191,14 @@ def test_models_the_engine_cannot_run_are_clear_errors(tmp_path) -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 3, 16, 16)
     with pytest.raises(QatError, match=r"engine: input: 16-bit activations do not fit XNNPACK"):
-        et.build_int(_int_model(Tiny(), x, QuantConfig(act_bits=16, act_observer="minmax")))
-    with pytest.raises(QatError, match=r"engine: conv1_0: XNNPACK needs symmetric weights"):
-        et.build_int(_int_model(Tiny(), x, QuantConfig(weight_symmetric=False, act_observer="minmax")))
+        et.build_int(_int_model(TinyResidualNet(), x, QuantConfig(act_bits=16, act_observer="minmax")))
+    with pytest.raises(QatError, match=r"engine: stem_0: XNNPACK needs symmetric weights"):
+        et.build_int(_int_model(TinyResidualNet(), x, QuantConfig(weight_symmetric=False, act_observer="minmax")))
     with pytest.raises(QatError, match=r"engine: pool: XNNPACK has int8 average pooling only as a global mean"):
-        et.build_int(_int_model(Tiny(nn.AvgPool2d(2)), x))
+        et.build_int(_int_model(TinyResidualNet(nn.AvgPool2d(2)), x))
     # XNNPACK's max pool needs stride <= kernel: found after lowering, named, never run in portable kernels
     with pytest.raises(QatError, match=r"engine: pool \(aten.max_pool2d.*not delegated to XNNPACK's int8"):
-        et.build_int(_int_model(Tiny(nn.MaxPool2d(1, stride=2)), x))
+        et.build_int(_int_model(TinyResidualNet(nn.MaxPool2d(1, stride=2)), x))
     with pytest.raises(QatError, match="engine.pte: .* is not an ExecuTorch program"):
         et.load_pte(b"not a program at all")
     with pytest.raises(QatError, match="engine.pte: .* does not exist"):

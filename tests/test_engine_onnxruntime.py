@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
-from conftest import for_this_host
+from conftest import TinyResidualNet, for_this_host
 from torch import nn
 
 from qat.engines import onnxruntime_qdq, registry
@@ -165,25 +165,9 @@ def test_activations_wider_than_8_bits_are_refused(mobilenet_v2) -> None:
         onnxruntime_qdq.build_int(wide)
 
 
-class TinyNet(nn.Module):
-    """Conv-BN-ReLU, max-pool, a residual block with add and ReLU, global average pool, linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.pool = nn.MaxPool2d(2)
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
-                                   nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.stem(x))
-        return self.head(torch.relu(x + self.block(x)))
-
-
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
-    model = TinyNet().eval()
+    model = TinyResidualNet(act=nn.ReLU6).eval()
     for bn in model.modules():
         if isinstance(bn, nn.BatchNorm2d):  # non-trivial statistics so that folding matters
             bn.running_mean.uniform_(-0.5, 0.5)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from conftest import TinyResidualNet
 
 from qat.errors import QatError
 from qat.export import MANIFEST_NAME, MANIFEST_SCHEMA, export_model, verify_export
@@ -21,27 +21,11 @@ from qat.quant.prepare import calibration_mode, prepare
 torch.set_num_threads(1)
 
 
-class SmallNet(nn.Module):
-    """Conv-BN-ReLU, max-pool, a residual block, global average pool, linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.pool = nn.MaxPool2d(2)
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                                   nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.stem(x))
-        return self.head(torch.relu(x + self.block(x)))
-
-
 @pytest.fixture(scope="module")
 def int_model() -> IntModel:
     torch.manual_seed(0)
     x = torch.randn(16, 3, 16, 16)
-    prepared = prepare(SmallNet(), QuantConfig(act_observer="minmax"), x[:1])
+    prepared = prepare(TinyResidualNet(), QuantConfig(act_observer="minmax"), x[:1])
     with calibration_mode(prepared), torch.no_grad():
         prepared(x)
     return convert(prepared)
@@ -66,7 +50,7 @@ def test_int8_onnx_export_round_trip(int_model, tmp_path) -> None:
 
 def test_float_onnx_export_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
-    model = SmallNet().eval()
+    model = TinyResidualNet().eval()
     out = export_model("onnxruntime", model, tmp_path, "smallnet-float", example=torch.randn(1, 3, 16, 16))
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["precision"] == "float32" and manifest["bits"]["min_bits"] == 32
@@ -124,7 +108,7 @@ def test_failed_export_leaves_nothing(int_model, tmp_path) -> None:
         export_model("onnxruntime", wide, tmp_path / "export", "m")
     assert not (tmp_path / "export").exists()
     with pytest.raises(QatError, match="export.example: a float module needs an example input"):
-        export_model("onnxruntime", SmallNet(), tmp_path / "export", "m")
+        export_model("onnxruntime", TinyResidualNet(), tmp_path / "export", "m")
     assert not (tmp_path / "export").exists()
 
 

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CLASSIFICATION, TINY_DETECTION, overrides
 
 from qat.tracking.offline import summarize
 from qat.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["experiment=demo", "model.width_mult=0.35", "train.float_epochs=2", "train.qat_epochs=1",
-        "data.demo.num_classes=4", "data.demo.train_per_class=24", "data.demo.val_per_class=8",
-        "data.batch_size=16", "latency.repeats=20", "latency.warmup=3", "latency.min_time_s=0",
-        "train.threads=1", "train.cache_float=false", "logger.log_every=1"]
+TINY = overrides(TINY_CLASSIFICATION, {"latency.repeats": 20, "latency.warmup": 3, "train.cache_float": False,
+                                        "logger.log_every": 1})
 PREEMPTED = 3  # job 3 of quant={float,w8a8} x logger={csv,wandb}: w8a8 with W&B; job 2 is its csv twin
 
 
@@ -121,12 +120,7 @@ def test_submitit_local_multirun_with_a_preempted_job(tmp_path: Path) -> None:
                                                                for stage in ("", "/float", "/sim", "/int")}
 
 
-TINY_DETECT = ["experiment=detect_demo", "model.width_mult=0.35", "model.resolution=64", "quant=w8a8",
-               "train.float_epochs=2", "train.qat_epochs=1", "data.synthetic.train_images=48",
-               "data.synthetic.val_images=16", "data.synthetic.image_size=64", "data.synthetic.num_categories=3",
-               "data.batch_size=8", "data.eval_batch_size=16", "latency.repeats=5", "latency.warmup=1",
-               "latency.min_time_s=0", "train.threads=1", "train.cache_float=false", "logger.log_every=1",
-               "target.diagnostic_images=0"]
+TINY_DETECT = overrides(TINY_DETECTION, {"quant": "w8a8", "train.cache_float": False, "logger.log_every": 1})
 
 
 @pytest.mark.slow

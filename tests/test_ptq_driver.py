@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import load_eval_app
+from conftest import TINY_CLASSIFICATION, load_eval_app, overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -23,8 +23,7 @@ from qat.schema import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ["data.demo.num_classes=4", "data.demo.train_per_class=24", "data.demo.val_per_class=8"]
-TINY = ["experiment=demo", "model.width_mult=0.35", "train.float_epochs=1", *TINY_DATA, "data.batch_size=16",
-        "latency.repeats=5", "latency.warmup=1", "latency.min_time_s=0", "train.threads=1"]
+TINY = overrides(TINY_CLASSIFICATION, {"train.float_epochs": 1})
 PTQ = ["method=ptq", "ptq=adaquant", "ptq.adaquant_iterations=2", "ptq.adaquant_batch=8",
        "ptq.calibration_batches=1", "quant=w4a8"]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CLASSIFICATION, TINY_DETECTION, overrides
 
 from qat.errors import QatError
 from qat.train.checkpoint import (
@@ -125,18 +126,10 @@ def test_checkpoint_written_before_checksums_still_loads(tmp_path: Path) -> None
 
 # --- the Hydra app killed at random moments ------------------------------------------------------------------
 
-TINY = ["experiment=demo", "model.width_mult=0.35", "quant=w8a8", "train.float_epochs=2", "train.qat_epochs=1",
-        "data.demo.num_classes=4", "data.demo.train_per_class=24", "data.demo.val_per_class=8",
-        "data.batch_size=16", "latency.repeats=5", "latency.warmup=1", "latency.min_time_s=0", "train.threads=1",
-        "train.cache_float=false", "train.checkpoint_every_steps=1", "logger=csv"]
-TINY_DETECT = ["experiment=detect_demo", "model.width_mult=0.35", "model.resolution=64", "quant=w8a8",
-               "train.float_epochs=2", "train.qat_epochs=1", "data.synthetic.train_images=48",
-               "data.synthetic.val_images=16", "data.synthetic.image_size=64", "data.synthetic.num_categories=3",
-               "data.batch_size=8", "data.eval_batch_size=16", "latency.repeats=5", "latency.warmup=1",
-               "latency.min_time_s=0", "train.threads=1", "train.cache_float=false",
-               "train.checkpoint_every_steps=1", "logger=csv", "target.diagnostic_images=0"]
+KILLABLE = {"quant": "w8a8", "train.cache_float": False, "train.checkpoint_every_steps": 1, "logger": "csv"}
 # (app, overrides, float steps, QAT steps): 2 float epochs and 1 QAT epoch of 6 batches each
-APPS = {"classification": ("run.py", TINY, 2 * 6, 6), "detection": ("detect.py", TINY_DETECT, 2 * 6, 6)}
+APPS = {"classification": ("run.py", overrides(TINY_CLASSIFICATION, KILLABLE), 2 * 6, 6),
+        "detection": ("detect.py", overrides(TINY_DETECTION, KILLABLE), 2 * 6, 6)}
 
 
 def _command(run_dir: Path, app: str = "classification") -> list[str]:

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CLASSIFICATION, overrides
 
 from qat.engines.torch_native import build
 from qat.intmodel.graph import IntModel
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["experiment=demo", "model.width_mult=0.35", "train.float_epochs=2", "train.qat_epochs=1",
-        "data.demo.num_classes=4", "data.demo.train_per_class=24", "data.demo.val_per_class=8",
-        "data.batch_size=16", "latency.repeats=20", "latency.warmup=3", "latency.min_time_s=0"]
+TINY = overrides(TINY_CLASSIFICATION, {"latency.repeats": 20, "latency.warmup": 3, "train.threads": None})
 
 
 def run_app(args: list[str], tmp_path: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
