@@ -45,7 +45,8 @@ def load_data(cfg: Any, distributed: bool = False) -> tuple[ClassificationData, 
         root = Path(str(d.root)).expanduser()
     data = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.batch_size,
                                         workers=d.workers, train_crop_scale=tuple(d.train_crop_scale),
-                                        resize_ratio=d.resize_ratio, seed=cfg.seed, distributed=distributed)
+                                        resize_ratio=d.resize_ratio, hflip=d.hflip, seed=cfg.seed,
+                                        distributed=distributed)
     val = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.eval_batch_size,
                                        workers=d.workers, resize_ratio=d.resize_ratio, seed=cfg.seed).val
     data = ClassificationData(data.train, val, data.class_names)

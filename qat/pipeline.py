@@ -35,6 +35,7 @@ from qat.intmodel.graph import IntModel
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.ptq.apply import run_ptq
 from qat.ptq.driver import check_method, not_convertible_reason, quant_config, record_method
+from qat.quant import range_sync
 from qat.quant.prepare import calibration_mode, prepare
 from qat.record_blocks import apply_target, quant_block, saturation_block
 from qat.records import write_record
@@ -155,7 +156,9 @@ def quantize_and_finetune(model: nn.Module, data: TaskData, cfg: Any, run_dir: P
     torch.manual_seed(cfg.seed)
     if getattr(data.train, "generator", None) is not None:
         data.train.generator.manual_seed(cfg.seed)
-    with calibration_mode(prepared), torch.no_grad():
+    # under DDP every rank calibrates on its shard and the ranges combine across ranks (qat.quant.range_sync):
+    # the calibrated ranges are those of one process on the global batches
+    with calibration_mode(prepared), torch.no_grad(), range_sync.synchronized():
         for i, (images, _) in enumerate(data.train):
             if i >= q.calibration_batches:
                 break

@@ -324,8 +324,6 @@ def test_composed_config_accepts_data_hflip(data: str) -> None:
     assert isinstance(config, RunConfig) and config.data.hflip == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="qat/classification.py load_data does not pass data.hflip to "
-                                       "build_classification_loaders yet (one keyword; that file is owned elsewhere)")
 def test_run_data_uses_data_hflip(tiny: Path) -> None:
     from qat.classification import load_data
     from qat.schema import DataConfig, RunConfig
