@@ -2,18 +2,24 @@
 
 Float images enter, are quantized once at the input boundary (like TFLite's QUANTIZE op; the rounding is
 torch's ``nearbyint(x · (1/S))`` so that it matches the simulation and PyTorch's kernels), and every op after
-that is integer arithmetic on int32 values held in int64 tensors:
+that computes exactly what integer arithmetic computes (codes travel as float32, exact up to 2^24):
 
-* conv2d / linear (Jacob eq. 7-9): acc = Σ (q_in - Z_in)(q_w - Z_w) + bias, in int64 and checked to fit int32;
-  then ``MultiplyByQuantizedMultiplier(acc, M0, -n)`` per output channel, + Z_out, clamp to the fused
-  activation's range (TFLite ``reference_integer_ops::ConvPerChannel``; Jacob §2.4 for ReLU as a clamp).
+* conv2d / linear (Jacob eq. 7-9): acc = Σ (q_in - Z_in)(q_w - Z_w) + bias, an int32 accumulator; then
+  ``MultiplyByQuantizedMultiplier(acc, M0, -n)`` per output channel, + Z_out, clamp to the fused activation's
+  range (TFLite ``reference_integer_ops::ConvPerChannel``; Jacob §2.4 for ReLU as a clamp).
 * add: TFLite's quantized ADD — inputs shifted left by L, rescaled by their multipliers, summed, requantized.
 * cat: each input (q - Z_i)·2^L requantized by S_i/S_out·2^-L with the same primitive.
 * average pool: integer sum, divided with rounding half away from zero (TFLite ``AveragePool``); max pool,
   flatten: integer max and reshape.
 
-Logits leave through the only other float step, r = S(q - Z). Values outside int32 are a QatError naming the
-layer (gemmlowp assumes accumulators never overflow), never a silent float fallback.
+Exact and fast: the sums of integer products run in float GEMMs (oneDNN/BLAS), exact because a bound per layer
+from its input grid and its integer weights, max|q_in - Z_in| · Σ_k |q_w - Z_w|, caps every partial sum
+(:class:`AccumulatorPlan`: float32 below 2^24, else the input split into float32 digits, else float64 below
+2^53), with transform algorithms and reduced-precision modes switched off (:func:`exact_float_kernels`).
+Requantization is gemmlowp's arithmetic as one int64 floor division
+(:class:`qat.intmodel.gemmlowp.FixedPointConstants`). Accumulators that may leave int32 are checked: values
+outside int32 are a QatError naming the layer (gemmlowp assumes accumulators never overflow), never a silent
+float fallback.
 
 ``accumulation="pair16"`` emulates x86 int8 kernels without VNNI: conv (groups 1) and linear layers sum
 uint8 × int8 product pairs in saturating int16 before int32 (:mod:`qat.intmodel.saturation`), so a VNNI or ARM
@@ -26,7 +32,9 @@ RoundingDivideByPOT: two roundings); ``rounding="single"`` is TFLite built with 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +42,13 @@ from torch import nn
 
 from qat.errors import QatError
 from qat.intmodel.gemmlowp import (
+    INT32_MAX,
+    apply_multiplier,
     check_int32,
+    fixed_point_constants,
+    fixed_point_multiply,
     multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_single_rounding,
-    saturating_cast,
 )
 from qat.intmodel.graph import IntModel, IntNode, TensorQ, as_pair
 from qat.intmodel.saturation import is_pair16_layer, saturated_accumulator
@@ -47,6 +58,34 @@ Requantizer = Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor | int], t
 ROUNDINGS: dict[str, Requantizer] = {"double": multiply_by_quantized_multiplier,
                                      "single": multiply_by_quantized_multiplier_single_rounding}
 ACCUMULATIONS = ("int32", "pair16")  # exact int32 (Jacob eq. 7) | x86 without VNNI (16-bit pair sums)
+VALUES = torch.float32  # the executor's container of integer codes: exact for grids up to 2^24
+FLOAT32_EXACT = 2**24  # float32 holds every integer of magnitude <= 2^24 (24-bit significand)
+FLOAT64_EXACT = 2**53
+MAX_DIGITS = 3  # float32 convolutions per layer before one float64 convolution is cheaper (measured: 3-11x)
+CHUNK_ELEMENTS = 1 << 17  # int64 block of the requantization arithmetic (1 MiB: cache-resident)
+TABLE_ENTRIES = 1 << 18  # add: code pairs tabulated (two 8-bit or 9-bit grids), 1 MiB of float32
+
+
+@contextmanager
+def exact_float_kernels() -> Iterator[None]:
+    """Float kernels whose sums of integer products are exact below 2^24 (float32) / 2^53 (float64).
+
+    Direct and GEMM convolutions add exact products in some order, and every partial sum is bounded by the sum
+    of |products|. Transform algorithms (NNPACK's and cuDNN's Winograd/FFT) and reduced-precision modes (TF32,
+    oneDNN's bf16 fpmath) are not exact, so they are switched off while the reference runs.
+    """
+    precisions = (torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul, torch.backends.cuda.matmul)
+    saved = [p.fp32_precision for p in precisions], torch.backends.cudnn.enabled
+    for p in precisions:
+        p.fp32_precision = "ieee"
+    torch.backends.cudnn.enabled = False
+    try:
+        with torch.backends.nnpack.flags(enabled=False):
+            yield
+    finally:
+        for p, value in zip(precisions, saved[0], strict=True):
+            p.fp32_precision = value
+        torch.backends.cudnn.enabled = saved[1]
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -54,25 +93,41 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.to(torch.int64).reshape([1, -1] + [1] * (ndim - 2))
 
 
+def batch_chunks(t: torch.Tensor) -> Iterator[tuple[slice, ...]]:
+    """Index blocks of about :data:`CHUNK_ELEMENTS` elements: whole images, or row bands of one image when an image
+    is larger (contiguous in channels-last memory). Int64 temporaries of a block stay in cache and in the
+    allocator's heap instead of streaming through memory once per operation."""
+    if t.dim() == 4 and t.shape[0] and t[0].numel() > CHUNK_ELEMENTS:
+        band = max(1, CHUNK_ELEMENTS // max(1, t.shape[1] * t.shape[3]))
+        for image in range(t.shape[0]):
+            for top in range(0, t.shape[2], band):
+                yield slice(image, image + 1), slice(None), slice(top, top + band)
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, t[0].numel())) if t.shape[0] else 1
+    for start in range(0, t.shape[0], step):
+        yield (slice(start, start + step),)
+
+
+def empty_codes(shape: torch.Size | list[int], device: torch.device) -> torch.Tensor:
+    """An uninitialised code tensor: channels-last when 4-d (oneDNN's fast layout; exactness is order-free)."""
+    if len(shape) == 4:
+        return torch.empty(shape, dtype=VALUES, device=device, memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=VALUES, device=device)
+
+
 def quantize_input(x: torch.Tensor, out: TensorQ) -> torch.Tensor:
     """q = clamp(nearbyint(x · float32(1/S)) + Z, qmin, qmax): the one float → integer step (Jacob eq. 1)."""
     inv_scale = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(out.scale, dtype=torch.float32)
-    q = torch.round(x.to(torch.float32) * inv_scale).to(torch.int64) + out.zero_point
-    return saturating_cast(q, out.qmin, out.qmax).to(torch.int32)
+    codes = empty_codes(x.shape, x.device)
+    for rows in batch_chunks(x):
+        q = torch.round(x[rows].to(torch.float32) * inv_scale).to(torch.int64).add_(out.zero_point)
+        codes[rows] = q.clamp_(out.qmin, out.qmax)
+    return codes
 
 
 def dequantize_output(q: torch.Tensor, q_params: TensorQ) -> torch.Tensor:
     """r = S (q - Z) in float32 (Jacob eq. 1), the exit from the integer domain."""
     return (q.to(torch.int64) - q_params.zero_point).to(torch.float32) * q_params.scale
-
-
-def requantize(acc: torch.Tensor, node: IntNode, mbqm: Requantizer) -> torch.Tensor:
-    """int32 accumulator → output grid: MBQM per channel, + Z_out, clamp (Jacob eq. 7 and §2.4)."""
-    assert node.out is not None
-    m0 = _channel_view(node.tensors["multiplier"], acc.dim())
-    shift = _channel_view(node.tensors["shift"], acc.dim())
-    q = mbqm(acc, m0, shift) + node.out.zero_point
-    return saturating_cast(q, int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"])).to(torch.int32)
 
 
 def _check_accumulator(acc: torch.Tensor, node: IntNode) -> None:
@@ -82,91 +137,277 @@ def _check_accumulator(acc: torch.Tensor, node: IntNode) -> None:
                        "use fewer weight/activation bits or smaller ranges for this layer")
 
 
-def _matmul_operands(node: IntNode, in_q: TensorQ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(q_w - Z_w) and bias as int64, and Z_in: the zero-point terms of Jacob eq. 7 folded into operands."""
+def largest_code(grid: TensorQ, offset: int) -> int:
+    """max |q - offset| over a grid (offset Z: the largest input factor of Jacob eq. 7's products)."""
+    return max(abs(grid.qmin - offset), abs(grid.qmax - offset))
+
+
+@dataclass(frozen=True)
+class AccumulatorPlan:
+    """How a conv/linear layer's Σ (q_in - Z_in)(q_w - Z_w) is computed exactly in floating point.
+
+    ``bound`` = max|GEMM input| · max over output channels of Σ_k |q_w - Z_w|: no partial sum of any summation
+    order exceeds it. Below 2^24 one float32 GEMM is exact; otherwise the input is split into ``digits``
+    base-2^``digit_bits`` digits (each convolved in float32 with its own bound below 2^24, then recombined in
+    int64), or, when more than :data:`MAX_DIGITS` would be needed, one float64 GEMM (exact below 2^53).
+    """
+
+    dtype: torch.dtype
+    digits: int
+    digit_bits: int
+    bound: int
+    int32_safe: bool  # |Σ| + |bias| <= 2^31 - 1 in every channel: the int32 check cannot fail
+
+    def describe(self) -> str:
+        if self.dtype == torch.float64:
+            return "float64"
+        return "float32" if self.digits == 1 else f"float32 x{self.digits} digits"
+
+
+def _digit_range(x_max: int, digits: int, bits: int) -> int:
+    """The largest |digit| when |x| <= x_max is split into ``digits`` base-2^bits digits (the top one signed)."""
+    if digits == 1:
+        return x_max
+    top = -(-x_max // (1 << (bits * (digits - 1))))  # floor(-x_max / 2^k) = -ceil(x_max / 2^k)
+    return max(top, (1 << bits) - 1)
+
+
+def plan_accumulator(name: str, x_max: int, centred_max: int, w_centred: torch.Tensor,
+                     bias: torch.Tensor) -> AccumulatorPlan:
+    """The cheapest exact float form of a layer's GEMM over inputs |x| <= ``x_max`` with these integer weights;
+    ``centred_max`` = max|q_in - Z_in| and ``bias`` bound the int32 accumulator Σ (q_in - Z_in)(q_w - Z_w) + b."""
+    row_sums = w_centred.abs().flatten(1).sum(1)
+    w_sum = int(row_sums.max()) if row_sums.numel() else 0
+    bound = x_max * w_sum
+    worst = int((centred_max * row_sums + bias.abs()).max()) if row_sums.numel() else 0
+    safe = worst <= INT32_MAX
+    for digits in range(1, MAX_DIGITS + 1):
+        for bits in range(1, max(2, x_max.bit_length() + 1)):
+            if _digit_range(x_max, digits, bits) * w_sum < FLOAT32_EXACT:
+                return AccumulatorPlan(torch.float32, digits, bits if digits > 1 else 0, bound, safe)
+    if bound < FLOAT64_EXACT:
+        return AccumulatorPlan(torch.float64, 1, 0, bound, safe)
+    raise QatError("intmodel", f"layer {name}: accumulators can reach {bound} >= 2^53, beyond exact float64 sums "
+                   "(and far beyond int32)", "use fewer weight/activation bits for this layer")
+
+
+def split_digits(x: torch.Tensor, plan: AccumulatorPlan) -> list[torch.Tensor]:
+    """x = Σ_j 2^(d·j) · digit_j, lowest digit first: digits in [0, 2^d), the top one signed (floor division)."""
+    parts, rest, base = [], x, float(1 << plan.digit_bits)
+    for _ in range(plan.digits - 1):
+        high = torch.floor(rest * (1.0 / base))
+        parts.append(torch.add(rest, high, alpha=-base))
+        rest = high
+    return [*parts, rest]
+
+
+def combine_digits(sums: list[torch.Tensor], plan: AccumulatorPlan) -> torch.Tensor:
+    """Σ_j 2^(d·j) · sums_j in int64 (the exact accumulator)."""
+    acc = sums[-1].to(torch.int64)
+    for part in reversed(sums[:-1]):
+        acc.mul_(1 << plan.digit_bits).add_(part.to(torch.int64))
+    return acc
+
+
+class Requantize:
+    """Accumulator → output codes: MBQM per output channel, + Z_out, clamp (Jacob eq. 7 and §2.4; TFLite
+    ``ConvPerChannel``), with gemmlowp's roundings as one fixed-point floor division
+    (:class:`qat.intmodel.gemmlowp.FixedPointConstants`). ``bias`` (int64 per channel) is folded into the
+    rounding constant as b·M0, for accumulators known to fit int32 with it. The accumulator is overwritten."""
+
+    def __init__(self, node: IntNode, rounding: str, ndim: int, bias: torch.Tensor | None = None) -> None:
+        assert node.out is not None
+        view = [1, -1] + [1] * (ndim - 2)
+        m0, shift = node.tensors["multiplier"].to(torch.int64), node.tensors["shift"].to(torch.int64)
+        self.constants = fixed_point_constants(m0.reshape(view), shift.reshape(view), rounding)
+        self.extra = None if bias is None else (bias.to(torch.int64) * m0).reshape(view)
+        self.low, self.high = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"])
+        self.zero_point = node.out.zero_point
+        self.relu_like = self.low >= self.zero_point
+
+    def can_fold_bias(self) -> bool:
+        return self.constants.left is None
+
+    def __call__(self, acc: torch.Tensor) -> torch.Tensor:
+        """int64 accumulator → int64 output codes."""
+        y = fixed_point_multiply(acc, self.constants, saturate_input=False, extra_offset=self.extra,
+                                 negatives_clamped=self.relu_like, reuse_input=True)
+        return y.add_(self.zero_point).clamp_(self.low, self.high)
+
+
+def _centred_weight(node: IntNode) -> torch.Tensor:
+    """q_w - Z_w (int64): the weight factor of Jacob eq. 7's products."""
     w = node.tensors["weight"].to(torch.int64)
-    w_zp = node.tensors["weight_zero_point"].to(torch.int64).reshape([-1] + [1] * (w.dim() - 1))
-    return w - w_zp, node.tensors["bias"].to(torch.int64), in_q.zero_point
+    return w - node.tensors["weight_zero_point"].to(torch.int64).reshape([-1] + [1] * (w.dim() - 1))
 
 
-def pair16_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
+class MatmulKernel:
+    """Integer conv2d / linear: exact float GEMMs per :class:`AccumulatorPlan`, then :class:`Requantize`
+    (TFLite ``ConvPerChannel`` / ``FullyConnected``), batch chunk by batch chunk.
+
+    A padded convolution's input is centred, q - Z_in, before its zero padding, so that padding is real 0.0
+    (Jacob §2.1); without padding the GEMM takes q and -Z_in·Σ_k (q_w - Z_w) joins the bias (Jacob eq. 8's
+    zero-point term), which saves a pass over the input.
+    """
+
+    def __init__(self, node: IntNode, in_q: TensorQ, rounding: str) -> None:
+        self.node = node
+        w = _centred_weight(node)
+        a = node.attrs
+        self.conv_args = (as_pair(a["stride"]), as_pair(a["padding"]), as_pair(a["dilation"]), a["groups"]) \
+            if node.op == "conv2d" else None
+        padded = self.conv_args is not None and any(self.conv_args[1])
+        self.offset = in_q.zero_point if padded else 0
+        bias = node.tensors["bias"].to(torch.int64)
+        self.plan = plan_accumulator(node.name, largest_code(in_q, self.offset),
+                                     largest_code(in_q, in_q.zero_point), w, bias)
+        bias = bias + (self.offset - in_q.zero_point) * w.flatten(1).sum(1)
+        self._weights = {w.device: w.to(self.plan.dtype)}
+        ndim = 4 if self.conv_args is not None else 2
+        requant = Requantize(node, rounding, ndim)
+        # b·M0 joins the rounding constant when every int64 step provably stays in range (all factors < 2^31)
+        self.fold = (self.plan.int32_safe and requant.can_fold_bias() and self.plan.bound <= INT32_MAX
+                     and int(bias.abs().max()) <= INT32_MAX) if bias.numel() else False
+        self.requantize = Requantize(node, rounding, ndim, bias) if self.fold else requant
+        self.bias = _channel_view(bias, ndim)
+
+    def _weight(self, device: torch.device) -> torch.Tensor:
+        if device not in self._weights:
+            self._weights[device] = next(iter(self._weights.values())).to(device)
+        return self._weights[device]
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._weight(x.device)
+        if self.conv_args is None:
+            return F.linear(x, w)
+        return F.conv2d(x, w, None, *self.conv_args)
+
+    def sums(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The float GEMMs of the plan's digits of q - offset (one tensor unless the input is split)."""
+        x = x.to(self.plan.dtype)
+        if self.offset:
+            x = x - self.offset
+        if self.plan.digits == 1:
+            return [self._gemm(x)]
+        return [self._gemm(d) for d in split_digits(x, self.plan)]
+
+    def accumulator(self, sums: list[torch.Tensor], rows: slice) -> torch.Tensor:
+        """The int32 accumulator of a batch chunk in int64, without the bias where it is folded."""
+        acc = combine_digits([s[rows] for s in sums], self.plan)
+        if not self.fold:
+            acc.add_(_on_device(self.bias, acc))
+            if not self.plan.int32_safe:
+                _check_accumulator(acc, self.node)
+        return acc
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sums = self.sums(x)
+        codes = empty_codes(sums[0].shape, sums[0].device)
+        for rows in batch_chunks(sums[0]):
+            codes[rows] = self.requantize(self.accumulator(sums, rows))
+        return codes
+
+
+def _on_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.device == like.device else t.to(like.device)
+
+
+def pair16_kernel(node: IntNode, in_q: TensorQ, rounding: str) -> Kernel:
     """Conv/linear as an x86 kernel without VNNI computes it: 16-bit saturating pair sums, then int32."""
+    requant = Requantize(node, rounding, 4 if node.op == "conv2d" else 2)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         acc = saturated_accumulator(x, node, in_q)
         _check_accumulator(acc, node)
-        return requantize(acc, node, mbqm)
+        return requant(acc).to(VALUES)
 
     return run
 
 
-def conv2d_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
-    """Integer convolution: torch's int64 convolution (exact integer GEMM) on zero-centred inputs.
-
-    Subtracting Z_in before padding makes the zero padding equal real 0.0 (Jacob §2.1).
-    """
-    w, bias, z_in = _matmul_operands(node, in_q)
-    a = node.attrs
-    stride, padding, dilation, groups = as_pair(a["stride"]), as_pair(a["padding"]), as_pair(a["dilation"]), a["groups"]
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        acc = F.conv2d(x.to(torch.int64) - z_in, w, None, stride, padding, dilation, groups)
-        acc = acc + bias.reshape(1, -1, 1, 1)
-        _check_accumulator(acc, node)
-        return requantize(acc, node, mbqm)
-
-    return run
-
-
-def linear_kernel(node: IntNode, in_q: TensorQ, mbqm: Requantizer) -> Kernel:
-    """Integer fully connected layer: one int64 matmul, bias, requantization (TFLite FullyConnected)."""
-    w, bias, z_in = _matmul_operands(node, in_q)
-    w_t = w.t().contiguous()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        acc = (x.to(torch.int64) - z_in) @ w_t + bias
-        _check_accumulator(acc, node)
-        return requantize(acc, node, mbqm)
-
-    return run
-
-
-def add_kernel(node: IntNode, in_qs: list[TensorQ], mbqm: Requantizer) -> Kernel:
-    """TFLite quantized ADD (reference_ops::AddElementwise): headroom shift, per-input and output multipliers."""
-    assert node.out is not None
+def _rescaled_inputs(node: IntNode, in_qs: list[TensorQ], rounding: str,
+                     extra_shift: int = 0) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Input i of an add/cat as (q - Z_i)·2^L, rescaled by its multiplier (M0_i, n_i + ``extra_shift``)."""
     left = int(node.attrs["left_shift"])
     in_m0, in_shift = node.tensors["input_multiplier"], node.tensors["input_shift"]
-    out_m0, out_shift = int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0])
-    low, high, z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), node.out.zero_point
+    constants = [fixed_point_constants(int(in_m0[i]), int(in_shift[i]) + extra_shift, rounding)
+                 for i in range(len(in_qs))]
 
-    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.int64)
-        for i, x in enumerate((a, b)):
-            shifted = torch.bitwise_left_shift(x.to(torch.int64) - in_qs[i].zero_point, left)
-            total = total + mbqm(shifted, int(in_m0[i]), int(in_shift[i]))
-        q = mbqm(total, out_m0, out_shift) + z_out
-        return saturating_cast(q, low, high).to(torch.int32)
+    def rescale(i: int, x: torch.Tensor) -> torch.Tensor:
+        shifted = x.to(torch.int64, copy=True).sub_(in_qs[i].zero_point).bitwise_left_shift_(left)
+        return apply_multiplier(shifted, constants[i], reuse_input=True)
 
-    return run
+    return rescale
 
 
-def cat_kernel(node: IntNode, in_qs: list[TensorQ], mbqm: Requantizer) -> Kernel:
-    """Concatenation: each input requantized to the output grid, (q - Z_i)·2^L · (S_i/S_out)·2^-L + Z_out."""
-    assert node.out is not None
-    left = int(node.attrs["left_shift"])
-    in_m0, in_shift = node.tensors["input_multiplier"], node.tensors["input_shift"]
-    low, high, z_out, dim = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), node.out.zero_point, \
-        int(node.attrs["dim"])
+def grid_codes(grid: TensorQ) -> torch.Tensor:
+    """Every code of a grid, qmin..qmax (int64)."""
+    return torch.arange(grid.qmin, grid.qmax + 1, dtype=torch.int64)
 
-    def run(*xs: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for i, x in enumerate(xs):
-            shifted = torch.bitwise_left_shift(x.to(torch.int64) - in_qs[i].zero_point, left)
-            q = mbqm(shifted, int(in_m0[i]), int(in_shift[i]) + left) + z_out
-            parts.append(saturating_cast(q, low, high))
-        return torch.cat(parts, dim).to(torch.int32)
 
-    return run
+def gather_codes(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] elementwise in index's layout: one gather from a cache-resident table (index_select over a
+    flat view of channels-last or contiguous memory)."""
+    if index.dim() == 4 and not index.is_contiguous() and index.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = index.shape
+        flat = torch.index_select(table, 0, index.permute(0, 2, 3, 1).reshape(-1))
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+
+
+class AddKernel:
+    """TFLite quantized ADD (reference_ops::AddElementwise): headroom shift, per-input and output multipliers.
+
+    The output is a function of the two input codes only: for grids with at most :data:`TABLE_ENTRIES` code
+    pairs it is tabulated once by this same arithmetic and looked up (one gather per element)."""
+
+    def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
+        assert node.out is not None
+        self.rescale = _rescaled_inputs(node, in_qs, rounding)
+        self.out = fixed_point_constants(int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0]),
+                                         rounding)
+        self.low, self.high, self.z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), \
+            node.out.zero_point
+        self.grids = in_qs
+        size_a, size_b = (q.qmax - q.qmin + 1 for q in in_qs)
+        self.table = None
+        if size_a * size_b <= TABLE_ENTRIES:
+            pairs = self.arithmetic(grid_codes(in_qs[0]).reshape(-1, 1), grid_codes(in_qs[1]).reshape(1, -1))
+            self.table = pairs.reshape(-1).to(VALUES)
+            self.index_scale = size_b
+            self.index_offset = -(in_qs[0].qmin * size_b + in_qs[1].qmin)
+
+    def arithmetic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The integer ADD on int codes (broadcasting), as int64 codes."""
+        total = self.rescale(0, a).add_(self.rescale(1, b)) if a.shape == b.shape else \
+            self.rescale(0, a) + self.rescale(1, b)
+        return apply_multiplier(total, self.out, reuse_input=True).add_(self.z_out).clamp_(self.low, self.high)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:  # index (a - qmin_a)·|grid b| + (b - qmin_b): exact in float32 (< 2^24)
+            index = torch.add(b.to(VALUES), a.to(VALUES), alpha=self.index_scale).add_(self.index_offset)
+            return gather_codes(_on_device(self.table, index), index.to(torch.int64))
+        codes = empty_codes(a.shape, a.device)
+        for rows in batch_chunks(a):
+            codes[rows] = self.arithmetic(a[rows], b[rows])
+        return codes
+
+
+class CatKernel:
+    """Concatenation: each input requantized to the output grid, (q - Z_i)·2^L · (S_i/S_out)·2^-L + Z_out,
+    tabulated over each input grid by this arithmetic and looked up."""
+
+    def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
+        assert node.out is not None
+        rescale = _rescaled_inputs(node, in_qs, rounding, int(node.attrs["left_shift"]))
+        low, high, z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), node.out.zero_point
+        self.tables = [rescale(i, grid_codes(q)).add_(z_out).clamp_(low, high).to(VALUES)
+                       for i, q in enumerate(in_qs)]
+        self.grids, self.dim = in_qs, int(node.attrs["dim"])
+
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        parts = [gather_codes(_on_device(table, x), (x.to(VALUES) - q.qmin).to(torch.int64))
+                 for table, q, x in zip(self.tables, self.grids, xs, strict=True)]
+        return torch.cat(parts, self.dim)
 
 
 def rounding_divide(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
@@ -216,7 +457,7 @@ def avg_pool_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
             cols = [rounding_divide(x64[:, :, h0:h1, w0:w1].sum((2, 3)), (h1 - h0) * (w1 - w0))
                     for w0, w1 in _adaptive_bins(x.shape[3], size[1])]
             rows.append(torch.stack(cols, -1))
-        return torch.stack(rows, -2).to(torch.int32)
+        return torch.stack(rows, -2).to(VALUES)
 
     def run_windowed(x: torch.Tensor) -> torch.Tensor:
         (kh, kw), (sh, sw), (ph, pw) = as_pair(a["kernel_size"]), as_pair(a["stride"]), as_pair(a["padding"])
@@ -224,15 +465,16 @@ def avg_pool_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
         oh = _pool_output_size(h, kh, sh, ph, a.get("ceil_mode", False))
         ow = _pool_output_size(w, kw, sw, pw, a.get("ceil_mode", False))
         extra_h, extra_w = max(0, (oh - 1) * sh + kh - h - 2 * ph), max(0, (ow - 1) * sw + kw - w - 2 * pw)
-        centred = F.pad(x.to(torch.int64) - z, (pw, pw + extra_w, ph, ph + extra_h))
-        ones = torch.ones(x.shape[1], 1, kh, kw, dtype=torch.int64)
-        sums = F.conv2d(centred, ones, None, (sh, sw), 0, 1, x.shape[1])
+        exact = torch.float32 if kh * kw * largest_code(in_q, z) < FLOAT32_EXACT else torch.float64
+        centred = F.pad(x.to(exact) - z, (pw, pw + extra_w, ph, ph + extra_h))
+        sums = F.avg_pool2d(centred, (kh, kw), (sh, sw), 0, divisor_override=1).to(torch.int64)  # exact sums
         if a.get("divisor_override"):
             count = torch.full((oh, ow), int(a["divisor_override"]), dtype=torch.int64)
         else:
             include = a.get("count_include_pad", True)
             count = torch.outer(_divisors(h, kh, sh, ph, oh, include), _divisors(w, kw, sw, pw, ow, include))
-        return rounding_divide(sums + count * z, count).to(torch.int32)
+        count = count.to(x.device)
+        return rounding_divide(sums + count * z, count).to(VALUES)
 
     return run_adaptive if a["adaptive"] else run_windowed
 
@@ -242,19 +484,23 @@ def _pair_none(value: int | None | list[int | None]) -> list[int | None]:
 
 
 def max_pool_kernel(node: IntNode) -> Kernel:
-    """Max pooling: an integer max over windows; the output stays on the input's grid."""
+    """Max pooling: a max over windows of exact integer codes; the output stays on the input's grid."""
     a = node.attrs
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = F.max_pool2d(x.to(torch.int64), a["kernel_size"], a["stride"], a["padding"], a["dilation"],
-                         a["ceil_mode"])
-        return y.to(torch.int32)
+        return F.max_pool2d(x.to(VALUES), a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                            a["ceil_mode"])
 
     return run
 
 
 class ReferenceExecutor(nn.Module):
-    """Runs an :class:`IntModel` with integer arithmetic only; float images in, float logits out."""
+    """Runs an :class:`IntModel` with integer arithmetic only; float images in, float logits out.
+
+    Integer codes travel between ops as float32 (:data:`VALUES`, exact for every grid of at most 16 bits);
+    :meth:`run_layers` and :meth:`run_node` hand them out as int32. ``plans`` records each conv/linear layer's
+    exact float form (:class:`AccumulatorPlan`).
+    """
 
     def __init__(self, int_model: IntModel, rounding: str = "double", accumulation: str = "int32") -> None:
         super().__init__()
@@ -266,8 +512,8 @@ class ReferenceExecutor(nn.Module):
         self.int_model = int_model
         self.rounding = rounding
         self.accumulation = accumulation
-        self.mbqm = ROUNDINGS[rounding]
         q_of = {n.name: n.out for n in int_model.nodes}
+        self.plans: dict[str, AccumulatorPlan] = {}
         self.steps: list[tuple[IntNode, Kernel]] = []
         for node in int_model.nodes:
             in_qs = [q_of[i] for i in node.inputs]
@@ -285,15 +531,15 @@ class ReferenceExecutor(nn.Module):
             assert source is not None
             return lambda q: dequantize_output(q, source)
         if self.accumulation == "pair16" and is_pair16_layer(node):
-            return pair16_kernel(node, in_qs[0], self.mbqm)
-        if op == "conv2d":
-            return conv2d_kernel(node, in_qs[0], self.mbqm)
-        if op == "linear":
-            return linear_kernel(node, in_qs[0], self.mbqm)
+            return pair16_kernel(node, in_qs[0], self.rounding)
+        if op in ("conv2d", "linear"):
+            kernel = MatmulKernel(node, in_qs[0], self.rounding)
+            self.plans[node.name] = kernel.plan
+            return kernel
         if op == "add":
-            return add_kernel(node, in_qs, self.mbqm)
+            return AddKernel(node, in_qs, self.rounding)
         if op == "cat":
-            return cat_kernel(node, in_qs, self.mbqm)
+            return CatKernel(node, in_qs, self.rounding)
         if op == "avg_pool":
             return avg_pool_kernel(node, in_qs[0])
         if op == "max_pool":
@@ -310,31 +556,43 @@ class ReferenceExecutor(nn.Module):
             raise QatError("input", f"the reference executor expects float images shaped like {expected}, "
                            f"got {x.dtype} {list(x.shape)}", "pass a float batch N×C×H×W with the model's channels")
 
+    def _check_codes(self, node: IntNode, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Inputs handed to :meth:`run_node` lie on their grids (the exact float forms rely on it)."""
+        for name, x in zip(node.inputs, inputs, strict=True):
+            grid = self._by_name[name][0].out
+            if grid is not None and x.numel() and (float(x.min()) < grid.qmin or float(x.max()) > grid.qmax):
+                raise QatError("input", f"layer {node.name}: input {name} leaves its grid [{grid.qmin}, "
+                               f"{grid.qmax}]", "pass integer codes of the producing layer's grid")
+
+    @torch.inference_mode()
     def run_node(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
-        """One node on given inputs (int tensors; a float batch for the input quantizer): layer-by-layer tests."""
+        """One node on given inputs (integer codes; a float batch for the input quantizer), as int32:
+        layer-by-layer tests."""
         node, kernel = self._by_name[name]
-        return kernel(*inputs)
+        if node.inputs:
+            self._check_codes(node, inputs)
+        with exact_float_kernels():
+            return kernel(*inputs).to(torch.int32)
+
+    def _run(self, x: torch.Tensor, keep_exit: bool) -> dict[str, torch.Tensor]:
+        self._check_input(x)
+        values: dict[str, torch.Tensor] = {}
+        with exact_float_kernels():
+            for node, kernel in self.steps:
+                if node.op == "dequantize" and not keep_exit:
+                    continue
+                values[node.name] = kernel(*(values[i] for i in node.inputs)) if node.inputs else kernel(x)
+        return values
 
     @torch.inference_mode()
     def run_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every node's integer output (int32) for a float batch, in graph order; the dequantize exit excluded."""
-        self._check_input(x)
-        values: dict[str, torch.Tensor] = {}
-        for node, kernel in self.steps:
-            if node.op == "dequantize":
-                continue
-            values[node.name] = kernel(*(values[i] for i in node.inputs)) if node.inputs else kernel(x)
-        return values
+        return {name: v.to(torch.int32) for name, v in self._run(x, keep_exit=False).items()}
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        values: dict[str, torch.Tensor] = {}
-        result = x
-        for node, kernel in self.steps:
-            result = kernel(*(values[i] for i in node.inputs)) if node.inputs else kernel(x)
-            values[node.name] = result
-        return result
+        values = self._run(x, keep_exit=True)
+        return values[self.steps[-1][0].name]
 
 
 def build(int_model: IntModel, rounding: str = "double", accumulation: str = "int32") -> ReferenceExecutor:
