@@ -125,3 +125,36 @@ def test_argument_parser_usage_errors_are_one_line(argv: list[str], line: str, c
     parser.add_argument("-t", "--threads", type=int)
     assert one_line_errors(exit=False)(parser.parse_args)(argv) == 2
     assert capsys.readouterr().err == line
+
+
+class _ExplodingBatchNorm(nn.Module):
+    """A conv and a batch norm whose gamma jumps 60x before the loss turns infinite (issue 21's divergence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def _exploding_loss(device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):  # type: ignore[no-untyped-def]
+    def loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        with torch.no_grad():
+            model.bn.weight.mul_(60.0)  # type: ignore[union-attr, operator]
+        return model(batch).sum() * float("inf"), batch.shape[0]
+
+    return loss
+
+
+@pytest.mark.parametrize("phase", ["float", "qat"])
+def test_divergence_names_the_parameter_that_grew_and_the_batch_norm_key(phase: str, tmp_path: Path) -> None:
+    """The divergence guard names the layer that exploded and, for a batch norm in fine-tuning, the schedule key
+    that freezes it (issue 21 item 3), beside the learning-rate key."""
+    with pytest.raises(QatError) as exc:
+        engine.fit(_ExplodingBatchNorm(), [torch.ones(2, 3, 6, 6)], engine.Task(loss=_exploding_loss),
+                   train=DetectTrainConfig(), optim=OptimConfig(), seed=0, phase=phase, epochs=1, lr=0.1,
+                   checkpoint=tmp_path / f"{phase}_last.pt")
+    assert "the parameter that grew most is bn.weight (60x its norm when the phase began)" in exc.value.problem
+    assert ("schedule.bn_freeze_step=0" in exc.value.fix) is (phase == "qat")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -123,6 +124,7 @@ def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, opti
             save(epoch, batch, s + 1)
 
     batch_loss = task.loss(runtime.device, layout)
+    start_norms = parameter_norms(model)  # a divergence names the parameter that grew most since here
     try:
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
@@ -156,12 +158,42 @@ def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, opti
     except NonFiniteLoss as exc:
         kept = next((p for p in (checkpoint, previous_path(checkpoint)) if p.exists()), None)
         where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written yet"
-        raise QatError(lr_key, f"{exc.what} became {exc.value} at step {exc.step} of the {phase} phase",
-                       f"lower {lr_key}; {where}") from exc
+        name, growth = most_grown(model, start_norms)
+        blame = f"; the parameter that grew most is {name} ({growth})" if name else ""
+        bn_fix = (" or freeze batch norm from the first step with schedule.bn_freeze_step=0"
+                  if phase == "qat" and name and is_batch_norm_parameter(model, name) else "")
+        raise QatError(lr_key, f"{exc.what} became {exc.value} at step {exc.step} of the {phase} phase{blame}",
+                       f"lower {lr_key}{bn_fix}; {where}") from exc
     if train_model is not model:  # DDP: drop the wrapper now; its reducer's autograd hooks go with it
         del train_model
         gc.collect()
     return model.to(memory_format=torch.contiguous_format)  # what follows (conversion, engines) sees NCHW
+
+
+def parameter_norms(model: nn.Module) -> dict[str, float]:
+    """The L2 norm of every parameter (one number each: cheap enough to take once per phase)."""
+    with torch.no_grad():
+        return {name: float(p.detach().float().norm()) for name, p in model.named_parameters()}
+
+
+def most_grown(model: nn.Module, start: dict[str, float]) -> tuple[str | None, str]:
+    """The parameter whose norm grew most since ``start`` (a non-finite one first) and how, for the divergence
+    error: the loss of a diverging QAT run explodes after one layer's parameters did (e.g. a folded batch norm's
+    gamma through the batch-variance gradient, issue 21)."""
+    worst, ratio = None, 0.0
+    for name, now in parameter_norms(model).items():
+        if not math.isfinite(now):
+            return name, "not finite"
+        grown = now / max(start.get(name, now), 1e-12)
+        if grown > ratio:
+            worst, ratio = name, grown
+    return (worst, f"{ratio:.3g}x its norm when the phase began") if worst is not None and ratio > 1.0 else (None, "")
+
+
+def is_batch_norm_parameter(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` belongs to a batch norm (folded or not)."""
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return isinstance(owner, nn.modules.batchnorm._BatchNorm)
 
 
 def describe(train: TrainSettings, runtime: Runtime, loader: Any) -> dict[str, Any]:
