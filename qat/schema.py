@@ -41,6 +41,9 @@ class DataConfig:
     train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5  # probability of a horizontal flip of each training image; 0: never (digits, text)
     resize_ratio: float = 0.875
+    # decode once: auto holds a split in memory when its pixels fit in qat.data.memory.IN_MEMORY_MAX_MB (the demo
+    # set; ImageNet streams), true always, false streams from disk with per-image PIL transforms (as before)
+    in_memory: str = "auto"
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torch.utils.data._utils.collate import default_collate
 from torchvision import transforms
+from torchvision.datasets import ImageFolder
 
-from qat.data import imagefolder, synthetic
+from qat.data import imagefolder, memory, synthetic
 from qat.data.imagefolder import build_classification_loaders, check_layout
 from qat.data.synthetic import CLASS_NAMES, default_cache_dir, main, make_demo_dataset
 from qat.errors import QatError
@@ -295,8 +297,9 @@ def test_hflip_probability_is_config(tiny: Path) -> None:
         torch.manual_seed(seed)
         flipped = always(image)
         assert torch.equal(flipped, plain.flip(-1)) and not torch.equal(flipped, plain)
-    train = build_classification_loaders(tiny, resolution=8, batch_size=4, hflip=0.0).train
+    train = build_classification_loaders(tiny, resolution=8, batch_size=4, hflip=0.0, in_memory=False).train
     assert not _flips(train.dataset.transform)
+    assert build_classification_loaders(tiny, resolution=8, batch_size=4, hflip=0.0).train.collate_fn.hflip == 0.0
     for bad in (-0.1, 1.5):
         with pytest.raises(QatError, match=r"^data\.hflip: "):
             imagefolder.classification_transforms(16, hflip=bad)
@@ -331,4 +334,171 @@ def test_run_data_uses_data_hflip(tiny: Path) -> None:
     cfg = RunConfig(data=DataConfig(name="imagefolder", root=str(tiny), batch_size=4, hflip=0.0))
     cfg.model.resolution = 8
     data, _ = load_data(cfg)
-    assert not _flips(data.train.dataset.transform)
+    assert data.train.collate_fn.hflip == 0.0  # the decode-once pipeline (data.in_memory=auto) flips in the batch
+
+
+# --- decode once (data.in_memory) ----------------------------------------------------------------------------
+
+
+def _batches(loader: object, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch as the training engine draws it: the global and the loader's generator seeded by ``seed``."""
+    torch.manual_seed(seed)
+    loader.generator.manual_seed(seed)  # type: ignore[attr-defined]
+    return list(loader)  # type: ignore[call-overload]
+
+
+def test_in_memory_val_equals_streamed(tiny: Path) -> None:
+    """Evaluation crops are precomputed by the streamed pipeline's own resize and centre crop: every validation
+    tensor is bit-identical (torch.equal) to the streamed one, so records' accuracies stay comparable."""
+    for resolution, ratio in ((12, 0.875), (16, 1.0), (9, 0.6)):
+        held = build_classification_loaders(tiny, resolution=resolution, batch_size=4, resize_ratio=ratio).val
+        streamed = build_classification_loaders(tiny, resolution=resolution, batch_size=4, resize_ratio=ratio,
+                                                in_memory=False).val
+        assert isinstance(held.dataset, memory.InMemoryImages)
+        assert isinstance(streamed.dataset, ImageFolder)
+        pairs = list(zip(held, streamed, strict=True))
+        assert pairs and all(torch.equal(a, b) and torch.equal(y, z) for (a, y), (b, z) in pairs)
+
+
+def test_in_memory_false_is_the_streamed_pipeline(tiny: Path) -> None:
+    data = build_classification_loaders(tiny, resolution=8, batch_size=4, train_crop_scale=(0.5, 1.0),
+                                        in_memory="false")
+    for loader in (data.train, data.val):
+        assert type(loader.dataset) is ImageFolder and loader.collate_fn is default_collate
+    steps = [type(t) for t in data.train.dataset.transform.transforms]
+    assert steps == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip, transforms.ToTensor,
+                     transforms.Normalize]
+    assert data.train.dataset.transform.transforms[0].scale == (0.5, 1.0)
+    with pytest.raises(QatError, match=r"^data\.in_memory: 'maybe'"):
+        build_classification_loaders(tiny, resolution=8, batch_size=4, in_memory="maybe")
+
+
+def test_in_memory_training_batches_are_seeded(tiny: Path) -> None:
+    """Order and augmentation depend only on the seeds the engine sets each epoch (a resumed epoch re-draws its
+    consumed batches and so continues exactly); another seed gives other crops."""
+    train = build_classification_loaders(tiny, resolution=8, batch_size=4, seed=0).train
+    assert isinstance(train.dataset, memory.InMemoryImages) and train.collate_fn is train.dataset.batch_transform
+    first, again, other = _batches(train, 3), _batches(train, 3), _batches(train, 4)
+    assert len(first) == 3 and all(x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 for x, _ in first)
+    assert all(torch.equal(a, b) and torch.equal(y, z) for (a, y), (b, z) in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, other, strict=True))
+    rebuilt = build_classification_loaders(tiny, resolution=8, batch_size=4, seed=0).train
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, _batches(rebuilt, 3), strict=True))
+
+
+@pytest.mark.parametrize(("size", "scale"), [((48, 48), (0.35, 1.0)), ((48, 48), (0.08, 1.0)),
+                                             ((30, 64), (0.5, 1.0)), ((40, 30), (0.9, 1.0))])
+def test_crop_boxes_follow_random_resized_crop(size: tuple[int, int], scale: tuple[float, float]) -> None:
+    """Boxes lie inside the image with area fraction in ``scale`` and aspect in 3/4-4/3 (up to the rounding of
+    their sides, as torchvision's), and their distribution is torchvision's ``get_params``' (the fallback
+    included: a 30x64 image with scale >= 0.5 often takes it)."""
+    height, width = size
+    n = 3000
+    torch.manual_seed(0)
+    boxes = memory.random_resized_crop_boxes(torch.full((n,), height), torch.full((n,), width), scale).double()
+    top, left, h, w = boxes.unbind(1)
+    assert bool((top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all())
+    fitted = ((h * w) / (height * width) >= scale[0] - 0.05) & ((h * w) / (height * width) <= scale[1])
+    assert bool(fitted.all())
+    image = torch.zeros(3, height, width)
+    reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
+                              for _ in range(n)]).double()
+    spread = reference.std(0)
+    assert bool(((boxes.mean(0) - reference.mean(0)).abs() <= 4 * spread * (2 / n) ** 0.5 + 1e-9).all())
+    assert bool(((boxes.std(0) - spread).abs() <= 4 * spread / n**0.5 + 1e-9).all())  # within 4 standard errors
+
+
+def test_resized_crops_match_pil(tiny: Path) -> None:
+    """The batched crop + resize is PIL's antialiased bilinear resize of the crop (torchvision's PIL path) to
+    within one 8-bit level (ties at .5 round either way; PIL sometimes takes its passes in the other order)."""
+    paths = sorted((tiny / "train").rglob("*.png"))
+    images = [imagefolder.read_image(str(p)) for p in paths]
+    batch = torch.stack([memory.to_uint8_chw(image) for image in images])
+    torch.manual_seed(0)
+    boxes = memory.random_resized_crop_boxes(torch.full((len(images),), 16), torch.full((len(images),), 16),
+                                             (0.08, 1.0))
+    boxes[0] = torch.tensor([0, 0, 16, 16])  # the whole image, resized down
+    boxes[1] = torch.tensor([2, 3, 5, 7])  # a small crop, resized up
+    for size in (12, 8, 23):
+        ours = memory.resized_crops(batch, boxes, size)
+        pil = torch.stack([memory.to_uint8_chw(transforms.functional.resized_crop(image, *box.tolist(), [size, size]))
+                           for image, box in zip(images, boxes, strict=True)]).float()
+        difference = (ours - pil).abs()
+        assert difference.max() <= 2 and difference.mean() < 0.2 and abs(float((ours - pil).mean())) < 0.05
+
+
+def test_flip_probability_zero_and_one(tiny: Path) -> None:
+    """``data.hflip`` 1 mirrors every crop (the same crops: the flips are drawn after them), 0 draws no flip."""
+    images = torch.randint(0, 256, (8, 3, 16, 20), dtype=torch.uint8)
+    samples = [(image, i) for i, image in enumerate(images)]
+    common = {"scale": (0.3, 1.0), "mean": imagefolder.IMAGENET_MEAN, "std": imagefolder.IMAGENET_STD}
+    never = memory.RandomResizedCropFlip(10, hflip=0.0, **common)
+    always = memory.RandomResizedCropFlip(10, hflip=1.0, **common)
+    half = memory.RandomResizedCropFlip(10, hflip=0.5, **common)
+    torch.manual_seed(1)
+    plain, labels = never(samples)
+    after_never = torch.rand(1)
+    torch.manual_seed(1)
+    flipped, _ = always(samples)
+    assert torch.equal(flipped, plain.flip(-1)) and not torch.equal(flipped, plain)
+    assert labels.tolist() == list(range(8))
+    torch.manual_seed(1)
+    never(samples)
+    assert torch.equal(torch.rand(1), after_never)  # no draw of its own for the flip
+    torch.manual_seed(1)
+    mixed, _ = half(samples)
+    mirrored = [torch.equal(m, p.flip(-1)) for m, p in zip(mixed, plain, strict=True)]
+    kept = [torch.equal(m, p) for m, p in zip(mixed, plain, strict=True)]
+    assert all(a or b for a, b in zip(mirrored, kept, strict=True)) and any(mirrored) and any(kept)
+
+
+def test_images_of_different_sizes_are_padded(tiny: Path) -> None:
+    """A held split whose images differ in size: batches are zero-padded and each crop uses its own image only."""
+    small, large = torch.randint(0, 256, (3, 10, 14), dtype=torch.uint8), torch.randint(0, 256, (3, 17, 12),
+                                                                                            dtype=torch.uint8)
+    transform = memory.RandomResizedCropFlip(8, scale=(0.2, 1.0), hflip=0.5, mean=(0.5,) * 3, std=(0.25,) * 3)
+    torch.manual_seed(2)
+    batch, labels = transform([(small, 0), (large, 1)])
+    torch.manual_seed(2)
+    boxes = memory.random_resized_crop_boxes(torch.tensor([10, 17]), torch.tensor([14, 12]), (0.2, 1.0))
+    flip = torch.rand(2) < 0.5
+    for i, image in enumerate((small, large)):
+        alone = memory.resized_crops(image[None], boxes[i : i + 1], 8, flip[i : i + 1])
+        assert torch.equal(batch[i], memory.normalize_(alone, (0.5,) * 3, (0.25,) * 3)[0])
+    assert labels.tolist() == [0, 1]
+
+
+def test_split_over_the_bound_streams(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` holds a split only when its pixels fit the bound (ImageNet streams); ``true`` holds it anyway."""
+    train_bytes = 12 * 3 * 16 * 16  # 12 decoded 16x16 training images
+    val_bytes = 6 * 3 * 8 * 8  # 6 evaluation crops at 8 px
+    assert memory.estimated_bytes(ImageFolder(str(tiny / "train")).samples) == train_bytes
+    monkeypatch.setattr(imagefolder, "IN_MEMORY_MAX_MB", (train_bytes - 1) / 2**20)
+    train, val, _ = build_classification_loaders(tiny, resolution=8, batch_size=4)
+    assert type(train.dataset) is ImageFolder and train.collate_fn is default_collate
+    assert isinstance(val.dataset, memory.InMemoryImages)
+    monkeypatch.setattr(imagefolder, "IN_MEMORY_MAX_MB", (val_bytes - 1) / 2**20)
+    _, val, _ = build_classification_loaders(tiny, resolution=8, batch_size=4)
+    assert type(val.dataset) is ImageFolder
+    train, val, _ = build_classification_loaders(tiny, resolution=8, batch_size=4, in_memory=True)
+    assert isinstance(train.dataset, memory.InMemoryImages) and isinstance(val.dataset, memory.InMemoryImages)
+
+
+def test_each_split_is_decoded_once(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding is lazy and shared per process: the training loader and a second, validation-only build decode
+    each split once; a loader that is never drawn from decodes nothing."""
+    memory.clear_cache()
+    decoded: list[str] = []
+    real = memory.InMemoryImages._decode
+    monkeypatch.setattr(memory.InMemoryImages, "_decode", lambda self: (decoded.append(self.root), real(self))[1])
+    data = build_classification_loaders(tiny, resolution=8, batch_size=4)
+    val = build_classification_loaders(tiny, resolution=8, batch_size=2).val
+    assert decoded == []
+    next(iter(data.train))
+    next(iter(val))
+    list(data.val)
+    list(data.train)
+    assert decoded == [str(tiny / "train"), str(tiny / "val")]
+    build_classification_loaders(tiny, resolution=8, batch_size=4, workers=1)  # forking workers: decoded up front
+    build_classification_loaders(tiny, resolution=10, batch_size=4, workers=1)  # other evaluation crops
+    assert decoded == [str(tiny / "train"), str(tiny / "val"), str(tiny / "val")]

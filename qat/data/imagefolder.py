@@ -4,12 +4,19 @@ Expected layout: ``<root>/train/<class>/*.jpg|png`` and ``<root>/val/<class>/*.j
 class folders in both splits. The layout is checked before any loading work; problems raise
 :class:`~qat.errors.QatError` with key ``data.root``.
 
+Decode once (``data.in_memory``, :mod:`qat.data.memory`): a split that fits in memory (``auto``: under
+:data:`~qat.data.memory.IN_MEMORY_MAX_MB` MiB; the demo set) is decoded a single time into uint8 tensors and
+augmented per batch, with the same crop and flip distribution; evaluation crops are precomputed and equal the
+streamed ones bit for bit. ``false`` (and any split above the bound, e.g. ImageNet) streams from disk with
+the per-image PIL transforms of :func:`classification_transforms`.
+
 Unreadable images: the run stops at the first file that cannot be decoded, with one line naming it
 (:class:`UnreadableImage`); nothing is skipped silently, so every record's accuracy is over the whole split.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -21,10 +28,19 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from qat.data.memory import (
+    IN_MEMORY_MAX_MB,
+    InMemoryImages,
+    Normalize,
+    RandomResizedCropFlip,
+    estimated_bytes,
+    in_memory_mode,
+)
 from qat.errors import QatError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+log = logging.getLogger("qat")
 LAYOUT = "expected <root>/train/<class>/*.jpg|png and <root>/val/<class>/*.jpg|png with the same classes"
 
 
@@ -128,6 +144,18 @@ def classification_transforms(
     return train, val
 
 
+def _hold(mode: str, samples: list[tuple[str, int]], resolution: int | None, split: str) -> bool:
+    """Whether a split is held in memory under ``data.in_memory`` mode ``mode`` (see build_classification_loaders)."""
+    if mode != "auto":
+        return mode == "true"
+    size = estimated_bytes(samples, resolution)
+    if size > IN_MEMORY_MAX_MB * 2**20:
+        log.info("[data] %s: about %.0f MiB of pixels, over data.in_memory's %d MiB: streaming from disk", split,
+                 size / 2**20, IN_MEMORY_MAX_MB)
+        return False
+    return True
+
+
 def build_classification_loaders(
     root: str | os.PathLike[str],
     *,
@@ -139,6 +167,7 @@ def build_classification_loaders(
     hflip: float = 0.5,
     seed: int = 0,
     distributed: bool = False,
+    in_memory: str | bool = "auto",
 ) -> ClassificationData:
     """Train and val loaders over ``<root>/{train,val}/<class>/*``; training images are augmented by
     :func:`classification_transforms` (random-resized crop, horizontal flip with probability ``hflip``).
@@ -147,6 +176,11 @@ def build_classification_loaders(
     ``distributed``; call ``sampler.set_epoch`` each epoch) and drops the last partial batch when there is
     at least one full batch (a batch of one breaks batch norm). Val is in order and never drops samples,
     except that ``DistributedSampler`` pads it to a multiple of the world size.
+
+    ``in_memory`` (``data.in_memory``): ``auto`` holds each split whose stored pixels are estimated under
+    :data:`~qat.data.memory.IN_MEMORY_MAX_MB` MiB in memory (:class:`~qat.data.memory.InMemoryImages`, decoded on
+    first use; the loader's ``collate_fn`` augments or normalises each batch), ``true`` holds both whatever
+    their size, ``false`` streams both from disk with the per-image transforms.
     """
     if resolution < 1 or batch_size < 1:
         raise QatError("data", f"resolution {resolution} and batch size {batch_size} must be positive")
@@ -156,6 +190,7 @@ def build_classification_loaders(
         raise QatError(
             "data.distributed", "torch.distributed is not initialised", "call init_process_group first"
         )
+    mode = in_memory_mode(in_memory)
     classes = check_layout(root)
     root = Path(root).expanduser()
     train_tf, val_tf = classification_transforms(
@@ -163,6 +198,19 @@ def build_classification_loaders(
     )
     train_set = ImageFolder(str(root / "train"), transform=train_tf, loader=read_image)
     val_set = ImageFolder(str(root / "val"), transform=val_tf, loader=read_image)
+    train_collate = val_collate = None
+    if _hold(mode, train_set.samples, None, "train"):
+        train_collate = RandomResizedCropFlip(resolution, scale=train_crop_scale, hflip=hflip,
+                                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        train_set = InMemoryImages(train_set, train_collate, key=("decoded",))
+    if _hold(mode, val_set.samples, resolution, "val"):
+        val_collate = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        geometry = transforms.Compose(val_tf.transforms[:-2])  # resize + centre crop, before ToTensor/Normalize
+        val_set = InMemoryImages(val_set, val_collate, geometry=geometry, key=("eval", resolution, resize_ratio))
+    if workers > 0:  # decode before the workers fork, so that they share one copy
+        for dataset in (train_set, val_set):
+            if isinstance(dataset, InMemoryImages):
+                dataset.materialize()
     if distributed:
         train_sampler = DistributedSampler(train_set, shuffle=True, seed=seed, drop_last=False)
         val_sampler = DistributedSampler(val_set, shuffle=False)
@@ -179,7 +227,8 @@ def build_classification_loaders(
     }
     train = DataLoader(
         train_set, batch_size=batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-        generator=generator, drop_last=per_replica >= batch_size, **common,
+        generator=generator, drop_last=per_replica >= batch_size, collate_fn=train_collate, **common,
     )  # fmt: skip
-    val = DataLoader(val_set, batch_size=batch_size, shuffle=False, sampler=val_sampler, **common)
+    val = DataLoader(val_set, batch_size=batch_size, shuffle=False, sampler=val_sampler, collate_fn=val_collate,
+                     **common)
     return ClassificationData(train, val, classes)
