@@ -62,7 +62,7 @@ VALUES = torch.float32  # the executor's container of integer codes: exact for g
 FLOAT32_EXACT = 2**24  # float32 holds every integer of magnitude <= 2^24 (24-bit significand)
 FLOAT64_EXACT = 2**53
 MAX_DIGITS = 3  # float32 convolutions per layer before one float64 convolution is cheaper (measured: 3-11x)
-CHUNK_ELEMENTS = 1 << 17  # int64 block of the requantization arithmetic (1 MiB: cache-resident)
+CHUNK_ELEMENTS = 1 << 20  # int64 block of the requantization arithmetic (8 MiB: cache-sized, few parallel regions)
 TABLE_ENTRIES = 1 << 18  # add: code pairs tabulated (two 8-bit or 9-bit grids), 1 MiB of float32
 
 
@@ -519,6 +519,10 @@ class ReferenceExecutor(nn.Module):
             in_qs = [q_of[i] for i in node.inputs]
             self.steps.append((node, self._kernel(node, in_qs)))
         self._by_name = {node.name: (node, kernel) for node, kernel in self.steps}
+        last = {name: step for step, (node, _) in enumerate(self.steps) for name in node.inputs}
+        self._last_read: dict[int, list[str]] = {}
+        for name, step in last.items():
+            self._last_read.setdefault(step, []).append(name)
 
     def _kernel(self, node: IntNode, in_qs: list[TensorQ | None]) -> Kernel:
         op = node.op
@@ -574,25 +578,29 @@ class ReferenceExecutor(nn.Module):
         with exact_float_kernels():
             return kernel(*inputs).to(torch.int32)
 
-    def _run(self, x: torch.Tensor, keep_exit: bool) -> dict[str, torch.Tensor]:
+    def _run(self, x: torch.Tensor, keep_all: bool) -> dict[str, torch.Tensor]:
+        """Every step in order; unless ``keep_all``, each value is dropped after its last reader (as eager
+        evaluation frees activations), and only the logits remain."""
         self._check_input(x)
         values: dict[str, torch.Tensor] = {}
         with exact_float_kernels():
-            for node, kernel in self.steps:
-                if node.op == "dequantize" and not keep_exit:
+            for step, (node, kernel) in enumerate(self.steps):
+                if node.op == "dequantize" and keep_all:
                     continue
                 values[node.name] = kernel(*(values[i] for i in node.inputs)) if node.inputs else kernel(x)
+                if not keep_all:
+                    for name in self._last_read.get(step, ()):
+                        del values[name]
         return values
 
     @torch.inference_mode()
     def run_layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every node's integer output (int32) for a float batch, in graph order; the dequantize exit excluded."""
-        return {name: v.to(torch.int32) for name, v in self._run(x, keep_exit=False).items()}
+        return {name: v.to(torch.int32) for name, v in self._run(x, keep_all=True).items()}
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = self._run(x, keep_exit=True)
-        return values[self.steps[-1][0].name]
+        return self._run(x, keep_all=False)[self.steps[-1][0].name]
 
 
 def build(int_model: IntModel, rounding: str = "double", accumulation: str = "int32") -> ReferenceExecutor:
