@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run_app import ROOT, TINY
+from conftest import TINY_CLASSIFICATION, TINY_DETECTION, overrides
 
+ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
 
@@ -44,14 +45,11 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_app_under_torchrun_writes_one_record(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    # the default recipe: EMA activation ranges, combined across the ranks at every step (qat.quant.range_sync).
-    # 8 images per process keep TINY's global batch of 16 and so its number of float steps; at 16 per process the
-    # 2-epoch float model has half the steps, and the ranges calibrated through its immature BN running statistics
-    # were far narrower than the training forward's, which EMA ranges keep for many steps: QAT then diverged
-    # within 3 steps, with or without DDP range synchronization (min/max ranges widen at once and survived)
-    tiny = [arg for arg in TINY if not arg.startswith("data.batch_size=")]
-    result = _torchrun([str(ROOT / "experiments" / "run.py"), *tiny, "data.batch_size=8", "quant=w8a8",
-                        "train.threads=1", f"hydra.run.dir={run_dir}"], tmp_path)
+    # the default recipe at 16 images per process (issue 21): EMA activation ranges, combined across the ranks at
+    # every step (qat.quant.range_sync), batch norm folded with the float model's running statistics from the first
+    # step. With batch statistics instead (schedule.bn_freeze_step=null) this diverged within 3 QAT steps.
+    result = _torchrun([str(ROOT / "experiments" / "run.py"), *overrides(TINY_CLASSIFICATION), "quant=w8a8",
+                        f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "record.json").read_text())
     assert record["quant"]["precision"] == "int8" and record["accuracy"]["int_top1"] >= 0
@@ -59,11 +57,9 @@ def test_app_under_torchrun_writes_one_record(tmp_path: Path) -> None:
     assert "[ddp] rank 0/2" in result.stderr + result.stdout
 
 
-DETECT_TINY = ["experiment=detect_demo", "model.width_mult=0.35", "model.resolution=64", "data.batch_size=4",
-               "data.eval_batch_size=8", "data.synthetic.train_images=16", "data.synthetic.val_images=8",
-               "data.synthetic.image_size=64", "data.synthetic.num_categories=3", "train.float_epochs=1",
-               "train.qat_epochs=1", "train.threads=1", "latency.repeats=3", "latency.warmup=1",
-               "latency.min_time_s=0"]
+DETECT_TINY = overrides(TINY_DETECTION, {"data.batch_size": 4, "data.eval_batch_size": 8,
+                                         "data.synthetic.train_images": 16, "data.synthetic.val_images": 8,
+                                         "train.float_epochs": 1})
 
 
 @pytest.mark.slow

@@ -4,6 +4,10 @@
 * ``act_quant_delay``: steps before activations are fake-quantized (Jacob: 500k steps on ImageNet); their
   ranges are still estimated during the delay so quantization starts from a good range.
 * ``bn_freeze_step``: from this step, folded BN uses running statistics (whitepaper §3.2.2; Jacob App. C).
+  The default, 0, freezes it from the first fine-tuning step: fine-tuning starts from trained float weights, whose
+  running statistics are better estimates than the batch moments of a few images (README "Small batches and batch
+  norm": at 16 and at 64 images per batch, in every fold mode, on the demo), and the Jacob and whitepaper folds
+  are then one convolution per layer. ``None`` keeps batch statistics throughout (training from scratch).
 * ``range_freeze_step``: from this step, activation and weight ranges stop updating.
 
 The switches are a pure function of the global step, so a resumed run (step restored from a checkpoint)
@@ -25,7 +29,7 @@ from qat.quant.modules import QConvBnAct, QLinear
 class QuantSchedule:
     weight_quant_delay: int = 0
     act_quant_delay: int = 0
-    bn_freeze_step: int | None = None
+    bn_freeze_step: int | None = 0
     range_freeze_step: int | None = None
 
     def __post_init__(self) -> None:
