@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data._utils.collate import default_collate
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -199,6 +199,12 @@ def test_distributed_sampler(tiny: Path, tmp_path: Path) -> None:
         assert isinstance(train.sampler, DistributedSampler) and isinstance(val.sampler, DistributedSampler)
         assert train.sampler.shuffle and not val.sampler.shuffle
         assert sum(len(y) for _, y in val) == 6
+        assert isinstance(train.dataset, memory.InMemoryImages)  # decode once under DDP too: each rank its shard
+        shards = [DataLoader(train.dataset, batch_size=2, collate_fn=train.collate_fn,
+                             sampler=DistributedSampler(train.dataset, num_replicas=2, rank=rank, seed=0))
+                  for rank in (0, 1)]
+        labels = [torch.cat([y for _, y in shard]).tolist() for shard in shards]
+        assert len(labels[0]) == len(labels[1]) == 6 and sorted(labels[0] + labels[1]) == [0] * 4 + [1] * 4 + [2] * 4
     finally:
         dist.destroy_process_group()
 
