@@ -46,9 +46,10 @@ def load_data(cfg: Any, distributed: bool = False) -> tuple[ClassificationData, 
     data = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.batch_size,
                                         workers=d.workers, train_crop_scale=tuple(d.train_crop_scale),
                                         resize_ratio=d.resize_ratio, hflip=d.hflip, seed=cfg.seed,
-                                        distributed=distributed)
+                                        distributed=distributed, in_memory=d.in_memory)
     val = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.eval_batch_size,
-                                       workers=d.workers, resize_ratio=d.resize_ratio, seed=cfg.seed).val
+                                       workers=d.workers, resize_ratio=d.resize_ratio, seed=cfg.seed,
+                                       in_memory=d.in_memory).val
     data = ClassificationData(data.train, val, data.class_names)
     info = {"name": d.name, "root": str(root), "num_classes": len(data.class_names),
             "train_size": len(data.train.dataset), "val_size": len(data.val.dataset)}

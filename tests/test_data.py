@@ -510,7 +510,6 @@ def test_each_split_is_decoded_once(tiny: Path, monkeypatch: pytest.MonkeyPatch)
     assert decoded == [str(tiny / "train"), str(tiny / "val"), str(tiny / "val")]
 
 
-@pytest.mark.xfail(strict=True, reason="waits for qat/classification.py's load_data to pass data.in_memory")
 def test_run_data_uses_data_in_memory(tiny: Path) -> None:
     from qat.classification import load_data
     from qat.schema import DataConfig, RunConfig
