@@ -4,10 +4,11 @@ crop/flip/normalise; qat/data/memory.py).
 
 Prints images/s of one training epoch's data (no model) and of one validation pass, old and new measured
 interleaved (A, B, A, B, ...) in one run, medians and the ratio; the one-time decode of the new pipeline; and,
-with ``--model-epochs N``, the seconds of N float training epochs of MobileNet v2 (``--width``) at the demo's
-resolution with each pipeline, interleaved, and their ratio. Uses the demo dataset (generated when missing).
+with ``--model-epochs N``, the median seconds of N float training epochs (or their first ``--model-batches``
+steps) of MobileNet v2 (``--width``) at the demo's resolution with each pipeline, interleaved, and their ratio.
+Uses the demo dataset (generated when missing).
 
-    .venv/bin/python scripts/bench/data_loading.py --repeats 3 --model-epochs 1
+    .venv/bin/python scripts/bench/data_loading.py --repeats 3 --model-epochs 3 --model-batches 40
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ def drain(loader: torch.utils.data.DataLoader) -> float:
     return time.perf_counter() - t0
 
 
-def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader) -> float:
-    """Seconds of one SGD epoch (channels_last, as the engine trains on CPU)."""
+def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, batches: int) -> float:
+    """Seconds of one SGD epoch, or of its first ``batches`` steps (channels_last, as the engine trains on CPU)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     t0 = time.perf_counter()
-    for images, targets in loader:
+    for _, (images, targets) in zip(range(batches or len(loader)), loader, strict=False):
         loss = F.cross_entropy(model(images.to(memory_format=torch.channels_last)), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.35, 1.0))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-epochs", type=int, default=0, help="float epochs per pipeline (0: skip)")
+    parser.add_argument("--model-batches", type=int, default=0, help="steps per timed epoch (0: the whole epoch)")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -101,10 +103,11 @@ def main() -> None:
         for _ in range(args.model_epochs):
             for name in ("old", "new"):
                 initial.load_state_dict(state)
-                epochs[name].append(train_epoch(initial, loaders[name].train))
+                epochs[name].append(train_epoch(initial, loaders[name].train, args.model_batches))
         old, new = (statistics.median(epochs[name]) for name in ("old", "new"))
-        print(f"float epoch, MobileNet v2 x{args.width} at {args.resolution} px (median of {args.model_epochs} "
-              f"interleaved): old {old:.1f} s, new {new:.1f} s, new/old time {new / old:.2f} "
+        steps = args.model_batches or len(loaders["old"].train)
+        print(f"float training, MobileNet v2 x{args.width} at {args.resolution} px, {steps} steps (median of "
+              f"{args.model_epochs} interleaved): old {old:.1f} s, new {new:.1f} s, new/old time {new / old:.2f} "
               f"(saves {100 * (1 - new / old):.0f}%)")
 
 
