@@ -193,7 +193,7 @@ def most_grown(model: nn.Module, start: dict[str, float]) -> tuple[str | None, s
 def is_batch_norm_parameter(model: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` belongs to a batch norm (folded or not)."""
     owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    return isinstance(owner, nn.modules.batchnorm._BatchNorm)
+    return isinstance(owner, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm)
 
 
 def describe(train: TrainSettings, runtime: Runtime, loader: Any) -> dict[str, Any]:
