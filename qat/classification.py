@@ -135,7 +135,7 @@ class ClassificationTask:
         return {"arch": cfg.model.arch, "width_mult": cfg.model.width_mult, "resolution": cfg.model.resolution,
                 "num_classes": data.info["num_classes"]}
 
-    def latency_model(self, cfg: Any, data: TaskData, model: nn.Module, scratch: Path) -> dict[str, Any]:
+    def latency_model(self, cfg: Any, data: TaskData, model: nn.Module, scratch: Path | None) -> dict[str, Any]:
         # float models are timed with the run's architecture: the weights do not change the work done
         return {"arch": cfg.model.arch, "width_mult": cfg.model.width_mult, "num_classes": data.info["num_classes"],
                 "resolution": cfg.model.resolution}

@@ -149,8 +149,7 @@ def quantize_and_finetune(model: nn.Module, data: TaskData, cfg: Any, run_dir: P
     """Prepare simulated quantization of the task's core, calibrate its ranges, then QAT fine-tuning of the whole
     model with the schedule; returns the prepared core (inside the model the task rebuilt around it)."""
     q = cfg.quant
-    example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution, device=runtime.device)
-    prepared = prepare(task.core(model), quant_config(q), example)
+    prepared = prepare_core(model, cfg, runtime.device, task)
     quantized = task.with_core(model, prepared)
     # calibration batches depend on the seed alone, not on what ran before: a resumed run skips float training
     torch.manual_seed(cfg.seed)
@@ -171,13 +170,19 @@ def quantize_and_finetune(model: nn.Module, data: TaskData, cfg: Any, run_dir: P
     return prepared
 
 
+def prepare_core(model: nn.Module, cfg: Any, device: torch.device, task: RunTask) -> nn.Module:
+    """The task's core prepared for simulated quantization with ``cfg.quant`` (a copy; the float model is
+    unchanged), traced at the model's input resolution."""
+    example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution, device=device)
+    return prepare(task.core(model), quant_config(cfg.quant), example)
+
+
 def post_train(model: nn.Module, data: TaskData, cfg: Any, device: torch.device, task: RunTask = CLASSIFICATION
                ) -> tuple[nn.Module, dict[str, Any]]:
     """Prepare simulated quantization of the task's core (a copy; the float model is unchanged) and run the
     ``ptq`` methods (:func:`qat.ptq.apply.run_ptq`) on training images seen through the evaluation transform;
     returns the prepared core and the methods' report."""
-    example = torch.zeros(1, 3, cfg.model.resolution, cfg.model.resolution, device=device)
-    prepared = prepare(task.core(model), quant_config(cfg.quant), example)
+    prepared = prepare_core(model, cfg, device, task)
     return prepared, run_ptq(prepared, task.calibration_batches(cfg, data, model, device), cfg.ptq)
 
 
@@ -272,9 +277,8 @@ def run(cfg: Any, run_dir: str | Path, task: RunTask = CLASSIFICATION, tracker: 
             model = model.cpu()
             int_model.meta.update({"task": task.name, **task.int_meta(cfg, model, data)})
             int_model.save(run_dir / "int_model.pt")
-            with tempfile.TemporaryDirectory(prefix="qat-latency-") as scratch:
-                latency, _ = measure_latency(cfg, engine=primary, precision="int8", int_model=run_dir / "int_model.pt",
-                                             model_fields=task.latency_model(cfg, data, model, Path(scratch)))
+            latency, _ = measure_latency(cfg, engine=primary, precision="int8", int_model=run_dir / "int_model.pt",
+                                         model_fields=task.latency_model(cfg, data, model, None))
             log.info("[latency] int8 %.3f ms (median, %s)", latency["median_ms"], primary)
             record["fidelity"], final = task.fidelity(int_model, prepared, model, data, simulated,
                                                       list(cfg.latency.eval_engines), primary, cfg.latency.threads)
@@ -327,5 +331,5 @@ def run_classification(cfg: Any, run_dir: str | Path, tracker: RunLogger | None 
 
 
 __all__ = ["ENGINES", "PRECISIONS", "cache_dir", "fit", "float_key", "float_weights", "integer_form", "load_data",
-           "measure_latency", "metric_name", "model_id", "post_train", "primary_int8_engine", "quantize_and_finetune",
-           "run", "run_classification", "seed_everything", "validate"]
+           "measure_latency", "metric_name", "model_id", "post_train", "prepare_core", "primary_int8_engine",
+           "quantize_and_finetune", "run", "run_classification", "seed_everything", "validate"]

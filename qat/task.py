@@ -90,8 +90,9 @@ class RunTask(Protocol):
     def int_meta(self, cfg: Any, model: nn.Module, data: TaskData) -> dict[str, Any]:
         """What the integer model file needs to be rebuilt around (e.g. the detector's shell)."""
 
-    def latency_model(self, cfg: Any, data: TaskData, model: nn.Module, scratch: Path) -> dict[str, Any]:
-        """:class:`qat.latency.subprocess.MeasureSpec` fields that build the float model in the child."""
+    def latency_model(self, cfg: Any, data: TaskData, model: nn.Module, scratch: Path | None) -> dict[str, Any]:
+        """:class:`qat.latency.subprocess.MeasureSpec` fields that build the model in the child; float weights the
+        child needs are written under ``scratch`` (``None``: an int8 measurement, which needs none)."""
 
     def float_latency_engine(self, cfg: Any, primary: str) -> str:
         """The engine the float baseline is timed on."""

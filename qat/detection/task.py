@@ -165,13 +165,14 @@ class DetectionTask:
                 "num_classes": model.num_classes, "level_shapes": model.level_shapes,
                 "anchors_per_location": model.anchors_per_location}
 
-    def latency_model(self, cfg: Any, data: TaskData, model: nn.Module, scratch: Path) -> dict[str, Any]:
-        # the float detector's own weights: its scores decide how many boxes reach NMS
-        weights = scratch / "detector.pt"
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
+    def latency_model(self, cfg: Any, data: TaskData, model: nn.Module, scratch: Path | None) -> dict[str, Any]:
         m = cfg.model
-        return {"task": "detection", "arch": m.backbone, "width_mult": m.width_mult,
-                "num_classes": data.info["num_categories"], "resolution": m.resolution, "weights": str(weights)}
+        fields = {"task": "detection", "arch": m.backbone, "width_mult": m.width_mult,
+                  "num_classes": data.info["num_categories"], "resolution": m.resolution}
+        if scratch is not None:  # the float detector's own weights: its scores decide how many boxes reach NMS
+            fields["weights"] = str(scratch / "detector.pt")
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, fields["weights"])
+        return fields
 
     def float_latency_engine(self, cfg: Any, primary: str) -> str:
         """The float baseline runs on the int8 engine when it has a float path, else PyTorch eager."""
