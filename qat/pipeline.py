@@ -28,7 +28,7 @@ from torch import nn
 from qat import targets
 from qat.classification import CLASSIFICATION, cache_dir, load_data
 from qat.engines import registry
-from qat.errors import NoIntegerForm, choice_error
+from qat.errors import NoIntegerForm, QatError, choice_error
 from qat.fidelity import check_engine_names, primary_engine
 from qat.intmodel.convert import convert
 from qat.intmodel.graph import IntModel
@@ -37,6 +37,7 @@ from qat.ptq.apply import run_ptq
 from qat.ptq.driver import check_method, not_convertible_reason, quant_config, record_method
 from qat.quant import range_sync
 from qat.quant.prepare import calibration_mode, prepare
+from qat.quant.schedule import batch_norms_without_statistics
 from qat.record_blocks import apply_target, quant_block, saturation_block
 from qat.records import write_record
 from qat.task import Evaluation, RunTask, TaskData
@@ -150,6 +151,7 @@ def quantize_and_finetune(model: nn.Module, data: TaskData, cfg: Any, run_dir: P
     model with the schedule; returns the prepared core (inside the model the task rebuilt around it)."""
     q = cfg.quant
     prepared = prepare_core(model, cfg, runtime.device, task)
+    check_batch_norm_statistics(prepared, cfg)
     quantized = task.with_core(model, prepared)
     # calibration batches depend on the seed alone, not on what ran before: a resumed run skips float training
     torch.manual_seed(cfg.seed)
@@ -168,6 +170,19 @@ def quantize_and_finetune(model: nn.Module, data: TaskData, cfg: Any, run_dir: P
         before_step=lambda step: sched.apply(prepared, step), tracker=tracker, runtime=runtime)
     sched.apply(prepared, cfg.train.qat_epochs * len(data.train))
     return prepared
+
+
+def check_batch_norm_statistics(prepared: nn.Module, cfg: Any) -> None:
+    """Refuse to fold batch norms frozen from the first QAT step (``schedule.bn_freeze_step=0``) with running
+    statistics that never saw data: their layers would not train (:func:`batch_norms_without_statistics`)."""
+    if cfg.schedule.bn_freeze_step != 0 or cfg.train.qat_epochs == 0:
+        return
+    unseen = batch_norms_without_statistics(prepared)
+    if unseen:
+        raise QatError("schedule.bn_freeze_step", f"0 folds {len(unseen)} batch norms (first: {unseen[0]}) with "
+                       "running statistics that never saw data (mean 0, variance 1), so their layers would not "
+                       "train", "train float first (train.float_epochs > 0), load trained weights (model.weights), "
+                       "or let QAT start on batch statistics (schedule.bn_freeze_step=200, or null)")
 
 
 def prepare_core(model: nn.Module, cfg: Any, device: torch.device, task: RunTask) -> nn.Module:

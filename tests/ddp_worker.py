@@ -8,6 +8,10 @@ final weights must match the single-process run.
 ``OUT``. ``ddp_worker.py --ranges DIR`` runs the quantizer-range scenarios of tests/test_range_sync.py (QAT of
 small prepared networks: calibration, training, an interrupted and resumed run, a run without range
 synchronization) and every rank writes what it holds to ``DIR/ranges-rank<r>-of<world>.pt``.
+``ddp_worker.py --detection COCO_ROOT OUT [--per-rank-n]`` runs the QAT phase of a small SSDLite detector on that
+COCO-layout set (no flips: the ranks' random streams differ from one process's); rank 0 writes the prepared
+core's state (calibrated, trained) to ``OUT``. ``--per-rank-n`` divides each rank's SSD loss by its own matched
+boxes instead of the global batch's (torchvision's references; the control of the test).
 """
 
 from __future__ import annotations
@@ -190,8 +194,74 @@ def ranges_main(out_dir: Path) -> None:
     teardown()
 
 
+# --- detection QAT under DDP (tests/test_distributed.py) -----------------------------------------------------
+
+DETECTION_RESOLUTION = 64
+
+
+def detection_main(root: Path, out: Path, per_rank_n: bool) -> None:
+    """The QAT phase of SSDLite (MobileNet v2 x0.35): prepared core, calibration combined across the ranks, batch
+    norm folded with frozen statistics from the first step, the SSD loss normalized by the global batch's matched
+    boxes (qat.detection.train.detection_loss). Two steps (two global batches) at a small learning rate, the
+    quantizers observing but not quantizing (delays beyond the run): the float noise of batch-shape-dependent
+    kernels (about 1e-6) flips single LSBs when rounding is on and, after a few steps, swaps hard negatives at
+    the mining cut-off; an untrained detector's gradients are chaotic under both (measured: input noise of 1e-7
+    changes its quantized gradients by more than 100%), so only the first steps can be compared exactly."""
+    from qat.detection import train as detection_train
+    from qat.detection.data import CocoDetectionSet, check_split, collate, detection_transforms
+    from qat.detection.models import build_detector
+    from qat.detection.task import with_core
+    from qat.quant import range_sync
+    from qat.quant.config import QuantConfig
+    from qat.quant.prepare import calibration_mode, prepare
+    from qat.quant.schedule import QuantSchedule
+    from qat.train.engine import Task, fit
+    from qat.train.loop import OptimConfig
+
+    torch.set_num_threads(1)
+    runtime = setup("cpu")
+    if per_rank_n:  # each rank's N alone: the global count reported as world_size x the local one
+        detection_train.global_sum = lambda value: (value * runtime.world_size, runtime.world_size)
+    split = check_split(root, "train2017", keep_annotations=False)
+    dataset = CocoDetectionSet(split, detection_transforms(DETECTION_RESOLUTION, True, hflip=0.0))
+    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=3)
+    loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // runtime.world_size, sampler=sampler, collate_fn=collate)
+    torch.manual_seed(0)
+    detector = build_detector("mobilenet_v2", num_categories=split.num_categories, width_mult=0.35,
+                              resolution=DETECTION_RESOLUTION)
+    # running statistics as float training leaves them, from the whole set (the same on every rank): batch norm
+    # folds with them from the first QAT step
+    for module in detector.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average
+    detector.train()
+    with torch.no_grad():
+        for images, _ in DataLoader(dataset, batch_size=GLOBAL_BATCH, collate_fn=collate):
+            detector.core(detector.shell.transform(images)[0].tensors)
+    example = torch.zeros(1, 3, DETECTION_RESOLUTION, DETECTION_RESOLUTION)
+    core = prepare(detector.core, QuantConfig(), example)
+    quantized = with_core(detector, core)
+    loader.sampler.set_epoch(0)
+    with range_sync.synchronized(), calibration_mode(core), torch.no_grad():
+        for i, (images, _) in enumerate(loader):
+            if i >= 2:
+                break
+            core(quantized.shell.transform(images)[0].tensors)
+    calibrated = _state(core)
+    never = 10**9
+    sched = QuantSchedule(weight_quant_delay=never, act_quant_delay=never)
+    fit(quantized, loader, Task(detection_train.detection_loss), train=_Train(), optim=OptimConfig(weight_decay=0.0),
+        seed=0, phase="qat", epochs=1, lr=1e-5, checkpoint=out.parent / f"ckpt-{out.stem}.pt",
+        before_step=lambda step: sched.apply(core, step), runtime=runtime)
+    if runtime.is_main:
+        torch.save({"calibrated": calibrated, "trained": _state(core)}, out)
+    teardown()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--ranges":
         ranges_main(Path(sys.argv[2]))
+    elif sys.argv[1] == "--detection":
+        detection_main(Path(sys.argv[2]), Path(sys.argv[3]), per_rank_n="--per-rank-n" in sys.argv[4:])
     else:
         main(Path(sys.argv[1]))

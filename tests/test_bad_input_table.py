@@ -181,6 +181,8 @@ CASES = [
     Case("NaN/Inf loss", "run", [*DATA, "quant=float", "train.float_epochs=2", "optim.schedule=step",
                                  "optim.step_epochs=1", "optim.step_gamma=1e38"],
          "optim.lr", "last good checkpoint", _good, check=_nan_keeps_last_good_checkpoint),
+    Case("QAT folding batch norms that never saw data", "run", [*DATA, "train.float_epochs=0"],
+         "schedule.bn_freeze_step", "train.float_epochs > 0", _good),
     Case("malformed COCO JSON", "detect", ["data.name=coco", "data.root={x}/coco"],
          "{x}/coco/annotations/instances_train2017.json", "is not valid JSON",
          lambda tmp: _coco(tmp, '{"images": [ {"id": 1,'), subprocess=True),

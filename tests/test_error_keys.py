@@ -71,7 +71,7 @@ class _DivergingDetector(nn.Module):
         self.w = nn.Parameter(torch.ones(1))
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {"bbox_regression": self.w * float("inf"), "classification": self.w}
+        return {"bbox_regression": self.w * float("inf"), "classification": self.w, "num_foreground": 0}
 
 
 @pytest.mark.parametrize(("phase", "lr_key"), [("float", "optim.lr"), ("qat", "train.qat_lr")])

@@ -57,8 +57,8 @@ class SSDLiteDetector(nn.Module):
     """torchvision's SSD forward with the backbone and heads replaced by ``core`` (float, simulated or int8).
 
     Training mode: ``detector(images, targets)`` -> SSD losses (hard-negative mining, smooth L1; Liu et al.
-    2016 eq. 1-2). Eval mode: ``detector(images)`` -> per image ``{"boxes", "scores", "labels"}`` in the
-    input image's pixel coordinates.
+    2016 eq. 1-2), each divided by ``num_foreground`` (eq. 1's N, also returned). Eval mode:
+    ``detector(images)`` -> per image ``{"boxes", "scores", "labels"}`` in the input image's pixel coordinates.
     """
 
     def __init__(self, core: nn.Module, shell: SSD, level_shapes: list[tuple[int, int]],
@@ -107,6 +107,8 @@ class SSDLiteDetector(nn.Module):
                     continue
                 iou = box_iou(target["boxes"], anchors_per_image)
                 matched.append(self.shell.proposal_matcher(iou))
-            return self.shell.compute_loss(targets, head_outputs, anchors, matched)
+            losses = self.shell.compute_loss(targets, head_outputs, anchors, matched)
+            # the N of eq. 1 (matched default boxes in the batch), by which compute_loss divided both terms
+            return {**losses, "num_foreground": sum((m >= 0).sum() for m in matched)}
         detections = self.shell.postprocess_detections(head_outputs, anchors, image_list.image_sizes)
         return self.shell.transform.postprocess(detections, image_list.image_sizes, original_sizes)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from qat.detection.detector import SSDLiteDetector
 from qat.detection.metric import coco_ground_truth, coco_map, to_coco_detections
+from qat.train.distributed import global_sum
 from qat.train.engine import Task
 from qat.train.loop import BatchLoss, progress
 
@@ -18,13 +19,20 @@ from qat.train.loop import BatchLoss, progress
 def detection_loss(device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> BatchLoss:
     """SSD's loss of an ``(images, targets)`` batch: box regression + classification with hard negatives 3:1
     (Liu et al. 2016 eq. 1), computed on ``device``. The images are a list of any sizes that the detector's own
-    transform resizes and stacks, so ``memory_format`` applies to the detector's weights only."""
+    transform resizes and stacks, so ``memory_format`` applies to the detector's weights only.
+
+    Eq. 1 divides by N, the matched default boxes of the batch. Under DDP that is the global batch's N, summed
+    over the ranks (times the world size, since DDP averages the ranks' gradients): the gradients are then those
+    of one process on the global batch, as torchvision's detection references leave them only approximately."""
 
     def loss(detector: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         images, targets = batch
         losses = detector([image.to(device, non_blocking=True) for image in images],
                           [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets])
-        return losses["bbox_regression"] + losses["classification"], len(images)
+        matched = torch.as_tensor(losses["num_foreground"], dtype=torch.float32, device=device)
+        matched_global, world_size = global_sum(matched)
+        scale = matched.clamp(min=1) * world_size / matched_global.clamp(min=1)
+        return (losses["bbox_regression"] + losses["classification"]) * scale, len(images)
 
     return loss
 

@@ -101,6 +101,16 @@ def wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
     return ddp
 
 
+def global_sum(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``value`` summed over the job's ranks, and the number of ranks (``value`` itself and 1 outside DDP). A
+    collective: every rank must call it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value, 1
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total, dist.get_world_size()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
