@@ -1,6 +1,7 @@
 # The two commands of the README. Each creates .venv if absent and installs the project into it first.
 #   make demo   float vs int8 QAT over 3 MobileNet v2 widths -> results/demo/{results.csv,tradeoff.png}
-#   make test   the whole test suite
+#   make test   the test suite in 2 processes (pytest-xdist), all but the extra `full` variants (tests marked full)
+#   make test-full  every test (CI runs make test, then the `full` ones)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_RUNS := outputs/demo/$(shell date +%Y%m%d-%H%M%S)
 DEMO_OUT ?= results/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-full test-rest lint bench clean
 
 # constraints.txt pins every package of the dependency tree (reproducible installs; see its header).
 # pip's own lines show what it collects and installs (a first install takes a few minutes); a second make skips it.
@@ -31,8 +32,18 @@ demo: $(STAMP)
 	@echo "make demo: $$(( $$(date +%s) - $$(cat $(DEMO_RUNS).start) )) s wall time (6 runs and the report)$${FBGEMM_ENABLE_INSTRUCTIONS:+, FBGEMM_ENABLE_INSTRUCTIONS=$$FBGEMM_ENABLE_INSTRUCTIONS}" \
 		| tee $(DEMO_OUT)/wall_time.txt
 
+# One worker per core, each with one OpenMP thread (two 2-thread workers on 2 cores oversubscribe and crawl);
+# tests that measure with more threads set them explicitly.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST) -m "not full"
+
+test-full: $(STAMP)
+	$(PYTEST)
+
+test-rest: $(STAMP)
+	$(PYTEST) -m full
 
 # Benchmarks print ratios measured in one run (never asserted); quick settings for a 2-core machine.
 bench: $(STAMP)

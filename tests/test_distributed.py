@@ -95,6 +95,7 @@ DETECT_TINY = overrides(TINY_DETECTION, {"data.batch_size": 4, "data.eval_batch_
 
 
 @pytest.mark.slow
+@pytest.mark.full  # detection under DDP in make test: test_detection_qat_on_two_processes_matches_one_process
 def test_detection_under_torchrun_trains_on_both_ranks_and_writes_one_record(tmp_path: Path) -> None:
     """One training engine (issue 17): detection gets DDP like classification; each rank trains its shard of the
     seeded permutation, rank 0 alone evaluates, converts and writes the record."""

@@ -93,7 +93,7 @@ def _layer_codes_vs_torch_native(int_model: IntModel, lowered: et.Lowered, x: to
     return agreement
 
 
-@pytest.mark.parametrize("arch", ["mobilenet", "resnet"])
+@pytest.mark.parametrize("arch", ["mobilenet", pytest.param("resnet", marks=pytest.mark.full)])
 def test_int8_layers_agree_with_torch_native(arch: str, images: torch.Tensor, request) -> None:
     int_model, lowered = request.getfixturevalue(arch)
     agreement = _layer_codes_vs_torch_native(int_model, lowered, images)

@@ -124,6 +124,7 @@ TINY_DETECT = overrides(TINY_DETECTION, {"quant": "w8a8", "train.cache_float": F
 
 
 @pytest.mark.slow
+@pytest.mark.full  # a preempted submitit job in make test: test_submitit_local_multirun_with_a_preempted_job
 def test_submitit_local_detection_sweep_with_a_preempted_job(tmp_path: Path) -> None:
     """The detection app on the same launcher and tracker (issue 17): job 1 (W&B) is preempted during float
     training, requeued, resumes and continues its W&B run, and ends like its csv twin (job 0)."""

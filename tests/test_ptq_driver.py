@@ -123,6 +123,7 @@ def test_two_tensor_layers_give_a_simulated_only_record(ptq_run: tuple[Path, Pat
 
 
 @pytest.mark.slow
+@pytest.mark.full  # AdaQuant end to end in make test: test_ptq_run_records_its_method_and_report's run
 def test_adaquant_beats_minmax_at_w4a8_on_demo_data(tmp_path: Path) -> None:
     """Issue 8 / Hubara et al. Table 1 in miniature: same float model (trained once, shared through the float
     cache), W4A8 post-training, min/max ranges against min/max + sequential AdaQuant; integer top-1."""
