@@ -75,18 +75,22 @@ def test_detection_qat_on_two_processes_matches_one_process(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_app_under_torchrun_writes_one_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bn_fold", [None, pytest.param("whitepaper", marks=pytest.mark.full),
+                                     pytest.param("unfolded", marks=pytest.mark.full)])
+def test_app_under_torchrun_writes_one_record(bn_fold: str | None, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # the default recipe at 16 images per process (issue 21): EMA activation ranges, combined across the ranks at
     # every step (qat.quant.range_sync), batch norm folded with the float model's running statistics from the first
     # step. With batch statistics instead (schedule.bn_freeze_step=null) this diverged within 3 QAT steps.
-    result = _torchrun([str(ROOT / "experiments" / "run.py"), *overrides(TINY_CLASSIFICATION), "quant=w8a8",
+    fold = [f"quant.bn_fold={bn_fold}"] if bn_fold else []  # None: the preset's own (Jacob eq. 14)
+    result = _torchrun([str(ROOT / "experiments" / "run.py"), *overrides(TINY_CLASSIFICATION), "quant=w8a8", *fold,
                         f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "record.json").read_text())
     assert record["quant"]["precision"] == "int8" and record["accuracy"]["int_top1"] >= 0
     assert record["fidelity"]["sim_vs_int_top1_agreement"] >= 90.0
     assert "[ddp] rank 0/2" in result.stderr + result.stdout
+    assert record["quant"]["bn_fold"] == (bn_fold or "jacob")
 
 
 DETECT_TINY = overrides(TINY_DETECTION, {"data.batch_size": 4, "data.eval_batch_size": 8,
