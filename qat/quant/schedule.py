@@ -72,8 +72,7 @@ def batch_norms_without_statistics(model: nn.Module) -> list[str]:
     MobileNet v2 with untrained heads: 240 of its 252 parameters got exactly zero gradient)."""
     names = []
     for name, module in model.named_modules():
-        bn = getattr(module, "bn", None) if isinstance(module, QConvBnAct) else None
-        mean, var = (bn.running_mean, bn.running_var) if bn is not None else (None, None)
-        if mean is not None and var is not None and not mean.any() and bool((var == 1).all()):
+        bn = module.bn if isinstance(module, QConvBnAct) else None
+        if bn is not None and bn.track_running_stats and not bn.running_mean.any() and (bn.running_var == 1).all():
             names.append(name)
     return names

@@ -105,9 +105,9 @@ def main() -> None:
         for k, values in times.items():
             med = statistics.median(values)
             print(f"{name:<14}{k:<22}{med * 1e3:>10.1f}{med / base:>8.2f}")
-            for mode in WORST_OF:
-                if k == f"qat {mode}":
-                    worst[mode] = max(worst.get(mode, 0.0), med / base)
+            mode = k.removeprefix("qat ")
+            if mode in WORST_OF:
+                worst[mode] = max(worst.get(mode, 0.0), med / base)
     # the summary: qat's worst ratio over both models, per path (the default schedule's is "bn frozen")
     print("worst ratio: " + " ".join(f"{mode.split('=')[-1].replace(' ', '_')}={worst[mode]:.2f}" for mode in WORST_OF))
 
