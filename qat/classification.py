@@ -49,10 +49,12 @@ def load_data(cfg: Any, distributed: bool = False) -> tuple[ClassificationData, 
                                         distributed=distributed, in_memory=d.in_memory)
     val = build_classification_loaders(root, resolution=cfg.model.resolution, batch_size=d.eval_batch_size,
                                        workers=d.workers, resize_ratio=d.resize_ratio, seed=cfg.seed,
-                                       in_memory=d.in_memory).val
-    data = ClassificationData(data.train, val, data.class_names)
+                                       in_memory=d.in_memory, val_max_images=d.val_max_images,
+                                       val_subset_seed=d.val_subset_seed)
+    data = ClassificationData(data.train, val.val, data.class_names, val.val_subset)
     info = {"name": d.name, "root": str(root), "num_classes": len(data.class_names),
-            "train_size": len(data.train.dataset), "val_size": len(data.val.dataset)}
+            "train_size": len(data.train.dataset), "val_size": len(data.val.dataset),
+            "val_subset": data.val_subset}
     return data, info
 
 
@@ -122,10 +124,11 @@ class ClassificationTask:
         return f"top-1 {metrics['top1']:.2f}%"
 
     def fidelity(self, int_model: IntModel, prepared: nn.Module, model: nn.Module, data: TaskData,
-                 simulated: Evaluation, names: list[str], primary: str, threads: int
+                 simulated: Evaluation, names: list[str], primary: str, threads: int, device: torch.device
                  ) -> tuple[dict[str, Any], Evaluation]:
         sim_logits, sim_pred, targets = simulated.outputs
-        block, logits = evaluate_engines(int_model, data.val, sim_logits, sim_pred, targets, names, primary, threads)
+        block, logits = evaluate_engines(int_model, data.val, sim_logits, sim_pred, targets, names, primary, threads,
+                                         device)
         log.info("[int8] %s top-1 %.2f%%  (agreement with simulated %.2f%%; lowest over engines %.2f%%)", primary,
                  block["engines"][primary]["top1"], block["sim_vs_int_top1_agreement"],
                  block["min_agreement_with_sim"])

@@ -29,7 +29,7 @@ from qat import targets
 from qat.classification import CLASSIFICATION, cache_dir, load_data
 from qat.engines import registry
 from qat.errors import NoIntegerForm, QatError, choice_error
-from qat.fidelity import check_engine_names, primary_engine
+from qat.fidelity import check_engine_names, eval_device, primary_engine
 from qat.intmodel.convert import convert
 from qat.intmodel.graph import IntModel
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
@@ -69,6 +69,7 @@ def validate(cfg: Any, task: RunTask = CLASSIFICATION) -> None:
     if cfg.latency.engine not in ENGINES:
         raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
     check_engine_names(cfg.latency.eval_engines)
+    eval_device(cfg.latency.eval_device, torch.device("cpu"))  # a known name; cuda only where one is visible
     deployment, _ = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)  # refuses what cannot run
     if cfg.quant.precision != "float":
         targets.check_installed(deployment.target, [primary_int8_engine(cfg)])
@@ -80,6 +81,8 @@ def float_key(cfg: Any, data_info: dict[str, Any], task: RunTask = CLASSIFICATIO
               "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1,
               "channels_last": cfg.train.channels_last}  # another summation order: other weights
     recipe["model"].pop("weights")
+    for key in ("val_max_images", "val_subset_seed"):  # evaluation only: the same float weights
+        recipe["data"].pop(key, None)
     return task.float_key_prefix + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -296,7 +299,8 @@ def run(cfg: Any, run_dir: str | Path, task: RunTask = CLASSIFICATION, tracker: 
                                          model_fields=task.latency_model(cfg, data, model, None))
             log.info("[latency] int8 %.3f ms (median, %s)", latency["median_ms"], primary)
             record["fidelity"], final = task.fidelity(int_model, prepared, model, data, simulated,
-                                                      list(cfg.latency.eval_engines), primary, cfg.latency.threads)
+                                                      list(cfg.latency.eval_engines), primary, cfg.latency.threads,
+                                                      eval_device(cfg.latency.eval_device, device))
             accuracy.update(_prefixed("int_", final.metrics))
             accuracy.update(final.metrics)
             if cfg.target.diagnostic_images > 0:

@@ -44,6 +44,10 @@ class DataConfig:
     # decode once: auto holds a split in memory when its pixels fit in qat.data.memory.IN_MEMORY_MAX_MB (the demo
     # set; ImageNet streams), true always, false streams from disk with per-image PIL transforms (as before)
     in_memory: str = "auto"
+    # quick sweeps: evaluate on a class-stratified subset of this many validation images, drawn with
+    # val_subset_seed (the same images whatever the run's seed; recorded in data.val_subset); null: the whole set
+    val_max_images: int | None = None
+    val_subset_seed: int = 0
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
 
@@ -79,6 +83,9 @@ class LatencyConfig:
     # engines that evaluate the integer model on the validation set (fidelity against the simulated model);
     # "reference" is the integer-only executor; the latency engine is always evaluated
     eval_engines: list[str] = field(default_factory=lambda: ["reference", "onnxruntime"])
+    # where the integer-only reference evaluates: auto (the run's device: a GPU when training uses one) | cpu |
+    # cuda; the other engines are CPU-only and say so in the record (fidelity.engines.<name>.device)
+    eval_device: str = "auto"
 
 
 @dataclass

@@ -82,10 +82,10 @@ class RunTask(Protocol):
         """One log line's worth of ``metrics``."""
 
     def fidelity(self, int_model: IntModel, prepared: nn.Module, model: nn.Module, data: TaskData,
-                 simulated: Evaluation, names: list[str], primary: str, threads: int
+                 simulated: Evaluation, names: list[str], primary: str, threads: int, device: torch.device
                  ) -> tuple[dict[str, Any], Evaluation]:
-        """The record's fidelity block (every engine of ``names`` against the simulated model) and the primary
-        engine's evaluation."""
+        """The record's fidelity block (every engine of ``names`` against the simulated model, in one pass over the
+        validation data; the reference on ``device``) and the primary engine's evaluation."""
 
     def int_meta(self, cfg: Any, model: nn.Module, data: TaskData) -> dict[str, Any]:
         """What the integer model file needs to be rebuilt around (e.g. the detector's shell)."""

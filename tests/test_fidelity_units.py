@@ -64,7 +64,7 @@ def test_block_without_output_quantizer_is_in_real_units(monkeypatch: pytest.Mon
     # intact model (an engine needs one); the block must not call real units LSBs
     unquantized = copy.deepcopy(int_model)
     unquantized.node(unquantized.nodes[-1].inputs[0]).out = None
-    monkeypatch.setattr(fidelity, "build_engine", lambda name, model, threads: (engine, {"engine": name}))
+    monkeypatch.setattr(fidelity, "build_engine", lambda name, model, threads, device="cpu": (engine, {"engine": name}))
     block, _ = evaluate_engines(unquantized, loader, sim_logits, sim_pred, targets, [], "reference")
     assert block["output_lsb"] is None and block["logit_diff_unit"] == "real"
     assert block["logit_max_abs_diff"] == pytest.approx(real_max)

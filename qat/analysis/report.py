@@ -181,6 +181,25 @@ def fidelity_markdown(fidelity: pd.DataFrame, host: str) -> list[str]:
             _markdown_table(shown[list(columns)].rename(columns=columns)), ""]
 
 
+SUBSET_COLUMN = "validation images"
+SUBSET_NOTE = ("`subset N (seed s)`: the run's accuracies are over a seeded, class-stratified subset of N validation "
+               "images (`data.val_max_images`, `data.val_subset_seed`; the record's `data.val_subset`), not over "
+               "the whole validation set; compare them only with runs of the same subset.")
+
+
+def _subset_column(summary: pd.DataFrame) -> pd.Series | None:
+    """``all`` or ``subset N (seed s)`` per configuration, when any was evaluated on a validation subset."""
+    if "data.val_subset.images" not in summary.columns:
+        return None
+    images = pd.to_numeric(summary["data.val_subset.images"], errors="coerce")
+    if images.isna().all():
+        return None
+    seeds = summary.get("data.val_subset.seed", pd.Series(pd.NA, index=summary.index))
+    seeds = pd.to_numeric(seeds, errors="coerce")
+    return pd.Series(["all" if pd.isna(n) else f"subset {int(n)} (seed {int(seed)})"
+                      for n, seed in zip(images, seeds, strict=True)], index=summary.index)
+
+
 def summary_markdown(summary: pd.DataFrame, skipped: list[tuple[Path, str]], budgets: dict[str, pd.DataFrame],
                      plots: list[Path], *, fidelity: pd.DataFrame | None = None, host: str = "") -> str:
     """``summary.md``: the configurations, budget answers, the int8 engines beside the simulated model (when
@@ -195,12 +214,20 @@ def summary_markdown(summary: pd.DataFrame, skipped: list[tuple[Path, str]], bud
         keys = list(columns)
         at = keys.index("metric.ci95") + 1 if "metric.ci95" in keys else len(keys)
         columns = {k: columns.get(k, k) for k in [*keys[:at], SIMULATED_COLUMN, *keys[at:]]}
+    subset = _subset_column(shown)
+    if subset is not None:
+        shown[SUBSET_COLUMN] = subset
+        keys = list(columns)
+        at = keys.index("n") if "n" in keys else len(keys)
+        columns = {k: columns.get(k, k) for k in [*keys[:at], SUBSET_COLUMN, *keys[at:]]}
     lines = ["# Report", "", f"{int(summary['n'].sum())} run(s), {len(summary)} configuration(s); accuracy = "
              f"{', '.join('top-1' if t == 'classification' else 'COCO mAP' for t in names) or 'top-1'}, mean over "
              "seeds ± half-width of the 95% Student-t interval (— when n = 1); latency = median ms.", "",
              _markdown_table(shown[list(columns)].rename(columns=columns)), ""]
     if SIMULATED_COLUMN in columns:
         lines += [f"**{SIMULATED_COLUMN}**: {SIMULATED_NOTE}", ""]
+    if SUBSET_COLUMN in columns:
+        lines += [f"**{SUBSET_COLUMN}**: {SUBSET_NOTE}", ""]
     for title, answer in budgets.items():
         lines += [f"## {title}", ""]
         if answer.empty:

@@ -20,10 +20,11 @@ CONFIG_KEYS = (
     "quant.precision", "quant.weight_bits", "quant.act_bits", "quant.weight_per_channel",
     "quant.weight_symmetric", "quant.act_symmetric", "quant.act_observer", "quant.weight_observer",
     "quant.bn_fold", "quant.activation", "simulated_only", "latency.engine", "latency.device", "latency.threads",
-    "latency.batch",
+    "latency.batch", "data.val_subset.images", "data.val_subset.seed",
 )  # fmt: skip
 """What identifies a configuration by default (those present in the frame): everything but the seed
-(``simulated_only`` keeps runs without an integer model apart from integer runs)."""
+(``simulated_only`` keeps runs without an integer model apart from integer runs; runs evaluated on a validation
+subset, ``data.val_max_images``, are apart from whole-set runs and from other subsets)."""
 
 VALUE_COLUMNS = (
     "metric", "metric_sim", "metric_float", "accuracy.top1", "accuracy.map", "accuracy.float_top1",

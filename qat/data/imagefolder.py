@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import torch
 from PIL import Image
@@ -36,6 +38,7 @@ from qat.data.memory import (
     estimated_bytes,
     in_memory_mode,
 )
+from qat.data.subset import restrict_folder
 from qat.errors import QatError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,12 +71,18 @@ def read_image(path: str) -> Image.Image:
         raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
 
 
-class ClassificationData(NamedTuple):
-    """What :func:`build_classification_loaders` returns; unpacks as ``train, val, class_names``."""
+@dataclass
+class ClassificationData:
+    """What :func:`build_classification_loaders` returns; unpacks as ``train, val, class_names``. ``val_subset``
+    describes the validation subset (:func:`qat.data.subset.restrict_folder`), ``None`` for the whole split."""
 
     train: DataLoader
     val: DataLoader
     class_names: list[str]
+    val_subset: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.train, self.val, self.class_names))
 
     @property
     def num_classes(self) -> int:
@@ -168,6 +177,8 @@ def build_classification_loaders(
     seed: int = 0,
     distributed: bool = False,
     in_memory: str | bool = "auto",
+    val_max_images: int | None = None,
+    val_subset_seed: int = 0,
 ) -> ClassificationData:
     """Train and val loaders over ``<root>/{train,val}/<class>/*``; training images are augmented by
     :func:`classification_transforms` (random-resized crop, horizontal flip with probability ``hflip``).
@@ -181,6 +192,9 @@ def build_classification_loaders(
     :data:`~qat.data.memory.IN_MEMORY_MAX_MB` MiB in memory (:class:`~qat.data.memory.InMemoryImages`, decoded on
     first use; the loader's ``collate_fn`` augments or normalises each batch), ``true`` holds both whatever
     their size, ``false`` streams both from disk with the per-image transforms.
+
+    ``val_max_images`` (``data.val_max_images``) keeps a class-stratified subset of the validation split drawn with
+    ``val_subset_seed`` (:mod:`qat.data.subset`); only those images are decoded.
     """
     if resolution < 1 or batch_size < 1:
         raise QatError("data", f"resolution {resolution} and batch size {batch_size} must be positive")
@@ -198,6 +212,7 @@ def build_classification_loaders(
     )
     train_set = ImageFolder(str(root / "train"), transform=train_tf, loader=read_image)
     val_set = ImageFolder(str(root / "val"), transform=val_tf, loader=read_image)
+    val_subset = restrict_folder(val_set, val_max_images, val_subset_seed)
     train_collate = val_collate = None
     if _hold(mode, train_set.samples, None, "train"):
         train_collate = RandomResizedCropFlip(resolution, scale=train_crop_scale, hflip=hflip,
@@ -231,4 +246,4 @@ def build_classification_loaders(
     )  # fmt: skip
     val = DataLoader(val_set, batch_size=batch_size, shuffle=False, sampler=val_sampler, collate_fn=val_collate,
                      **common)
-    return ClassificationData(train, val, classes)
+    return ClassificationData(train, val, classes, val_subset)

@@ -45,26 +45,36 @@ def detection_task(val: DataLoader, annotations: dict[str, Any], category_ids: l
 
 
 @torch.no_grad()
-def detect(detector: SSDLiteDetector, loader: DataLoader, category_ids: list[int], desc: str = "eval"
-           ) -> list[dict[str, Any]]:
-    """COCO-format detections of ``detector`` over ``loader`` (run on the detector's device), in original image
-    coordinates."""
-    detector.eval()
+def detect_batch(detector: SSDLiteDetector, images: list[torch.Tensor], targets: list[dict[str, Any]],
+                 category_ids: list[int]) -> list[dict[str, Any]]:
+    """COCO-format detections of ``detector`` (in eval mode) on one batch, run on the detector's device, in
+    original image coordinates."""
     weight = next(detector.parameters(), None)  # an engine's core has none: it runs on the CPU
     device = weight.device if weight is not None else torch.device("cpu")
+    outputs = [{k: v.cpu() for k, v in out.items()} for out in detector([i.to(device) for i in images])]
+    return to_coco_detections(outputs, targets, category_ids, detector.resolution)
+
+
+def detect(detector: SSDLiteDetector, loader: DataLoader, category_ids: list[int], desc: str = "eval"
+           ) -> list[dict[str, Any]]:
+    """COCO-format detections of ``detector`` over ``loader`` (:func:`detect_batch`)."""
+    detector.eval()
     results: list[dict[str, Any]] = []
     for images, targets in progress(loader, len(loader), desc):
-        outputs = [{k: v.cpu() for k, v in out.items()} for out in detector([i.to(device) for i in images])]
-        results += to_coco_detections(outputs, targets, category_ids, detector.resolution)
+        results += detect_batch(detector, images, targets, category_ids)
     return results
 
 
 def evaluate(detector: SSDLiteDetector, loader: DataLoader, annotations: dict[str, Any], category_ids: list[int],
              desc: str = "eval") -> dict[str, Any]:
     """COCO mAP (and AP50, AP75, per size) of ``detector`` on the images of ``loader``."""
-    detections = detect(detector, loader, category_ids, desc)
+    return score(detect(detector, loader, category_ids, desc), loader, annotations)
+
+
+def score(detections: list[dict[str, Any]], loader: DataLoader, annotations: dict[str, Any]) -> dict[str, Any]:
+    """COCO mAP of ``detections`` over the images of ``loader``."""
     image_ids = list(loader.dataset.ids)  # type: ignore[attr-defined]
     return coco_map(coco_ground_truth(annotations), detections, image_ids)
 
 
-__all__ = ["detect", "detection_loss", "detection_task", "evaluate"]
+__all__ = ["detect", "detect_batch", "detection_loss", "detection_task", "evaluate", "score"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -262,7 +262,7 @@ class MatmulKernel:
         self.plan = plan_accumulator(node.name, largest_code(in_q, self.offset),
                                      largest_code(in_q, in_q.zero_point), w, bias)
         bias = bias + (self.offset - in_q.zero_point) * w.flatten(1).sum(1)
-        self._weights = {w.device: w.to(self.plan.dtype)}
+        self._weights = PerDevice(w.to(self.plan.dtype))
         ndim = 4 if self.conv_args is not None else 2
         requant = Requantize(node, rounding, ndim)
         # b·M0 joins the rounding constant when every int64 step provably stays in range (all factors < 2^31)
@@ -271,13 +271,8 @@ class MatmulKernel:
         self.requantize = Requantize(node, rounding, ndim, bias) if self.fold else requant
         self.bias = _channel_view(bias, ndim)
 
-    def _weight(self, device: torch.device) -> torch.Tensor:
-        if device not in self._weights:
-            self._weights[device] = next(iter(self._weights.values())).to(device)
-        return self._weights[device]
-
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._weight(x.device)
+        w = self._weights.like(x)
         if self.conv_args is None:
             return F.linear(x, w)
         return F.conv2d(x, w, None, *self.conv_args)
@@ -310,6 +305,18 @@ class MatmulKernel:
 
 def _on_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if t.device == like.device else t.to(like.device)
+
+
+class PerDevice:
+    """A constant tensor (a weight, a lookup table) with one cached copy per device it is used on."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._copies = {tensor.device: tensor}
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device not in self._copies:
+            self._copies[x.device] = next(iter(self._copies.values())).to(x.device)
+        return self._copies[x.device]
 
 
 def pair16_kernel(node: IntNode, in_q: TensorQ, rounding: str) -> Kernel:
@@ -369,10 +376,10 @@ class AddKernel:
             node.out.zero_point
         self.grids = in_qs
         size_a, size_b = (q.qmax - q.qmin + 1 for q in in_qs)
-        self.table = None
+        self.table: PerDevice | None = None
         if size_a * size_b <= TABLE_ENTRIES:
             pairs = self.arithmetic(grid_codes(in_qs[0]).reshape(-1, 1), grid_codes(in_qs[1]).reshape(1, -1))
-            self.table = pairs.reshape(-1).to(VALUES)
+            self.table = PerDevice(pairs.reshape(-1).to(VALUES))
             self.index_scale = size_b
             self.index_offset = -(in_qs[0].qmin * size_b + in_qs[1].qmin)
 
@@ -385,7 +392,7 @@ class AddKernel:
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.table is not None:  # index (a - qmin_a)·|grid b| + (b - qmin_b): exact in float32 (< 2^24)
             index = torch.add(b.to(VALUES), a.to(VALUES), alpha=self.index_scale).add_(self.index_offset)
-            return gather_codes(_on_device(self.table, index), index.to(torch.int64))
+            return gather_codes(self.table.like(index), index.to(torch.int64))
         codes = empty_codes(a.shape, a.device)
         for rows in batch_chunks(a):
             codes[rows] = self.arithmetic(a[rows], b[rows])
@@ -400,12 +407,12 @@ class CatKernel:
         assert node.out is not None
         rescale = _rescaled_inputs(node, in_qs, rounding, int(node.attrs["left_shift"]))
         low, high, z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), node.out.zero_point
-        self.tables = [rescale(i, grid_codes(q)).add_(z_out).clamp_(low, high).to(VALUES)
+        self.tables = [PerDevice(rescale(i, grid_codes(q)).add_(z_out).clamp_(low, high).to(VALUES))
                        for i, q in enumerate(in_qs)]
         self.grids, self.dim = in_qs, int(node.attrs["dim"])
 
     def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
-        parts = [gather_codes(_on_device(table, x), (x.to(VALUES) - q.qmin).to(torch.int64))
+        parts = [gather_codes(table.like(x), (x.to(VALUES) - q.qmin).to(torch.int64))
                  for table, q, x in zip(self.tables, self.grids, xs, strict=True)]
         return torch.cat(parts, self.dim)
 
@@ -603,8 +610,22 @@ class ReferenceExecutor(nn.Module):
         return self._run(x, keep_all=False)[self.steps[-1][0].name]
 
 
-def build(int_model: IntModel, rounding: str = "double", accumulation: str = "int32") -> ReferenceExecutor:
-    """The engine-style entry point (float images → float logits)."""
+def on_device(int_model: IntModel, device: torch.device) -> IntModel:
+    """A copy of ``int_model`` whose tensors are on ``device`` (the kernels' constants derive from them)."""
+    nodes = [replace(n, tensors={k: t.to(device) for k, t in n.tensors.items()}) for n in int_model.nodes]
+    return replace(int_model, nodes=nodes)
+
+
+def build(int_model: IntModel, rounding: str = "double", accumulation: str = "int32",
+          device: torch.device | str = "cpu") -> ReferenceExecutor:
+    """The engine-style entry point (float images → float logits) on ``device``: CUDA runs the same exact float
+    GEMMs (cuDNN off, TF32 off: :func:`exact_float_kernels`). The pair16 emulation runs on the CPU only."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        if accumulation == "pair16":
+            raise QatError("latency.eval_device", f"the pair16 reference runs on the CPU only, not {device}",
+                           "set latency.eval_device=cpu, or drop reference_pair16 from latency.eval_engines")
+        int_model = on_device(int_model, device)
     return ReferenceExecutor(int_model, rounding, accumulation)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from qat.engines.registry import build_int
-from qat.intmodel.reference import ReferenceExecutor
+from qat.intmodel.reference import build
 from qat.latency.host import describe_host
 from qat.latency.random_models import random_float_model, random_int_model
 from qat.quant.config import QuantConfig
@@ -63,7 +63,7 @@ def runners_for(arch: str, args: argparse.Namespace, device: torch.device) -> tu
     """Float eval, reference and (CPU) int8 engine of one model on ``device``; and the reference's plan summary."""
     float_model = random_float_model(arch, resolution=args.resolution, seed=0)
     int_model = random_int_model(float_model, resolution=args.resolution, config=QuantConfig(act_observer="minmax"))
-    reference = ReferenceExecutor(int_model)
+    reference = build(int_model, device=device)  # its constants on the device of the batches
     plans: dict[str, int] = {}
     for plan in getattr(reference, "plans", {}).values():  # absent before issue 22 (int64 GEMMs)
         plans[plan.describe()] = plans.get(plan.describe(), 0) + 1
