@@ -6,7 +6,9 @@ nodes in training mode (:func:`qat.quant.prepare.calibration_mode`). Two switche
 and ``quantizing`` (off before the quantization delay, Jacob §3.1).
 
 Per-tensor EMA quantizers (the activation default) take the fewer-kernel path of :mod:`qat.quant.fused`,
-which gives the same numbers as the generic path below (``QAT_UNFUSED_FAKE_QUANT=1`` forces the generic one).
+which gives the same numbers as the generic path below; on the CPU both fake-quantize with vectorized ops of the
+same arithmetic (:mod:`qat.quant.vectorized`). ``QAT_UNFUSED_FAKE_QUANT=1`` forces the generic path on torch's
+own fake-quantize kernels, the reference the others are tested against.
 """
 
 from __future__ import annotations
@@ -61,4 +63,7 @@ class FakeQuantize(nn.Module):
             self.update_qparams()
         if not self.quantizing or not self.observer.initialized:
             return x
+        fast = fused.quantize_observed(self, x, observe)
+        if fast is not None:
+            return fast
         return fake_quantize(x, self.scale.to(x.device), self.zero_point.to(x.device), self.spec)

@@ -42,8 +42,8 @@ import torch
 
 from qat.compat.torch_private import fake_quantize_cachemask_tensor_qparams, foreach_add_, foreach_mul, foreach_mul_
 from qat.errors import QatError
-from qat.quant import range_sync
-from qat.quant.observers import EmaMinMaxObserver
+from qat.quant import range_sync, vectorized
+from qat.quant.observers import CurrentMinMaxObserver, EmaMinMaxObserver, aminmax
 from qat.quant.scheme import QuantSpec
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def ema_update(obs: EmaMinMaxObserver, x: torch.Tensor) -> None:
     """Jacob §3.1: m <- decay·m + (1 - decay)·batch for min and max; the first batch sets the range. Under
     :func:`qat.quant.range_sync.synchronized` the batch is the global one (min of the ranks' minima, max of
     their maxima), as on the unfused path."""
-    low, high = torch.aminmax(x.detach())
+    low, high = aminmax(x.detach())
     if range_sync.active():
         low, high = range_sync.combine(low, high, obs.sync)
     if obs.min_val.numel() == 0:
@@ -141,9 +141,33 @@ def qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tu
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """S·(clamp(round(x/S) + Z) - Z) with the STE gradient: the kernel of qat.quant.scheme.fake_quantize."""
+    """S·(clamp(round(x/S) + Z) - Z) with the STE gradient: the kernel of qat.quant.scheme.fake_quantize (on the
+    CPU as vectorized ops with its exact arithmetic, :mod:`qat.quant.vectorized`)."""
+    if vectorized.applies(x):
+        return vectorized.fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax)
     ones = _constant(_ONES, x.device, lambda: torch.ones(1, dtype=torch.long, device=x.device))
     return fake_quantize_cachemask_tensor_qparams(x, scale, zero_point, ones, spec.qmin, spec.qmax)[0]
+
+
+def quantize_observed(fq: FakeQuantize, x: torch.Tensor, observed: bool) -> torch.Tensor | None:
+    """The generic path's fake quantizer for a float32 CPU ``x`` as vectorized ops (:mod:`qat.quant.vectorized`),
+    equal to :func:`qat.quant.scheme.fake_quantize` bit for bit; a per-channel weight whose range was just
+    observed on ``x`` skips clamp and mask when nothing can be clipped. ``None``: not applicable here."""
+    if not ENABLED or not vectorized.applies(x):
+        return None
+    spec, obs = fq.spec, fq.observer
+    scale, zero_point = fq.scale, fq.zero_point
+    if scale.device != x.device or zero_point.device != x.device:
+        return None
+    if not spec.per_channel:
+        return vectorized.fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax)
+    spec.check_axis(x)
+    if observed and type(obs) is CurrentMinMaxObserver and obs.per_channel and obs.ch_axis == spec.ch_axis:
+        out = vectorized.fake_quantize_unclipped(x, scale, zero_point, obs.min_val, obs.max_val, spec.qmin,
+                                                 spec.qmax, spec.ch_axis)
+        if out is not None:
+            return out
+    return vectorized.fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax, spec.ch_axis)
 
 
 def ema_fake_quantize(fq: FakeQuantize, x: torch.Tensor, observe: bool) -> torch.Tensor:

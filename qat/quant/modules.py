@@ -15,6 +15,8 @@ Three batch-norm treatments are selectable (``bn_fold``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,27 @@ class IntegerBias:
         scale = fq.scale.to(bias.device).double().reshape(()) * weight_fq.scale.to(bias.device).double().reshape(-1)
         rounded = torch.round(bias.double() / scale).clamp(-(2**31), 2**31 - 1) * scale
         return bias + (rounded.to(bias.dtype) - bias).detach()
+
+
+class _DivideByChannel(torch.autograd.Function):
+    """``y / s`` for a per-channel ``s``, with autograd's own division gradients (DivBackward0: ``g / s`` and
+    ``-g · (y / s) / s`` summed to ``s``'s shape) computed from the saved quotient instead of recomputing
+    ``y / s``: the same values bit for bit, two full passes fewer in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        out = y / s
+        ctx.save_for_backward(out, s)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        out, s = ctx.saved_tensors
+        grad_y = grad / s if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (out / s).mul_(grad).sum_to_size(s.shape).neg_()
+        return grad_y, grad_s
 
 
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -159,7 +182,7 @@ class QConvBnAct(IntegerBias, nn.Module):
         y = self._conv(x, self.weight_fq(self.conv.weight * scale.reshape(-1, 1, 1, 1)))
         # y / (gamma / sigma) is the (quantized) unscaled convolution; batch norm with batch statistics on it
         # equals the sigma/sigma_B output correction plus the batch-moment bias of whitepaper Fig. 13.
-        y = y / scale.reshape(1, -1, 1, 1)
+        y = _DivideByChannel.apply(y, scale.reshape(1, -1, 1, 1))
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
         return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,

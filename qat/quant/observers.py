@@ -25,6 +25,14 @@ def _reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
     return [d for d in range(x.dim()) if d != axis]
 
 
+def aminmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.aminmax(x)`` over all elements, without the NCHW copy it makes of a channels-last tensor (the
+    permuted view holds the same elements contiguously; min and max do not depend on the order)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return torch.aminmax(x)
+
+
 class Observer(nn.Module):
     """Base: buffers ``min_val``/``max_val`` (empty until the first observation).
 
@@ -48,7 +56,7 @@ class Observer(nn.Module):
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().float()
         if not self.per_channel:
-            return torch.aminmax(x)  # one pass
+            return aminmax(x)  # one pass
         dims = _reduce_dims(x, self.per_channel, self.ch_axis)
         return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
 
