@@ -81,14 +81,25 @@ def test_few_step_qat_run_writes_record_with_map_and_integer_core(tmp_path: Path
     assert flat.shape == (2, anchors * (int_model.meta["num_classes"] + 4))
 
 
-def test_mobilenet_v3_core_prepares_but_conversion_names_the_missing_op() -> None:
+def test_mobilenet_v3_core_converts_with_hardswish_and_squeeze_excite() -> None:
+    """The SSDLite v3-large core has an integer form (issue 18): hardswish, the SE gates and products convert,
+    and the integer-only reference runs it close to the simulation (random weights: a few output LSB)."""
+    from qat.intmodel.reference import ReferenceExecutor
+
     torch.set_num_threads(1)
     detector = build_detector("mobilenet_v3_large", num_categories=2, width_mult=0.35, resolution=64)
     prepared = prepare(detector.core, QuantConfig(), torch.zeros(1, 3, 64, 64))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
     with calibration_mode(prepared), torch.no_grad():
-        prepared(torch.rand(2, 3, 64, 64) * 2 - 1)
-    with pytest.raises(QatError, match="Hardswish.*has no integer implementation"):
-        convert(prepared)
+        prepared(x)
+    int_model = convert(prepared.eval())
+    ops = [n.op for n in int_model.nodes]
+    assert ops.count("hardswish") > 0 and ops.count("hardsigmoid") == ops.count("mul") > 0
+    out = int_model.node(int_model.nodes[-1].inputs[0]).out
+    with torch.no_grad():
+        simulated = prepared(x)
+    lsb = (ReferenceExecutor(int_model)(x) - simulated).abs() / out.scale
+    assert lsb.shape == simulated.shape and float(lsb.mean()) < 2.0, float(lsb.mean())
 
 
 def _compose(overrides: list[str]) -> DetectRunConfig:

@@ -150,9 +150,9 @@ def test_malformed_node_list_is_a_clear_error(int_model_and_input, tmp_path: Pat
 def test_unknown_op_in_file_names_the_node(int_model_and_input, tmp_path: Path) -> None:
     int_model, _ = int_model_and_input
     data = int_model.to_dict()
-    data["nodes"][1]["op"] = "hardswish"
+    data["nodes"][1]["op"] = "softmax"
     path = _write(tmp_path / "damaged.pt", data)
-    with pytest.raises(QatError, match=f"node {data['nodes'][1]['name']} uses op 'hardswish'"):
+    with pytest.raises(QatError, match=f"node {data['nodes'][1]['name']} uses op 'softmax'"):
         IntModel.load(path)
 
 

@@ -170,8 +170,8 @@ def test_simulated_bias_is_the_integer_models_int32_bias() -> None:
 
 
 def test_only_an_op_without_integer_form_makes_a_run_simulated_only() -> None:
-    """The pipeline records simulated accuracy only for a documented gap (hardswish); an uncalibrated quantizer
-    is a real error and stops the run instead of becoming a record (issue 16 item 1)."""
+    """The pipeline records simulated accuracy only for a documented gap (an op without an integer form: SiLU);
+    an uncalibrated quantizer is a real error and stops the run instead of becoming a record (issue 16 item 1)."""
     from qat.pipeline import integer_form
 
     uncalibrated = prepare(MODELS["mobilenet_v2"](), QuantConfig(), torch.randn(1, 3, 32, 32))
@@ -179,11 +179,12 @@ def test_only_an_op_without_integer_form_makes_a_run_simulated_only() -> None:
         integer_form(uncalibrated)
     assert not isinstance(info.value, NoIntegerForm)
 
-    hardswish = prepare(MODELS["mobilenet_v3_small"](), QuantConfig(), torch.randn(2, 3, 32, 32))
-    with calibration_mode(hardswish):
-        hardswish(torch.randn(4, 3, 32, 32))
-    int_model, reason = integer_form(hardswish)
-    assert int_model is None and "Hardswish" in reason
+    silu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
+    silu = prepare(silu, QuantConfig(), torch.randn(2, 3, 32, 32))
+    with calibration_mode(silu):
+        silu(torch.randn(4, 3, 32, 32))
+    int_model, reason = integer_form(silu)
+    assert int_model is None and "SiLU" in reason
 
     calibrated = prepare(MODELS["mobilenet_v2"](), QuantConfig(), torch.randn(2, 3, 32, 32))
     with calibration_mode(calibrated):

@@ -220,12 +220,14 @@ class _QuantizedValues(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> torch.Tensor:
         result = super().run_node(n)
-        self.raw[n.name] = result
+        # kept as it is now: a later in-place op (Hardswish(inplace=True)) overwrites its input, this output
+        kept = result.clone() if isinstance(result, torch.Tensor) else result
+        self.raw[n.name] = kept
         if n.op == "call_module" and str(n.target).startswith("act_quant."):
             source = n.args[0]
-            self.values["input" if source.op == "placeholder" else source.name] = result
+            self.values["input" if source.op == "placeholder" else source.name] = kept
             if source.args and isinstance(source.args[0], fx.Node) and "add" in source.args[0].name:
-                self.values[source.args[0].name] = result  # add -> ReLU: one integer op named after the add
+                self.values[source.args[0].name] = kept  # add -> ReLU: one integer op named after the add
         return result
 
 

@@ -5,8 +5,9 @@ conv/linear weights are folded with the running BN statistics (Jacob eq. 14, inf
 the simulation's own weight quantizer, and biases are quantized to int32 with scale S_in·S_w (Jacob §2.4).
 Every op that changes scale carries its fixed-point multipliers (M0, n): conv/linear M = S_in·S_w/S_out
 (Jacob eq. 5-6); add the TFLite ADD parameters (input multipliers S_i/2max(S), output multiplier
-2max(S)/(2^L·S_out), headroom shift L); cat one multiplier S_i/S_out per input. Average pooling must keep its
-input's (S, Z).
+2max(S)/(2^L·S_out), headroom shift L); cat one multiplier S_i/S_out per input; mul (squeeze-excite's gate times
+its input) M = S_a·S_b/S_out (TFLite MUL). Hardswish and hardsigmoid carry no parameters: their integer form is a
+table over the input grid (:mod:`qat.intmodel.elementwise`). Average pooling must keep its input's (S, Z).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qat.errors import NoIntegerForm, QatError
@@ -23,6 +25,12 @@ from qat.quant.fake_quant import FakeQuantize
 from qat.quant.modules import QConvBnAct, QLinear
 from qat.quant.prepare import _ADD_FUNCTIONS, _relu_kind, is_passthrough, is_same_grid
 from qat.quant.scheme import quantize
+
+SUPPORTED = ("supported ops: conv(+BN)(+ReLU/ReLU6), linear, add(+ReLU), mul, hardswish, hardsigmoid, avg/max pool, "
+             "flatten, cat")
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_TABLE_MODULES = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
+_TABLE_FUNCTIONS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
 
 
 def _tensor_q(fq: FakeQuantize, layer: str) -> TensorQ:
@@ -45,6 +53,13 @@ def _activation_clamp(activation: str, out: TensorQ) -> tuple[int, int]:
 
 def _pair(value: int | tuple[int, ...] | list[int]) -> list[int]:
     return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _table_op(node: fx.Node, module: nn.Module | None) -> str | None:
+    """hardswish / hardsigmoid as a module or a function (their integer form: a table over the input grid)."""
+    if module is not None:
+        return _TABLE_MODULES.get(type(module))
+    return _TABLE_FUNCTIONS.get(node.target) if node.op == "call_function" else None
 
 
 class _Converter:
@@ -134,6 +149,15 @@ class _Converter:
         node.tensors["input_shift"] = torch.tensor([p[1] for p in pairs], dtype=torch.int32)
         node.attrs["clamp_min"], node.attrs["clamp_max"] = node.out.qmin, node.out.qmax
 
+    def _mul_params(self, node: IntNode) -> None:
+        """TFLite quantized MUL: (q_a - Z_a)(q_b - Z_b) requantized by M = S_a·S_b/S_out (kernels/mul.cc)."""
+        assert node.out is not None
+        a, b = (self.qparams[i] for i in node.inputs)
+        m0, n = quantize_multiplier(a.scale * b.scale / node.out.scale)
+        node.tensors["multiplier"] = torch.tensor([m0], dtype=torch.int64)
+        node.tensors["shift"] = torch.tensor([n], dtype=torch.int32)
+        node.attrs["clamp_min"], node.attrs["clamp_max"] = node.out.qmin, node.out.qmax
+
     def _check_same_grid(self, node: IntNode) -> None:
         """Average pooling divides an integer sum; it has no requantization step (TFLite AVERAGE_POOL_2D)."""
         in_q = self.qparams[node.inputs[0]]
@@ -178,13 +202,15 @@ class _Converter:
                 self._add_params(int_node)
             elif int_node.op == "cat":
                 self._cat_params(int_node)
+            elif int_node.op == "mul":
+                self._mul_params(int_node)
             elif int_node.op == "avg_pool":
                 self._check_same_grid(int_node)
             self.env[node.name] = int_node.name
             self.qparams[int_node.name] = int_node.out
             return
         raise NoIntegerForm("convert", f"quantizer {node.target} follows {src.name}, which has no integer form",
-                           "supported ops: conv(+BN)(+ReLU/ReLU6), linear, add(+ReLU), avg/max pool, flatten, cat")
+                           SUPPORTED)
 
     def _on_op(self, node: fx.Node) -> None:
         module = self.modules.get(node.target) if node.op == "call_module" else None
@@ -206,6 +232,11 @@ class _Converter:
         elif node.op == "call_function" and node.target in _ADD_FUNCTIONS:
             inputs = [self._input(a) for a in node.args[:2]]
             self._emit(IntNode(node.name, "add", inputs, None, {"activation": "none"}), node.name)
+        elif node.op == "call_function" and node.target in _MUL_FUNCTIONS and len(node.args) == 2 and all(
+                isinstance(a, fx.Node) for a in node.args):  # two tensors; a constant factor has no grid here
+            self._emit(IntNode(node.name, "mul", [self._input(a) for a in node.args], None), node.name)
+        elif table_op := _table_op(node, module):
+            self._emit(IntNode(node.name, table_op, [self._input(node.args[0])], None), node.name)
         elif _relu_kind(node, self.modules) and node.args[0].name in self.pending:
             int_node = self.pending.pop(node.args[0].name)
             if int_node.op != "add" or int_node.attrs["activation"] != "none":
@@ -228,8 +259,7 @@ class _Converter:
             self._emit(IntNode(node.name, "cat", inputs, None, {"dim": dim}), node.name)
         else:
             what = node.target if node.op != "call_module" else type(module).__name__
-            raise NoIntegerForm("convert", f"{node.name} ({what}) has no integer implementation",
-                               "supported ops: conv(+BN)(+ReLU/ReLU6), linear, add(+ReLU), avg/max pool, flatten, cat")
+            raise NoIntegerForm("convert", f"{node.name} ({what}) has no integer implementation", SUPPORTED)
 
     @staticmethod
     def _pool_attrs(module: nn.Module) -> dict:

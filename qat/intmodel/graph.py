@@ -4,8 +4,9 @@ Every tensor between ops is quantized with (S, Z) and a bit width; weights are i
 per-tensor scales and zero point 0 (symmetric) or Z; biases are int32 with scale S_in·S_w and zero point 0
 (Jacob §2.4); each conv/linear stores its requantization multipliers M = S_in·S_w / S_out as (M0, n)
 (Jacob §2.2) and its fused activation as a clamp of the output's integer range (Jacob §2.4); add and cat
-store their input/output multipliers too (format version 2). Engines are built from this one file, so all
-engines run the same integers.
+store their input/output multipliers too (format version 2), mul its M = S_a·S_b/S_out (TFLite MUL);
+hardswish and hardsigmoid need only their two grids (:mod:`qat.intmodel.elementwise`). Engines are built
+from this one file, so all engines run the same integers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from qat.records import atomic_write_bytes
 FORMAT = "qat.intmodel"
 FORMAT_VERSION = 2  # 2: add/cat carry their requantization multipliers, avg_pool its full torch attributes
 
-OPS = ("quantize", "conv2d", "linear", "add", "avg_pool", "max_pool", "flatten", "cat", "dequantize")
+# hardswish, hardsigmoid and mul joined version 2 as new ops: a reader without them names the op and asks for
+# an upgrade (IntModel.validate), so the files of older versions still load unchanged
+OPS = ("quantize", "conv2d", "linear", "add", "avg_pool", "max_pool", "flatten", "cat", "hardswish", "hardsigmoid",
+       "mul", "dequantize")
 
 _MATMUL_TENSORS = ("weight", "weight_zero_point", "bias", "multiplier", "shift")
 REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # op -> (tensors, attrs) an executor needs
@@ -35,6 +39,9 @@ REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # op -> (tenso
     "avg_pool": ((), ("adaptive",)),
     "max_pool": ((), ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
     "flatten": ((), ("start_dim",)),
+    "hardswish": ((), ()),
+    "hardsigmoid": ((), ()),
+    "mul": (("multiplier", "shift"), ("clamp_min", "clamp_max")),
     "dequantize": ((), ()),
 }
 

@@ -9,6 +9,8 @@ that computes exactly what integer arithmetic computes (codes travel as float32,
   range (TFLite ``reference_integer_ops::ConvPerChannel``; Jacob §2.4 for ReLU as a clamp).
 * add: TFLite's quantized ADD — inputs shifted left by L, rescaled by their multipliers, summed, requantized.
 * cat: each input (q - Z_i)·2^L requantized by S_i/S_out·2^-L with the same primitive.
+* mul: TFLite's quantized MUL, (q_a - Z_a)(q_b - Z_b) requantized by S_a·S_b/S_out (squeeze-excite);
+  hardswish / hardsigmoid: a table over the input grid (:mod:`qat.intmodel.elementwise`).
 * average pool: integer sum, divided with rounding half away from zero (TFLite ``AveragePool``); max pool,
   flatten: integer max and reshape.
 
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import QatError
+from qat.intmodel.elementwise import TABLE_OPS, activation_table, check_mul_accumulator, mul_codes
 from qat.intmodel.gemmlowp import (
     INT32_MAX,
     apply_multiplier,
@@ -63,7 +66,7 @@ FLOAT32_EXACT = 2**24  # float32 holds every integer of magnitude <= 2^24 (24-bi
 FLOAT64_EXACT = 2**53
 MAX_DIGITS = 3  # float32 convolutions per layer before one float64 convolution is cheaper (measured: 3-11x)
 CHUNK_ELEMENTS = 1 << 20  # int64 block of the requantization arithmetic (8 MiB: cache-sized, few parallel regions)
-TABLE_ENTRIES = 1 << 18  # add: code pairs tabulated (two 8-bit or 9-bit grids), 1 MiB of float32
+TABLE_ENTRIES = 1 << 18  # add/mul: code pairs tabulated (two 8-bit or 9-bit grids), 1 MiB of float32
 
 
 @contextmanager
@@ -361,19 +364,13 @@ def gather_codes(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
 
 
-class AddKernel:
-    """TFLite quantized ADD (reference_ops::AddElementwise): headroom shift, per-input and output multipliers.
+class PairTableKernel:
+    """An elementwise op of two integer inputs (broadcasting) whose output is a function of the code pair.
 
-    The output is a function of the two input codes only: for grids with at most :data:`TABLE_ENTRIES` code
-    pairs it is tabulated once by this same arithmetic and looked up (one gather per element)."""
+    For grids with at most :data:`TABLE_ENTRIES` code pairs it is tabulated once by the op's own integer
+    :meth:`arithmetic` and looked up (one gather per element); wider grids run the arithmetic chunk by chunk."""
 
-    def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
-        assert node.out is not None
-        self.rescale = _rescaled_inputs(node, in_qs, rounding)
-        self.out = fixed_point_constants(int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0]),
-                                         rounding)
-        self.low, self.high, self.z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), \
-            node.out.zero_point
+    def __init__(self, in_qs: list[TensorQ]) -> None:
         self.grids = in_qs
         size_a, size_b = (q.qmax - q.qmin + 1 for q in in_qs)
         self.table: PerDevice | None = None
@@ -384,19 +381,66 @@ class AddKernel:
             self.index_offset = -(in_qs[0].qmin * size_b + in_qs[1].qmin)
 
     def arithmetic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The integer ADD on int codes (broadcasting), as int64 codes."""
-        total = self.rescale(0, a).add_(self.rescale(1, b)) if a.shape == b.shape else \
-            self.rescale(0, a) + self.rescale(1, b)
-        return apply_multiplier(total, self.out, reuse_input=True).add_(self.z_out).clamp_(self.low, self.high)
+        """The op on int codes (broadcasting), as int64 codes."""
+        raise NotImplementedError
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.table is not None:  # index (a - qmin_a)·|grid b| + (b - qmin_b): exact in float32 (< 2^24)
             index = torch.add(b.to(VALUES), a.to(VALUES), alpha=self.index_scale).add_(self.index_offset)
             return gather_codes(self.table.like(index), index.to(torch.int64))
+        a, b = torch.broadcast_tensors(a, b)
         codes = empty_codes(a.shape, a.device)
         for rows in batch_chunks(a):
             codes[rows] = self.arithmetic(a[rows], b[rows])
         return codes
+
+
+class AddKernel(PairTableKernel):
+    """TFLite quantized ADD (reference_ops::AddElementwise): headroom shift, per-input and output multipliers."""
+
+    def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
+        assert node.out is not None
+        self.rescale = _rescaled_inputs(node, in_qs, rounding)
+        self.out = fixed_point_constants(int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0]),
+                                         rounding)
+        self.low, self.high, self.z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), \
+            node.out.zero_point
+        super().__init__(in_qs)
+
+    def arithmetic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        total = self.rescale(0, a).add_(self.rescale(1, b)) if a.shape == b.shape else \
+            self.rescale(0, a) + self.rescale(1, b)
+        return apply_multiplier(total, self.out, reuse_input=True).add_(self.z_out).clamp_(self.low, self.high)
+
+
+class MulKernel(PairTableKernel):
+    """TFLite quantized MUL (reference_integer_ops::MulElementwise), squeeze-excite's gate × input
+    (:func:`qat.intmodel.elementwise.mul_codes`)."""
+
+    def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
+        assert node.out is not None
+        check_mul_accumulator(node.name, in_qs)
+        self.out = fixed_point_constants(int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0]),
+                                         rounding)
+        self.low, self.high, self.z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), \
+            node.out.zero_point
+        super().__init__(in_qs)
+
+    def arithmetic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return mul_codes(a, b, self.grids, self.out, self.z_out, self.low, self.high)
+
+
+class TableKernel:
+    """hardswish / hardsigmoid: one gather from the table over the input grid
+    (:func:`qat.intmodel.elementwise.activation_table`, equal to the simulation code for code)."""
+
+    def __init__(self, node: IntNode, in_q: TensorQ) -> None:
+        assert node.out is not None
+        self.table = PerDevice(activation_table(node.op, in_q, node.out).to(VALUES))
+        self.qmin = in_q.qmin
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_codes(self.table.like(x), (x.to(VALUES) - self.qmin).to(torch.int64))
 
 
 class CatKernel:
@@ -551,6 +595,10 @@ class ReferenceExecutor(nn.Module):
             return AddKernel(node, in_qs, self.rounding)
         if op == "cat":
             return CatKernel(node, in_qs, self.rounding)
+        if op == "mul":
+            return MulKernel(node, in_qs, self.rounding)
+        if op in TABLE_OPS:
+            return TableKernel(node, in_qs[0])
         if op == "avg_pool":
             return avg_pool_kernel(node, in_qs[0])
         if op == "max_pool":

@@ -57,7 +57,8 @@ def _inception_v3(width_mult: float, num_classes: int) -> nn.Module:
 
 
 def _mobilenet_v3(name: str) -> Callable[[float, int], nn.Module]:
-    """torchvision MobileNet v3 (Howard et al. 2019); hardswish/SE simulate, but have no integer form yet."""
+    """torchvision MobileNet v3 (Howard et al. 2019); hardswish, hardsigmoid and the SE product convert to the
+    integer model (qat.intmodel.elementwise)."""
     def build(width_mult: float, num_classes: int) -> nn.Module:
         return getattr(torchvision.models, name)(width_mult=width_mult, num_classes=num_classes)
     return build
