@@ -25,6 +25,17 @@ def _reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
     return [d for d in range(x.dim()) if d != axis]
 
 
+def _channel_rows(x: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """``x`` as a (channels along ``axis``, everything else) view without a copy, when its memory allows (a weight
+    along its output axis, contiguous or channels-last); ``None`` otherwise."""
+    moved = x.movedim(axis % x.dim(), 0)
+    if moved.is_contiguous():
+        return moved.reshape(moved.shape[0], -1)
+    if x.dim() == 4 and axis % 4 == 0 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    return None
+
+
 def aminmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.aminmax(x)`` over all elements, without the NCHW copy it makes of a channels-last tensor (the
     permuted view holds the same elements contiguously; min and max do not depend on the order)."""
@@ -57,6 +68,9 @@ class Observer(nn.Module):
         x = x.detach().float()
         if not self.per_channel:
             return aminmax(x)  # one pass
+        rows = _channel_rows(x, self.ch_axis)
+        if rows is not None:
+            return torch.aminmax(rows, dim=1)  # one pass over a (channels, rest) view
         dims = _reduce_dims(x, self.per_channel, self.ch_axis)
         return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
 
