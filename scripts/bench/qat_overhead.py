@@ -5,20 +5,30 @@ and BN-folding mode, with torch.ao's ``prepare_qat`` (deprecated eager API) as t
 qat's worst ratio over both models per BN path.
 
     .venv/bin/python scripts/bench/qat_overhead.py --resolution 112 --batch 32 --steps 5 [--channels-last]
+
+``--csv results/bench/qat_overhead.csv`` also writes the rows with the host (CPU, flags, cores, threads) and the
+command; ``--tables-only --csv <that file> --readme README.md`` regenerates the README's
+``<!-- QAT_COST_TABLE -->`` block from it without measuring (README tables are never typed).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
+import pandas as pd
 import torch
 import torchvision
 from torch import nn
 
+from qat.analysis.readme import markdown_table, publish
+from qat.latency.host import describe_host
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import prepare
 from qat.quant.schedule import QuantSchedule
@@ -60,7 +70,38 @@ def torch_ao_peer(name: str, model: nn.Module) -> nn.Module | None:
         return None
 
 
-def main() -> None:
+MARKER = "QAT_COST_TABLE"
+
+
+def cost_table(frame: pd.DataFrame) -> str:
+    """The README block: ratio to the float step per model (columns) and variant (rows), headed by the host,
+    the settings and the command that measured it."""
+    first = frame.iloc[0]
+    wide = frame.pivot_table(index="variant", columns="model", values="ratio", sort=False).reset_index()
+    wide.columns = ["variant", *[f"{m} (× float step)" for m in wide.columns[1:]]]
+    floats = {m: frame[(frame.model == m) & (frame.variant == "float")].ms_per_step.iloc[0]
+              for m in frame.model.unique()}
+    head = (f"Measured by `{first.command}` on {first.cpu} ({first.cores} cores; {first.cpu_flags}), "
+            f"{first.threads} thread(s), batch {first.batch} at {first.resolution}×{first.resolution}, {first.layout}, "
+            f"torch {first.torch}; float step "
+            + ", ".join(f"{m} {ms:.0f} ms" for m, ms in floats.items()) + f". Rows from `{first.csv}`.\n\n")
+    return head + markdown_table(wide, default="{:.2f}")
+
+
+def write_csv(rows: list[dict[str, object]], args: argparse.Namespace) -> pd.DataFrame:
+    host = describe_host()
+    command = shlex.join(["python", "scripts/bench/qat_overhead.py", *sys.argv[1:]])
+    frame = pd.DataFrame([{**row, "cpu": host["cpu"], "cpu_flags": " ".join(host["cpu_flags"]),  # type: ignore[arg-type]
+                           "cores": host["cores"], "threads": args.threads, "batch": args.batch,
+                           "resolution": args.resolution, "layout": "NHWC" if args.channels_last else "NCHW",
+                           "device": args.device, "torch": host["torch"], "command": command, "csv": str(args.csv)}
+                          for row in rows])
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(args.csv, index=False)
+    return frame
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=112)
     parser.add_argument("--batch", type=int, default=32)
@@ -69,7 +110,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--channels-last", action="store_true",
                         help="every model and the batch in NHWC (train.channels_last, the pipeline's default)")
+    parser.add_argument("--csv", type=Path, help="also write the rows, with the host, to this CSV")
+    parser.add_argument("--readme", type=Path, help=f"replace the README's <!-- {MARKER} --> block (needs --csv)")
+    parser.add_argument("--tables-only", action="store_true", help="regenerate the table from --csv; no measuring")
     args = parser.parse_args()
+    if (args.readme or args.tables_only) and args.csv is None:
+        parser.error("--readme and --tables-only need --csv")
+    if args.tables_only:
+        return publish({MARKER: (args.csv.with_suffix(".md"), cost_table(pd.read_csv(args.csv)))}, args.readme)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -82,6 +130,7 @@ def main() -> None:
           f"median of {args.steps} interleaved steps")
     print(f"{'model':<14}{'variant':<22}{'ms/step':>10}{'ratio':>8}")
     worst: dict[str, float] = {}
+    rows: list[dict[str, object]] = []
     for name in ("resnet18", "mobilenet_v2"):
         model = getattr(torchvision.models, name)(num_classes=10).to(device).train()
         variants: dict[str, nn.Module] = {"float": model}
@@ -105,12 +154,20 @@ def main() -> None:
         for k, values in times.items():
             med = statistics.median(values)
             print(f"{name:<14}{k:<22}{med * 1e3:>10.1f}{med / base:>8.2f}")
+            rows.append({"model": name, "variant": k, "ms_per_step": round(med * 1e3, 1),
+                         "ratio": round(med / base, 3)})
             mode = k.removeprefix("qat ")
             if mode in WORST_OF:
                 worst[mode] = max(worst.get(mode, 0.0), med / base)
     # the issue's summary: qat's worst ratio over both models, per path (the default schedule's is "bn frozen")
-    print("worst ratio: " + " ".join(f"{mode.split('=')[-1].replace(' ', '_')}={worst[mode]:.2f}" for mode in WORST_OF))
+    last = "worst ratio: " + " ".join(f"{mode.split('=')[-1].replace(' ', '_')}={worst[mode]:.2f}" for mode in WORST_OF)
+    if args.csv is not None:
+        frame = write_csv(rows, args)
+        if args.readme is not None:
+            publish({MARKER: (args.csv.with_suffix(".md"), cost_table(frame))}, args.readme)
+    print(last)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
