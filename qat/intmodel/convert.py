@@ -37,7 +37,7 @@ def _tensor_q(fq: FakeQuantize, layer: str) -> TensorQ:
     if not fq.observer.initialized:
         raise QatError("convert", f"the activation quantizer of layer {layer} has no range yet",
                        "calibrate or train the prepared model before converting it")
-    return TensorQ(scale=float(fq.scale.reshape(-1)[0]), zero_point=int(fq.zero_point.reshape(-1)[0]),
+    return TensorQ(scale=float(fq.scale.detach().reshape(-1)[0]), zero_point=int(fq.zero_point.reshape(-1)[0]),
                    bits=fq.spec.bits, signed=fq.spec.signed, qmin=fq.spec.qmin, qmax=fq.spec.qmax)
 
 
@@ -104,7 +104,7 @@ class _Converter:
                 raise QatError("quant.weight_ch_axis", f"{spec.ch_axis} (per-input-channel weight grids) has no "
                                "integer form: requantization is per output channel (Jacob §2.2)",
                                "convert models quantized with weight_ch_axis=0, or keep this one simulated")
-            w_scale = fq.scale.reshape(-1).float()
+            w_scale = fq.scale.detach().reshape(-1).float()
             w_zp = fq.zero_point.reshape(-1).to(torch.int32)
             w_int = quantize(w, fq.scale, fq.zero_point, spec)
             if not spec.per_channel:

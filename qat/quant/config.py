@@ -40,6 +40,7 @@ class QuantConfig:
     ema_decay: float = 0.99
     percentile: float = 99.99
     bn_fold: str = "jacob"
+    step_lr_scale: float = 1.0  # learning-rate multiplier of learned step sizes (lsq/lsq_plus), no weight decay
     activation: str | None = None  # force "relu" or "relu6" in every fused activation (Jacob Table 4.3)
     overrides: list[LayerOverride] = field(default_factory=list)
 
@@ -49,6 +50,14 @@ class QuantConfig:
         for key in ("act_observer", "weight_observer"):
             if getattr(self, key) not in OBSERVER_NAMES:
                 raise choice_error(f"quant.{key}", getattr(self, key), OBSERVER_NAMES)
+        if self.weight_observer == "lsq_plus":
+            raise QatError("quant.weight_observer", "lsq_plus learns an offset, which symmetric weight grids do not "
+                           "have", "use quant.weight_observer=lsq (LSQ+ is for activations)")
+        if self.weight_observer == "lsq" and not self.weight_symmetric:
+            raise QatError("quant.weight_observer", "lsq for weights needs a symmetric grid",
+                           "set quant.weight_symmetric=true, or use another weight observer")
+        if self.step_lr_scale <= 0:
+            raise QatError("quant.step_lr_scale", f"{self.step_lr_scale} is not positive", "use e.g. 1.0 or 0.1")
         if self.activation not in (None, "relu", "relu6"):
             raise choice_error("quant.activation", self.activation, ["relu", "relu6"])
         if not 0.0 <= self.ema_decay < 1.0:

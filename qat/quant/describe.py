@@ -19,7 +19,9 @@ from qat.quant.observers import OBSERVERS, EmaMinMaxObserver, PercentileObserver
 
 
 def observer_name(observer: nn.Module) -> str:
-    """The config name of an observer instance (``ema``, ``minmax``, ``mse``, ...)."""
+    """The config name of an observer instance (``ema``, ``minmax``, ``mse``, ``lsq``, ...)."""
+    if isinstance(getattr(observer, "config_name", None), str):
+        return str(observer.config_name)
     for name, cls in OBSERVERS.items():
         if type(observer) is cls:
             return name

@@ -31,6 +31,7 @@ class FakeQuantize(nn.Module):
         self.observer = observer
         self.observing = True
         self.quantizing = True
+        self.calibrating = False  # inside qat.quant.prepare.calibration_mode (learned step sizes initialise)
         self.register_buffer("scale", torch.tensor([1.0]))
         self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
 

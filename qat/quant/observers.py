@@ -159,7 +159,9 @@ class PercentileObserver(MinMaxObserver):
 
 OBSERVERS = {"current": CurrentMinMaxObserver, "minmax": MinMaxObserver, "ema": EmaMinMaxObserver,
              "percentile": PercentileObserver}
-OBSERVER_NAMES = (*OBSERVERS, "mse")  # mse lives in qat.quant.mse (it needs the grid), built on demand
+# mse lives in qat.quant.mse (it needs the grid), built on demand; lsq/lsq_plus are learned step sizes
+# (qat.quant.lsq), whole quantizers that qat.quant.prepare builds instead of an observer
+OBSERVER_NAMES = (*OBSERVERS, "mse", "lsq", "lsq_plus")
 
 
 def make_observer(name: str, *, per_channel: bool, ch_axis: int, key: str = "quant.observer",

@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from qat.errors import QatError
 from qat.quant.config import LayerOverride, QuantConfig
 from qat.quant.fake_quant import FakeQuantize
+from qat.quant.lsq import LSQ_NAMES, LearnedStepQuantize
 from qat.quant.modules import QConvBnAct, QLinear
 from qat.quant.observers import make_observer
 
@@ -124,6 +125,9 @@ class _Preparer:
             raise QatError("quant.weight_ch_axis", f"layer {layer} has a {weight.dim()}-d weight "
                            f"{tuple(weight.shape)}; axis {spec.ch_axis} does not exist",
                            f"use an axis in [{-weight.dim()}, {weight.dim() - 1}] (0 = output channels)")
+        if self.config.weight_observer in LSQ_NAMES:
+            return LearnedStepQuantize(spec, self.config.weight_observer, weights=True,
+                                       lr_scale=self.config.step_lr_scale)
         observer = make_observer(self.config.weight_observer, per_channel=spec.per_channel, ch_axis=spec.ch_axis,
                                  key="quant.weight_observer", spec=spec, weights=True,
                                  percentile=self.config.percentile)
@@ -131,6 +135,8 @@ class _Preparer:
 
     def _act_fq(self, bits: int | None = None) -> FakeQuantize:
         spec = self.config.act_spec(bits)
+        if self.config.act_observer in LSQ_NAMES:
+            return LearnedStepQuantize(spec, self.config.act_observer, lr_scale=self.config.step_lr_scale)
         observer = make_observer(self.config.act_observer, per_channel=False, ch_axis=0, key="quant.act_observer",
                                  spec=spec, ema_decay=self.config.ema_decay, percentile=self.config.percentile)
         return FakeQuantize(spec, observer)
@@ -279,9 +285,13 @@ def calibration_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode everywhere (BN uses running statistics) except the quantizers, which observe ranges."""
     was_training = model.training
     model.eval()
-    for _, fq in fake_quant_modules(model):
+    quantizers = [fq for _, fq in fake_quant_modules(model)]
+    for fq in quantizers:
         fq.train()
+        fq.calibrating = True
     try:
         yield model
     finally:
+        for fq in quantizers:
+            fq.calibrating = False
         model.train(was_training)

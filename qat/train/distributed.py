@@ -19,6 +19,7 @@ from torch import nn
 
 from qat.errors import QatError, choice_error
 from qat.quant import range_sync
+from qat.quant.lsq import step_parameters
 
 log = logging.getLogger("qat")
 
@@ -96,7 +97,9 @@ def wrap(model: nn.Module, runtime: Runtime) -> nn.Module:
     if not runtime.distributed:
         return model
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # learned step sizes (qat.quant.lsq) sit unused while their quantizer waits (schedule.act_quant_delay)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                              find_unused_parameters=bool(step_parameters(model)))
     range_sync.install(ddp)
     return ddp
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qat.errors import QatError, choice_error
+from qat.quant.lsq import step_parameters
 
 log = logging.getLogger("qat")
 
@@ -44,12 +45,20 @@ class OptimConfig:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """Weight decay on weights only; learned quantizer step sizes (:mod:`qat.quant.lsq`) in groups of their own,
+    without weight decay and with their learning-rate multiplier (``lr_scale``, applied by :func:`train_epoch`)."""
     lr = cfg.lr if lr is None else lr
+    steps: dict[float, list[nn.Parameter]] = {}
+    for p, scale in step_parameters(model):
+        steps.setdefault(scale, []).append(p)
+    learned = {id(p) for ps in steps.values() for p in ps}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in learned:
             (no_decay if p.dim() <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    groups += [{"params": ps, "weight_decay": 0.0, "lr_scale": scale, "lr": lr * scale} for scale, ps in steps.items()]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "rmsprop":
@@ -125,7 +134,7 @@ def train_epoch(model: nn.Module, loader: Iterable[Any], optimizer: torch.optim.
         if before_step is not None:
             before_step(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr_fn(step)
+            group["lr"] = lr_fn(step) * group.get("lr_scale", 1.0)
         with autocast(device, amp):
             value, samples = loss(model, batch)
         if not torch.isfinite(value):

@@ -1,0 +1,195 @@
+"""Learned step sizes (issue 20): LSQ's and LSQ+'s gradients (Esser et al. 2020 eq. 3, Bhalgat et al. 2020),
+initialisation, optimizer groups, checkpoints and conversion to the integer model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from qat.errors import QatError
+from qat.intmodel import reference
+from qat.intmodel.convert import convert
+from qat.quant.config import QuantConfig
+from qat.quant.describe import describe
+from qat.quant.lsq import LearnedStepFunction, LearnedStepQuantize, positive_extent, step_parameters
+from qat.quant.prepare import calibration_mode, prepare
+from qat.quant.scheme import QuantSpec
+from qat.train.loop import OptimConfig, build_optimizer
+
+
+def test_step_gradient_matches_a_finite_difference_of_the_straight_through_surrogate() -> None:
+    """Eq. 3 is the derivative of S·(q(S) − Z) where, at the S the forward used, a value inside the grid has
+    q(S) = v/S + c with c = round(v/S) − v/S held fixed (the straight-through estimator) and a clipped one has q
+    fixed at qmin or qmax: a finite difference of that surrogate in float64 checks the formula."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, generator=g, dtype=torch.float64).float() * 3
+    s0, z, qmin, qmax = 0.37, 5.0, 0, 15
+    c = (torch.round(x.double() / s0) - x.double() / s0)
+    codes = torch.round(x.double() / s0) + z
+    inside = (codes >= qmin) & (codes <= qmax)
+    assert inside.any() and (~inside).any()  # both branches of eq. 3 are exercised
+
+    def surrogate(s: float) -> torch.Tensor:
+        return s * (torch.where(inside, x.double() / s + c + z, codes.clamp(qmin, qmax)) - z)
+
+    h = 1e-6
+    numeric = (surrogate(s0 + h) - surrogate(s0 - h)) / (2 * h)
+    scale = torch.tensor(s0, requires_grad=True)
+    out = LearnedStepFunction.apply(x, scale, torch.tensor(z), qmin, qmax, 1.0, ())
+    weights = torch.randn(500, generator=g)
+    (out * weights).sum().backward()
+    expected = float((numeric * weights.double()).sum())
+    assert scale.grad is not None and float(scale.grad) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gradients_equal_torchs_learnable_fake_quantize(per_channel: bool) -> None:
+    """torch's own LSQ op (``_fake_quantize_learnable_*``, its peer) gives the same output and gradients."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, 5, 5, generator=g) * 2
+    grad = torch.randn_like(x)
+    factor = 1 / math.sqrt(x.numel() * 15)
+    if per_channel:
+        scale = torch.rand(4, generator=g) * 0.2 + 0.05
+        zero = torch.randint(0, 16, (4,), generator=g).float()
+        peer = torch._fake_quantize_learnable_per_channel_affine
+        args: tuple = (1, 0, 15, factor)
+        shape: tuple = (1, -1, 1, 1)
+    else:
+        scale, zero = torch.tensor([0.13]), torch.tensor([6.0])
+        peer = torch._fake_quantize_learnable_per_tensor_affine
+        args, shape = (0, 15, factor), ()
+    ours = [t.clone().requires_grad_() for t in (x, scale, zero)]
+    theirs = [t.clone().requires_grad_() for t in (x, scale, zero)]
+    s, z = (ours[1], ours[2]) if per_channel else (ours[1].reshape(()), ours[2].reshape(()))
+    out = LearnedStepFunction.apply(ours[0], s, z, 0, 15, factor, shape)
+    expected = peer(*theirs, *args)
+    assert torch.equal(out, expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for mine, peer_t in zip(ours, theirs, strict=True):
+        assert mine.grad is not None and peer_t.grad is not None
+        torch.testing.assert_close(mine.grad, peer_t.grad, rtol=1e-5, atol=1e-6)
+
+
+def _prepared(act: str = "lsq", weight: str = "lsq", bits: int = 4, lr_scale: float = 1.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    config = QuantConfig(weight_bits=bits, act_bits=bits, act_observer=act, weight_observer=weight,
+                         step_lr_scale=lr_scale)
+    return prepare(model, config, torch.randn(1, 3, 32, 32))
+
+
+def _calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    with calibration_mode(model), torch.no_grad():
+        for x in batches:
+            model(x)
+
+
+def test_initialisation_lsq_from_mean_abs_lsq_plus_from_the_range() -> None:
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(3)]
+    spec = QuantSpec(bits=4)
+    lsq = LearnedStepQuantize(spec, "lsq")
+    plus = LearnedStepQuantize(spec, "lsq_plus")
+    for fq in (lsq, plus):
+        fq.train()
+        fq.calibrating = True
+        for x in batches:
+            fq(x)
+    mean_abs = sum(x.abs().mean() for x in batches) / 3
+    assert float(lsq.scale.detach()) == pytest.approx(float(2 * mean_abs / math.sqrt(positive_extent(spec))), rel=1e-6)
+    low, high = min(float(x.min()) for x in batches), max(float(x.max()) for x in batches)
+    assert float(plus.scale.detach()) == pytest.approx((high - low) / 15, rel=1e-6)
+    assert int(plus.zero_point) == round(-low / ((high - low) / 15)) and plus.offset.requires_grad
+    assert not lsq.offset.requires_grad
+
+
+def test_weights_are_per_channel_and_bad_settings_name_their_key() -> None:
+    model = _prepared()
+    _calibrate(model, [torch.randn(2, 3, 32, 32)])
+    weight = model.conv1.weight_fq if hasattr(model, "conv1") else None
+    fqs = [m for m in model.modules() if isinstance(m, LearnedStepQuantize) and m.observe_in_eval]
+    assert fqs and all(fq.scale.shape == (fq.observer.min_val.numel(),) for fq in fqs)
+    assert weight is None or weight.scale.numel() == 64
+    assert describe(model)["weight_observer"] == "lsq" and describe(model)["act_observer"] == "lsq"
+    with pytest.raises(QatError, match="quant.weight_observer: lsq_plus"):
+        QuantConfig(weight_observer="lsq_plus")
+    with pytest.raises(QatError, match="quant.weight_observer: lsq for weights needs a symmetric grid"):
+        QuantConfig(weight_observer="lsq", weight_symmetric=False)
+    with pytest.raises(QatError, match="quant.step_lr_scale"):
+        QuantConfig(act_observer="lsq", step_lr_scale=0)
+
+
+def test_step_sizes_have_their_own_group_without_weight_decay() -> None:
+    model = _prepared(act="lsq_plus", lr_scale=0.1)
+    _calibrate(model, [torch.randn(2, 3, 32, 32)])
+    optimizer = build_optimizer(model, OptimConfig(lr=0.5, weight_decay=1e-4))
+    learned = {id(p) for p, _ in step_parameters(model)}
+    groups = [g for g in optimizer.param_groups if {id(p) for p in g["params"]} & learned]
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == learned
+    assert groups[0]["weight_decay"] == 0.0 and groups[0]["lr_scale"] == 0.1 and groups[0]["lr"] == pytest.approx(0.05)
+    others = [p for g in optimizer.param_groups if g is not groups[0] for p in g["params"]]
+    assert not {id(p) for p in others} & learned
+    # the learned parameters train: one SGD step moves every step size that got a gradient
+    before = [p.detach().clone() for p, _ in step_parameters(model)]
+    model.train()
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    moved = [not torch.equal(b, p) for b, (p, _) in zip(before, step_parameters(model), strict=True)]
+    assert sum(moved) > len(moved) // 2
+
+
+def test_checkpoint_round_trip_restores_every_step_size() -> None:
+    model = _prepared(act="lsq_plus")
+    _calibrate(model, [torch.randn(2, 3, 32, 32)])
+    with torch.no_grad():
+        for p, _ in step_parameters(model):
+            p.mul_(1.1)
+    fresh = _prepared(act="lsq_plus")
+    fresh.load_state_dict(model.state_dict())
+    for (a, _), (b, _) in zip(step_parameters(model), step_parameters(fresh), strict=True):
+        assert torch.equal(a, b) and b.requires_grad
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_range_freeze_stops_learning() -> None:
+    model = _prepared()
+    _calibrate(model, [torch.randn(2, 3, 32, 32)])
+    model.train()
+    for fq in model.modules():
+        if isinstance(fq, LearnedStepQuantize):
+            fq.observing = False
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p, _ in step_parameters(model))
+
+
+@pytest.mark.parametrize("act", ["lsq", "lsq_plus"])
+def test_converted_model_agrees_with_its_simulation(act: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    model = _prepared(act=act, bits=8)
+    batches = [torch.randn(16, 3, 32, 32, generator=g) for _ in range(2)]
+    _calibrate(model, batches)
+    model.train()
+    optimizer = build_optimizer(model, OptimConfig(lr=0.01))
+    for x in batches:  # a few steps so that S and the offsets move away from their initial values
+        nn.functional.cross_entropy(model(x), torch.randint(0, 10, (16,), generator=g)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    x = torch.randn(64, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        simulated = model(x)
+    integer = reference.build(convert(copy.deepcopy(model)), rounding="single")(x)
+    assert (simulated.argmax(1) == integer.argmax(1)).float().mean() >= 0.98
+    lsb = next(fq for fq in model.modules() if isinstance(fq, LearnedStepQuantize) and not fq.observe_in_eval)
+    assert lsb.scale.requires_grad  # conversion read the parameter, it did not replace it
