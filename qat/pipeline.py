@@ -36,6 +36,7 @@ from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.ptq.apply import run_ptq
 from qat.ptq.driver import check_method, not_convertible_reason, quant_config, record_method
 from qat.quant import range_sync
+from qat.quant.lsq import LSQ_NAMES
 from qat.quant.prepare import calibration_mode, prepare
 from qat.quant.schedule import batch_norms_without_statistics
 from qat.record_blocks import apply_target, quant_block, saturation_block
@@ -66,6 +67,7 @@ def validate(cfg: Any, task: RunTask = CLASSIFICATION) -> None:
     if cfg.quant.precision not in PRECISIONS:
         raise choice_error("quant.precision", cfg.quant.precision, PRECISIONS)
     check_method(cfg.method)
+    check_learned_steps(cfg)
     if cfg.latency.engine not in ENGINES:
         raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
     check_engine_names(cfg.latency.eval_engines)
@@ -73,6 +75,21 @@ def validate(cfg: Any, task: RunTask = CLASSIFICATION) -> None:
     deployment, _ = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)  # refuses what cannot run
     if cfg.quant.precision != "float":
         targets.check_installed(deployment.target, [primary_int8_engine(cfg)])
+
+
+def check_learned_steps(cfg: Any) -> None:
+    """Learned step sizes (:mod:`qat.quant.lsq`) are trained by QAT and initialised by its calibration."""
+    q = cfg.quant
+    learned = [key for key in ("act_observer", "weight_observer") if getattr(q, key) in LSQ_NAMES]
+    if not learned or q.precision == "float":
+        return
+    key = f"quant.{learned[0]}"
+    if cfg.method != "qat":
+        raise QatError(key, f"{getattr(q, learned[0])} learns its step size during QAT, and method={cfg.method} "
+                       "does not train", "use method=qat, or a range observer (minmax, mse) for PTQ")
+    if q.calibration_batches < 1:
+        raise QatError("quant.calibration_batches", f"{q.calibration_batches} leaves the learned step sizes of "
+                       f"{key} uninitialised before training", "calibrate on at least 1 batch (default 4)")
 
 
 def float_key(cfg: Any, data_info: dict[str, Any], task: RunTask = CLASSIFICATION) -> str:
