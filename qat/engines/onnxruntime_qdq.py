@@ -12,11 +12,21 @@ when [clamp_min, clamp_max] is narrower than the 8-bit container (e.g. ReLU6 bel
 narrower than 8 bits, which runs in an 8-bit container: ``emulated_bits``). Max-pool and flatten run directly on
 the integer tensor (same grid in and out). ORT requantizes with a float multiplier instead of the fixed-point
 (M0, n) of Jacob eq. 6, so outputs may differ from the integer reference by one LSB now and then.
+
+MobileNet v3's ops are exported the same way: ``HardSwish``, ``HardSigmoid`` (alpha 1/6, beta 1/2) and ``Mul``
+(the broadcast squeeze-excite product) between DequantizeLinear and QuantizeLinear. ORT 1.32's CPU provider
+fuses the Mul into its integer QLinearMul on uint8 grids only (on int8 grids it stays a float Mul); it has no
+integer hardswish/hardsigmoid kernel, so those run in float between the DQ/Q pair (HardSwish expanded by ORT into
+HardSigmoid and Mul; ONNX's HardSigmoid computes alpha·x + beta, not torch's (x + 3)/6, so a code may move by one
+LSB at a rounding tie). :func:`elementwise_execution` reads this from ORT's optimized graph and
+:func:`engine_info` records it, so a float step is never hidden.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qat.errors import QatError
+from qat.intmodel.elementwise import squeeze_excite_probe
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
 # The onnxruntime adapter of qat.compat: the only module using its private API (the exception types of
@@ -44,9 +55,13 @@ _CONTAINERS = {  # signed grid? -> (ONNX element type, numpy dtype, lowest, high
 }
 
 
+ELEMENTWISE_OPS = ("hardswish", "hardsigmoid", "mul")  # MobileNet v3's ops: ORT fuses some, not all
+
+
 def engine_info() -> dict[str, str]:
-    """Name and version of this engine, for records."""
-    return {"engine": "onnxruntime", "engine_version": ort.__version__}
+    """Name and version of this engine, and how it runs MobileNet v3's elementwise ops (read from the optimized
+    graph of a probe model, :func:`elementwise_kernels`), for records."""
+    return {"engine": "onnxruntime", "engine_version": ort.__version__, "elementwise_kernels": elementwise_kernels()}
 
 
 def _container(q: TensorQ, where: str) -> tuple[int, type, int, int]:
@@ -137,7 +152,8 @@ class _QdqGraph:
         handler = getattr(self, f"_op_{node.op}", None)
         if handler is None:
             raise QatError(ERROR_KEY, f"{node.name}: op {node.op!r} is not supported by onnxruntime",
-                           "supported ops: quantize, conv2d, linear, add, avg_pool, max_pool, flatten, cat, dequantize")
+                           "supported ops: quantize, conv2d, linear, add, avg_pool, max_pool, flatten, cat, hardswish, "
+                           "hardsigmoid, mul, dequantize")
         handler(node)
 
     def _op_quantize(self, node: IntNode) -> None:
@@ -226,6 +242,31 @@ class _QdqGraph:
         xs = [self.dequantize(i, node.name) for i in node.inputs]
         y = self.add("Concat", xs, f"{node.name}/real", node.name, axis=int(node.attrs["dim"]))
         self.quantize(y, node)
+
+    def _op_hardswish(self, node: IntNode) -> None:
+        (src,) = node.inputs
+        y = self.add("HardSwish", [self.dequantize(src, node.name)], f"{node.name}/real", node.name)
+        self.quantize(y, node)
+        self._keep_spatial(node)
+
+    def _op_hardsigmoid(self, node: IntNode) -> None:
+        (src,) = node.inputs  # ONNX's HardSigmoid is max(0, min(1, alpha·x + beta)): torch's ReLU6(x + 3)/6
+        y = self.add("HardSigmoid", [self.dequantize(src, node.name)], f"{node.name}/real", node.name,
+                     alpha=1.0 / 6.0, beta=0.5)
+        self.quantize(y, node)
+        self._keep_spatial(node)
+
+    def _op_mul(self, node: IntNode) -> None:
+        a, b = (self.dequantize(i, node.name) for i in node.inputs)  # broadcasts the (N, C, 1, 1) SE gate
+        y = self.add("Mul", [a, b], f"{node.name}/real", node.name)
+        self.quantize(y, node, node.attrs.get("clamp_min"), node.attrs.get("clamp_max"))
+        sizes = [self.spatial[i] for i in node.inputs if i in self.spatial and self.spatial[i] != (1, 1)]
+        if sizes:
+            self.spatial[node.name] = sizes[0]
+
+    def _keep_spatial(self, node: IntNode) -> None:
+        if node.inputs[0] in self.spatial:
+            self.spatial[node.name] = self.spatial[node.inputs[0]]
 
     def to_model(self) -> onnx.ModelProto:
         n, c, h, w = (self.model.input_shape + [0, 0, 0, 0])[:4]
@@ -336,3 +377,71 @@ def load(source: bytes | str | os.PathLike[str], threads: int = 1) -> OrtModel:
     """An engine from ONNX bytes or a .onnx file (e.g. one written by :mod:`qat.export`)."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     return OrtModel(data, threads=threads)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# how ORT runs MobileNet v3's elementwise ops, read back from its optimized graph
+# --------------------------------------------------------------------------------------------------------------
+
+
+def optimized_graph(onnx_bytes: bytes) -> onnx.ModelProto:
+    """The graph ORT runs for ``onnx_bytes`` after its full graph optimization (written by the session to
+    ``SessionOptions.optimized_model_filepath`` and read back)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "optimized.onnx")
+        OrtModel(onnx_bytes, optimized_model_path=path)
+        return onnx.load(str(path))
+
+
+def _float_ops_before(optimized: onnx.ModelProto, quantize: onnx.NodeProto) -> list[str]:
+    """The float op types between a QuantizeLinear and the DequantizeLinears feeding it, in graph order."""
+    producer = {out: n for n in optimized.graph.node for out in n.output}
+    found: set[int] = set()
+    stack = [quantize.input[0]]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.op_type == "DequantizeLinear" or id(node) in found:
+            continue
+        found.add(id(node))
+        stack.extend(node.input)
+    return [n.op_type for n in optimized.graph.node if id(n) in found]
+
+
+def elementwise_execution(int_model: IntModel, optimized: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """Per MobileNet v3 op kind (hardswish, hardsigmoid, mul) of ``int_model``: how ORT's ``optimized`` graph runs
+    its nodes, counted. ``integer QLinearMul`` where a fused kernel (named after the layer) replaced the DQ/op/Q
+    group; ``float HardSigmoid, Mul between DequantizeLinear and QuantizeLinear`` where the layer's QuantizeLinear
+    is still there, with the float ops ORT runs before it."""
+    by_name = {n.name: n for n in optimized.graph.node}
+    record: dict[str, dict[str, int]] = {}
+    for node in int_model.nodes:
+        if node.op not in ELEMENTWISE_OPS:
+            continue
+        quantize = by_name.get(f"{node.name}/quantize")
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            floats = ", ".join(_float_ops_before(optimized, quantize))
+            how = f"float {floats} between DequantizeLinear and QuantizeLinear"
+        elif node.name in by_name and by_name[node.name].op_type.startswith("QLinear"):
+            how = f"integer {by_name[node.name].op_type}"
+        else:
+            raise QatError(ERROR_KEY, f"{node.name}: neither its QuantizeLinear nor a fused integer kernel is in the "
+                           "graph onnxruntime optimized", "report this model and onnxruntime version")
+        kinds = record.setdefault(node.op, {})
+        kinds[how] = kinds.get(how, 0) + 1
+    return record
+
+
+@functools.cache
+def elementwise_kernels() -> str:
+    """How this ORT runs hardswish, hardsigmoid and the SE mul, read from the optimized graph of a probe
+    squeeze-excite block on uint8 and on int8 grids (one line for the record)."""
+    parts = []
+    for op in ELEMENTWISE_OPS:
+        ways = {}
+        for signed in (False, True):
+            probe = squeeze_excite_probe(signed)
+            (ways[signed],) = elementwise_execution(probe, optimized_graph(int_model_to_onnx(probe)))[op]
+        same = ways[False] == ways[True]
+        parts.append(f"{op}: {ways[False]}" if same else f"{op}: {ways[False]} on uint8 grids, {ways[True]} on int8 "
+                     "grids")
+    return "; ".join(parts)

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from qat.errors import QatError
+from qat.intmodel.fixedpoint import quantize_multiplier
 from qat.intmodel.gemmlowp import INT32_MAX, FixedPointConstants, apply_multiplier
-from qat.intmodel.graph import TensorQ
+from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
 FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "hardswish": F.hardswish,  # x·ReLU6(x + 3)/6 (Howard et al. 2019 §5.2)
@@ -73,3 +74,25 @@ def mul_codes(a: torch.Tensor, b: torch.Tensor, in_qs: list[TensorQ], out: Fixed
     """TFLite MUL on integer codes (broadcasting): (q_a − Z_a)(q_b − Z_b) → MBQM(·, M0, n) + Z_out, clamped."""
     acc = (a.to(torch.int64) - in_qs[0].zero_point) * (b.to(torch.int64) - in_qs[1].zero_point)
     return apply_multiplier(acc, out, reuse_input=True).add_(z_out).clamp_(low, high)
+
+
+def squeeze_excite_probe(signed: bool) -> IntModel:
+    """A small integer model with each MobileNet v3 op once, on 8-bit grids (int8 if ``signed``, else uint8):
+    quantize -> hardswish -> global mean -> hardsigmoid -> mul (the gate times the hardswish output). Engines
+    lower it to read back, for their records, how they execute these ops."""
+    low, high = (-128, 127) if signed else (0, 255)
+
+    def grid(scale: float, zero_point: int) -> TensorQ:
+        return TensorQ(scale, zero_point + low, 8, signed, low, high)
+
+    x, act, gate = grid(0.05, 100), grid(0.03, 20), grid(1 / 256, 0)
+    m0, shift = quantize_multiplier(gate.scale * act.scale / act.scale)
+    mul = {"multiplier": torch.tensor([m0]), "shift": torch.tensor([shift], dtype=torch.int32)}
+    nodes = [IntNode("x", "quantize", [], x), IntNode("act", "hardswish", ["x"], act),
+             IntNode("pool", "avg_pool", ["act"], act, {"adaptive": True, "output_size": [1, 1]}),
+             IntNode("gate", "hardsigmoid", ["pool"], gate),
+             IntNode("se", "mul", ["gate", "act"], act, {"clamp_min": low, "clamp_max": high}, mul),
+             IntNode("out", "dequantize", ["se"], None)]
+    model = IntModel(nodes, [1, 4, 4, 4])
+    model.validate("squeeze-excite probe")
+    return model
