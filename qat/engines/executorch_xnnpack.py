@@ -16,6 +16,15 @@ qs8 per tensor). Unsigned activation grids are shifted by -128 (same scale, Z - 
 ``bias_int · S_in·S_w``; XNNPACK re-quantizes it with scale S_in·S_w (exact up to fp32 rounding) and
 requantizes accumulators with an fp32 multiplier rather than the (M0, n) pair of Jacob eq. 5-6.
 
+MobileNet v3: hardswish runs on XNNPACK's int8 hardswish kernel (``XNNHardswish`` on qint8 values) and the
+squeeze-excite product on its int8 multiply (broadcast gate). ExecuTorch's partitioner admits ``aten.hardswish``
+in fp32 only, so the quantized lowering uses a config that also admits it between int8 dequantize/quantize
+(:func:`_partitioner`). XNNPACK has no hardsigmoid: it is written as torch's arithmetic, min(max(x + 3, 0), 6) / 6,
+which the delegate runs in fp32 (an add with a fused clamp, a divide) between XNNPACK's int8->fp32 and fp32->int8
+converts; these are the only fp32 nodes a
+lowering may contain (:func:`_check_float_nodes`), and :func:`elementwise_execution` / ``engine_info`` record how
+each op runs, read back from the lowered program.
+
 Threads: ExecuTorch has one process-wide pthreadpool, which XNNPACK captures when a program is loaded.
 ``threads`` resizes it (``_unsafe_reset_threadpool``); a program whose pool was resized afterwards by another
 program is reloaded from its bytes before it runs again, so each callable always runs on its own thread count.
@@ -23,6 +32,7 @@ program is reloaded from its bytes before it runs again, so each callable always
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,11 +45,12 @@ from torch import nn
 
 from qat.compat.torch_private import quantized_decomposed_ops
 from qat.errors import QatError
+from qat.intmodel.elementwise import squeeze_excite_probe
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
 
 # The executorch adapter of qat.compat: the only module using its private API (portable_lib's underscored
-# runtime functions, exir._serialize, the XNNPACK delegate's serialization), checked against this version
-# (constraints.txt pins it).
+# runtime functions, exir._serialize, the XNNPACK delegate's serialization, the partitioner's per-op configs),
+# checked against this version (constraints.txt pins it).
 CHECKED_AGAINST = {"executorch": "1.5.1"}
 ENGINE = "executorch_xnnpack"
 INT8_MIN, INT8_MAX = -128, 127
@@ -49,10 +60,12 @@ _PLUMBING = {"getitem", "executorch_call_delegate"}
 
 
 def engine_info() -> dict[str, str]:
-    """Engine name and the installed ExecuTorch version (recorded with every result)."""
+    """Engine name, the installed ExecuTorch version and how it runs MobileNet v3's elementwise ops (read from a
+    lowered probe program, :func:`elementwise_kernels`), recorded with every result."""
     from executorch.version import __version__
 
-    return {"engine": ENGINE, "engine_version": __version__.split("+")[0]}
+    return {"engine": ENGINE, "engine_version": __version__.split("+")[0],
+            "elementwise_kernels": elementwise_kernels()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,7 +130,8 @@ class _Step(nn.Module):
                            f"use adaptive average pooling to 1x1 on {ENGINE}")
         elif node.op == "cat" and len(node.inputs) < 2:
             raise QatError("engine", f"{node.name}: XNNPACK concatenates 2 or more tensors", "")
-        elif node.op not in ("quantize", "dequantize", "avg_pool", "max_pool", "flatten", "cat"):
+        elif node.op not in ("quantize", "dequantize", "avg_pool", "max_pool", "flatten", "cat", "hardswish",
+                             "hardsigmoid", "mul"):
             raise QatError("engine", f"op {node.op!r} of {node.name} is not supported by {ENGINE}", "")
         # ops without a fused clamp re-clamp a narrow (<8-bit) output grid in a separate int8 clamp
         self.grid_clamp = out_grid is not None and out_grid.narrow and node.op in ("add", "avg_pool", "cat")
@@ -193,6 +207,12 @@ class _Step(nn.Module):
             return F.max_pool2d(xs[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
         if self.op == "flatten":
             return torch.flatten(xs[0], a["start_dim"])
+        if self.op == "hardswish":
+            return F.hardswish(xs[0])
+        if self.op == "hardsigmoid":  # torch's own arithmetic (min(max(x + 3, 0), 6) / 6) with float constants,
+            return F.hardtanh(xs[0] + 3.0, 0.0, 6.0) / 6.0  # which XNNPACK runs in fp32: it has no hardsigmoid
+        if self.op == "mul":
+            return xs[0] * xs[1]
         return torch.cat(xs, a["dim"])
 
 
@@ -315,16 +335,35 @@ def _layer_of(node: torch.fx.Node, names: list[str] | None) -> str:
     return node.name
 
 
-def _lower(module: nn.Module, example: torch.Tensor, quantized: bool, names: list[str] | None) -> Lowered:
+def _partitioner(quantized: bool) -> Any:
+    """XNNPACK's partitioner: fp32 configs for float models; for integer models the static-quantization configs,
+    fp32 ones (for the decomposed hardsigmoid, :func:`_check_float_nodes`) and a hardswish config that also admits
+    ``aten.hardswish`` between int8 dequantize/quantize, which the delegate then defines on qint8 values:
+    XNNPACK's int8 hardswish (ExecuTorch 1.5.1's ``HardswishConfig`` lists fp32 only)."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import HardswishConfig
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    if not quantized:
+        return XnnpackPartitioner(config_precisions=ConfigPrecisionType.FP32)
+    precisions = [ConfigPrecisionType.STATIC_QUANT, ConfigPrecisionType.FP32]
+
+    class Int8HardswishConfig(HardswishConfig):
+        def supported_precision_types(self) -> list[ConfigPrecisionType]:
+            return precisions
+
+    configs = [Int8HardswishConfig if c is HardswishConfig else c for c in ALL_PARTITIONER_CONFIGS]
+    return XnnpackPartitioner(configs=configs, config_precisions=precisions)
+
+
+def _lower(module: nn.Module, example: torch.Tensor, quantized: bool, names: list[str] | None) -> Lowered:
     from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.lowered_backend_module import get_lowered_submodules
 
-    precision = ConfigPrecisionType.STATIC_QUANT if quantized else ConfigPrecisionType.FP32
     with torch.no_grad():
         exported = torch.export.export(module.eval(), (example,), strict=False)
-    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner(config_precisions=precision)])
+    edge = to_edge_transform_and_lower(exported, partitioner=[_partitioner(quantized)])
     graph_module = edge.exported_program().graph_module
     left = [n for n in graph_module.graph.nodes if n.op == "call_function" and _op_name(n) not in _PLUMBING]
     if left:
@@ -355,7 +394,56 @@ def lower_int(int_model: IntModel, probe: bool = False) -> Lowered:
         raise QatError("engine", f"XNNPACK runs {lowered.gemms('qint8')} of the {expected} conv/linear layers on "
                        f"int8 kernels ({lowered.gemms('fp32')} in fp32): {lowered.xnn_nodes}",
                        "report this model; int8 must not run in float")
+    _check_float_nodes(int_model, lowered)
     return lowered
+
+
+# XNNPACK nodes of one hardsigmoid, min(max(x + 3, 0), 6) / 6: an add with the clamp fused as its output range,
+# and a divide
+_HARDSIGMOID_FP32 = {"XNNAdd(fp32,fp32->fp32)": 1, "XNNDiv(fp32,fp32->fp32)": 1}
+_INT8_KERNELS = {"hardswish": "XNNHardswish(qint8->qint8)", "mul": "XNNMultiply(qint8,qint8->qint8)"}
+
+
+def _float_nodes(lowered: Lowered) -> dict[str, int]:
+    """The delegate's fp32 arithmetic nodes (XNNPACK's int8<->fp32 converts aside)."""
+    return {k: v for k, v in lowered.xnn_nodes.items() if k.endswith("->fp32)") and not k.startswith("XNNConvert")}
+
+
+def _check_float_nodes(int_model: IntModel, lowered: Lowered) -> None:
+    """fp32 inside the delegate only as the hardsigmoid decomposition, and each hardswish and mul on XNNPACK's
+    int8 kernels; anything else is a QatError naming the nodes (never a silent fp32 op)."""
+    count = {op: sum(n.op == op for n in int_model.nodes) for op in ("hardswish", "hardsigmoid", "mul")}
+    expected = {k: n * count["hardsigmoid"] for k, n in _HARDSIGMOID_FP32.items() if count["hardsigmoid"]}
+    floats = _float_nodes(lowered)
+    int8 = {op: lowered.xnn_nodes.get(kind, 0) for op, kind in _INT8_KERNELS.items()}
+    if floats != expected or int8 != {op: count[op] for op in _INT8_KERNELS}:
+        raise QatError("engine", f"XNNPACK runs fp32 nodes {floats} where only the decomposition of "
+                       f"{count['hardsigmoid']} hardsigmoid(s) {expected} may be fp32, or int8 hardswish/mul "
+                       f"{int8} for {count['hardswish']}/{count['mul']} layers", "report this model and ExecuTorch "
+                       "version; int8 must not run in float")
+
+
+def elementwise_execution(int_model: IntModel, lowered: Lowered) -> dict[str, str]:
+    """How the lowered program runs ``int_model``'s hardswish, hardsigmoid and mul layers (those it has), read
+    from the XNNPACK nodes of its delegates; :func:`lower_int` has checked that nothing else runs in fp32."""
+    count = {op: sum(n.op == op for n in int_model.nodes) for op in ("hardswish", "hardsigmoid", "mul")}
+    record = {op: f"delegated to XNNPACK's int8 kernel {_INT8_KERNELS[op]}" for op in _INT8_KERNELS if count[op]}
+    if count["hardsigmoid"]:
+        floats = ", ".join(_float_nodes(lowered))
+        record["hardsigmoid"] = (f"delegated to XNNPACK in fp32 ({floats}: torch's hardsigmoid arithmetic, x + 3 "
+                                 "clamped to [0, 6] as the add's output range, / 6) between XNNPACK's int8->fp32 "
+                                 "and fp32->int8 converts")
+    return record
+
+
+@functools.cache
+def elementwise_kernels() -> str:
+    """How this ExecuTorch runs hardswish, hardsigmoid and the SE mul, read from the lowered program of a probe
+    squeeze-excite block (one line for the record); none runs in ExecuTorch's portable kernels."""
+    probe = squeeze_excite_probe(signed=True)
+    record = elementwise_execution(probe, lower_int(probe))
+    return "; ".join(f"{op}: {record[op]}" for op in ("hardswish", "hardsigmoid", "mul")) + \
+        "; nothing in portable kernels"
 
 
 def lower_float(module: nn.Module, example: torch.Tensor) -> Lowered:
