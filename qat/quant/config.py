@@ -41,6 +41,7 @@ class QuantConfig:
     percentile: float = 99.99
     bn_fold: str = "jacob"
     step_lr_scale: float = 1.0  # learning-rate multiplier of learned step sizes (lsq/lsq_plus), no weight decay
+    step_init: str = "minmax"  # initial learned step sizes: minmax | mse (LSQ+ §3.3) | lsq (Esser: 2·mean|v|/sqrt(Q_P))
     activation: str | None = None  # force "relu" or "relu6" in every fused activation (Jacob Table 4.3)
     overrides: list[LayerOverride] = field(default_factory=list)
 
@@ -56,6 +57,8 @@ class QuantConfig:
         if self.weight_observer == "lsq" and not self.weight_symmetric:
             raise QatError("quant.weight_observer", "lsq for weights needs a symmetric grid",
                            "set quant.weight_symmetric=true, or use another weight observer")
+        if self.step_init not in ("mse", "minmax", "lsq"):
+            raise choice_error("quant.step_init", self.step_init, ["mse", "minmax", "lsq"])
         if self.step_lr_scale <= 0:
             raise QatError("quant.step_lr_scale", f"{self.step_lr_scale} is not positive", "use e.g. 1.0 or 0.1")
         if self.activation not in (None, "relu", "relu6"):

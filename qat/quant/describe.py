@@ -19,13 +19,18 @@ from qat.quant.observers import OBSERVERS, EmaMinMaxObserver, PercentileObserver
 
 
 def observer_name(observer: nn.Module) -> str:
-    """The config name of an observer instance (``ema``, ``minmax``, ``mse``, ``lsq``, ...)."""
-    if isinstance(getattr(observer, "config_name", None), str):
-        return str(observer.config_name)
+    """The config name of an observer instance (``ema``, ``minmax``, ``mse``, ...)."""
     for name, cls in OBSERVERS.items():
         if type(observer) is cls:
             return name
     return "mse" if type(observer).__name__ == "MseObserver" else type(observer).__name__
+
+
+def quantizer_name(fq: FakeQuantize) -> str:
+    """The config name of what sets a quantizer's grid: its observer's, or ``lsq``/``lsq_plus`` for a learned step
+    size (:mod:`qat.quant.lsq`)."""
+    name = getattr(fq, "config_name", None)
+    return name if isinstance(name, str) else observer_name(fq.observer)
 
 
 def _summary(values: list[Any]) -> Any:
@@ -55,7 +60,7 @@ def describe(model: nn.Module, precision: str = "int8") -> dict[str, Any]:
             "weight_ch_axis": _summary([q.spec.ch_axis for q in weights if q.spec.per_channel] or [0]),
             "weight_symmetric": _summary([q.spec.symmetric for q in weights]),
             "weight_narrow_range": _summary([q.spec.narrow_range for q in weights]),
-            "weight_observer": _summary([observer_name(q.observer) for q in weights]),
+            "weight_observer": _summary([quantizer_name(q) for q in weights]),
         })
     folds = [m.bn_fold for m in model.modules() if isinstance(m, QConvBnAct) and m.bn is not None]
     if folds:
@@ -64,8 +69,11 @@ def describe(model: nn.Module, precision: str = "int8") -> dict[str, Any]:
         block.update({
             "act_bits": _summary([q.spec.bits for q in acts]),
             "act_symmetric": _summary([q.spec.symmetric for q in acts]),
-            "act_observer": _summary([observer_name(q.observer) for q in acts]),
+            "act_observer": _summary([quantizer_name(q) for q in acts]),
         })
+    inits = [q.init for q in [*weights, *acts] if isinstance(getattr(q, "init", None), str)]
+    if inits:
+        block["step_init"] = _summary(inits)
         decays = [q.observer.decay for q in acts if isinstance(q.observer, EmaMinMaxObserver)]
         if decays:
             block["ema_decay"] = _summary(decays)

@@ -127,7 +127,7 @@ class _Preparer:
                            f"use an axis in [{-weight.dim()}, {weight.dim() - 1}] (0 = output channels)")
         if self.config.weight_observer in LSQ_NAMES:
             return LearnedStepQuantize(spec, self.config.weight_observer, weights=True,
-                                       lr_scale=self.config.step_lr_scale)
+                                       lr_scale=self.config.step_lr_scale, init=self.config.step_init)
         observer = make_observer(self.config.weight_observer, per_channel=spec.per_channel, ch_axis=spec.ch_axis,
                                  key="quant.weight_observer", spec=spec, weights=True,
                                  percentile=self.config.percentile)
@@ -136,7 +136,8 @@ class _Preparer:
     def _act_fq(self, bits: int | None = None) -> FakeQuantize:
         spec = self.config.act_spec(bits)
         if self.config.act_observer in LSQ_NAMES:
-            return LearnedStepQuantize(spec, self.config.act_observer, lr_scale=self.config.step_lr_scale)
+            return LearnedStepQuantize(spec, self.config.act_observer, lr_scale=self.config.step_lr_scale,
+                                       init=self.config.step_init)
         observer = make_observer(self.config.act_observer, per_channel=False, ch_axis=0, key="quant.act_observer",
                                  spec=spec, ema_decay=self.config.ema_decay, percentile=self.config.percentile)
         return FakeQuantize(spec, observer)
