@@ -124,8 +124,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_mobilenet_v3_run_writes_an_integer_record_and_best_checkpoint(tmp_path: Path) -> None:
-    """MobileNet v3 converts (issue 18): int_model.pt, int8 latency on torch_native, the reference's fidelity; an
-    engine without hardswish yet (ONNX Runtime) is recorded unsupported with its one line, never run in float."""
+    """MobileNet v3 converts (issue 18): int_model.pt, int8 latency on torch_native, fidelity on the reference and
+    on ONNX Runtime, whose record says which of the v3 ops it runs in float between DequantizeLinear/QuantizeLinear."""
     run_dir = tmp_path / "run"
     result = run_app([*TINY, "model=mobilenet_v3_small", "model.resolution=32", "quant=w8a8", "train.keep_best=true"],
                      tmp_path, run_dir)  # the demo preset (TINY's) validates only after the last epoch
@@ -135,6 +135,26 @@ def test_mobilenet_v3_run_writes_an_integer_record_and_best_checkpoint(tmp_path:
     assert record["latency"]["median_ms"] > 0 and record["latency"]["engine"].startswith("torch_native")
     engines = record["fidelity"]["engines"]
     assert engines["reference"]["agreement_with_sim"] >= 0.9
-    assert engines["onnxruntime"]["status"] == "unsupported" and "hardswish" in engines["onnxruntime"]["reason"]
+    assert engines["onnxruntime"]["status"] == "ok" and engines["onnxruntime"]["agreement_with_sim"] >= 0.9
+    assert "hardswish: float HardSigmoid, Mul between DequantizeLinear and QuantizeLinear" in \
+        engines["onnxruntime"]["elementwise_kernels"]
     for phase in ("float", "qat"):  # the best-validation checkpoint of each phase is kept beside the last
         assert (run_dir / "checkpoints" / f"{phase}_best.pt").exists()
+
+
+@pytest.mark.slow
+def test_mobilenet_v3_on_the_arm_target_runs_executorch(tmp_path: Path) -> None:
+    """On target=arm ExecuTorch-XNNPACK is the primary engine: a v3 run measures its latency and records how it
+    runs hardswish, hardsigmoid and the SE mul (issue 18)."""
+    run_dir = tmp_path / "run"
+    result = run_app([*TINY, "model=mobilenet_v3_small", "model.resolution=32", "quant=w8a8", "target=arm",
+                      "latency.eval_engines=[reference,executorch_xnnpack]"], tmp_path, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["status"] == "ok" and record["latency"]["engine"] == "executorch_xnnpack"
+    assert record["latency"]["median_ms"] > 0
+    executorch = record["fidelity"]["engines"]["executorch_xnnpack"]
+    assert executorch["status"] == "ok" and executorch["agreement_with_sim"] >= 0.9
+    assert executorch["elementwise_kernels"].startswith(
+        "hardswish: delegated to XNNPACK's int8 kernel XNNHardswish(qint8->qint8); hardsigmoid: delegated to XNNPACK "
+        "in fp32")
