@@ -166,7 +166,7 @@ class LearnedStepQuantize(FakeQuantize):
                 getattr(self, name).data = torch.empty_like(state_dict[prefix + name])
         if prefix + "zero_point" in state_dict:
             self.zero_point = torch.empty_like(state_dict[prefix + "zero_point"])
-        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+        super(FakeQuantize, self)._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # not its scale buffer
 
     @property
     def scale(self) -> torch.Tensor:  # type: ignore[override]
