@@ -370,7 +370,13 @@ class PairTableKernel:
     For grids with at most :data:`TABLE_ENTRIES` code pairs it is tabulated once by the op's own integer
     :meth:`arithmetic` and looked up (one gather per element); wider grids run the arithmetic chunk by chunk."""
 
-    def __init__(self, in_qs: list[TensorQ]) -> None:
+    def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
+        """The output requantization (node's multiplier, shift, clamp and Z_out), then the table."""
+        assert node.out is not None
+        self.out = fixed_point_constants(int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0]),
+                                         rounding)
+        self.low, self.high, self.z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), \
+            node.out.zero_point
         self.grids = in_qs
         size_a, size_b = (q.qmax - q.qmin + 1 for q in in_qs)
         self.table: PerDevice | None = None
@@ -399,13 +405,8 @@ class AddKernel(PairTableKernel):
     """TFLite quantized ADD (reference_ops::AddElementwise): headroom shift, per-input and output multipliers."""
 
     def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
-        assert node.out is not None
         self.rescale = _rescaled_inputs(node, in_qs, rounding)
-        self.out = fixed_point_constants(int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0]),
-                                         rounding)
-        self.low, self.high, self.z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), \
-            node.out.zero_point
-        super().__init__(in_qs)
+        super().__init__(node, in_qs, rounding)
 
     def arithmetic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         total = self.rescale(0, a).add_(self.rescale(1, b)) if a.shape == b.shape else \
@@ -418,13 +419,8 @@ class MulKernel(PairTableKernel):
     (:func:`qat.intmodel.elementwise.mul_codes`)."""
 
     def __init__(self, node: IntNode, in_qs: list[TensorQ], rounding: str) -> None:
-        assert node.out is not None
         check_mul_accumulator(node.name, in_qs)
-        self.out = fixed_point_constants(int(node.tensors["multiplier"][0]), int(node.tensors["shift"][0]),
-                                         rounding)
-        self.low, self.high, self.z_out = int(node.attrs["clamp_min"]), int(node.attrs["clamp_max"]), \
-            node.out.zero_point
-        super().__init__(in_qs)
+        super().__init__(node, in_qs, rounding)
 
     def arithmetic(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return mul_codes(a, b, self.grids, self.out, self.z_out, self.low, self.high)
