@@ -3,6 +3,7 @@ documented demo twist validates, and its sweep produces records that the paper t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import re
@@ -207,3 +208,45 @@ def test_unknown_method_is_one_named_error() -> None:
 def test_reference_tables_are_readable() -> None:
     for table in TABLES.values():
         assert isinstance(table.reference(), pd.DataFrame)
+
+
+def test_torchvision_mbv3_preset_is_torchvisions_qat_recipe() -> None:
+    """references/classification (pytorch/vision) "QAT MobileNetV3": 90 epochs, SGD momentum 0.9, lr 0.001 / 10
+    every 30 epochs, weight decay 1e-5, 8 x 32 images per step, observers off after 5 epochs and BN statistics
+    frozen after 4 (train_quantization.py's loop), qnnpack's per-tensor symmetric full-range weights."""
+    config = preset_config("torchvision_mbv3_qat")
+    assert (config.model.arch, config.model.weights, config.model.width_mult, config.model.resolution) == (
+        "mobilenet_v3_large", "IMAGENET1K_V1", 1.0, 224)
+    assert config.data.name == "imagefolder" and config.data.batch_size == 8 * 32
+    assert (config.method, config.train.qat_epochs, config.train.qat_lr) == ("qat", 90, 0.001)
+    o = config.optim
+    assert (o.name, o.momentum, o.weight_decay, o.nesterov, o.schedule, o.step_epochs, o.step_gamma,
+            o.warmup_epochs) == ("sgd", 0.9, 1e-5, False, "step", 30, 0.1, 0.0)
+    q = config.quant
+    assert (q.precision, q.weight_bits, q.act_bits, q.weight_per_channel, q.weight_symmetric,
+            q.weight_narrow_range, q.act_symmetric) == ("int8", 8, 8, False, True, False, False)
+    assert (q.weight_observer, q.act_observer, q.ema_decay) == ("ema", "ema", 0.99)  # averaging constant 0.01
+    steps_per_epoch = 1281167 // config.data.batch_size  # ImageNet-1k train images; the last partial batch dropped
+    s = config.schedule
+    assert (s.weight_quant_delay, s.act_quant_delay) == (0, 0)
+    assert (s.bn_freeze_step, s.range_freeze_step) == (4 * steps_per_epoch, 5 * steps_per_epoch)
+    assert config.target.name == "arm" and config.latency.engine == "torch_native_qnnpack"
+    assert {"reference", "onnxruntime", "executorch_xnnpack"} <= set(config.latency.eval_engines)
+    assert sweep_params("torchvision_mbv3_qat") == {"quant": ["float", "w8a8_per_tensor"]}
+
+
+def test_torchvision_mbv3_demo_preset_is_the_documented_twist() -> None:
+    """experiment=torchvision_mbv3_qat_demo is the ImageNet preset's demo twist command, with the recipe's layout:
+    BN statistics frozen after the first of 3 QAT epochs, ranges after the second, at the demo's steps per epoch."""
+    twist = to_run_config(compose_run(demo_twist("torchvision_mbv3_qat")))
+    demo = to_run_config(compose_run(["experiment=torchvision_mbv3_qat_demo"]))
+    assert dataclasses.replace(demo, tag=twist.tag) == twist
+    assert demo.tag == "torchvision_mbv3_qat_demo" and demo.data.name == "demo" and demo.model.weights is None
+    steps_per_epoch = demo.data.demo.num_classes * demo.data.demo.train_per_class // demo.data.batch_size
+    assert (demo.schedule.bn_freeze_step, demo.schedule.range_freeze_step, demo.train.qat_epochs) == (
+        steps_per_epoch, 2 * steps_per_epoch, 3)
+    recipe = preset_config("torchvision_mbv3_qat")
+    assert demo.quant == recipe.quant and demo.target == recipe.target
+    assert dataclasses.replace(demo.optim, lr=recipe.optim.lr, step_epochs=30) == recipe.optim
+    assert demo.train.qat_lr == recipe.train.qat_lr
+    validate(demo)
