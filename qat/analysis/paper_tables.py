@@ -141,6 +141,15 @@ def _whitepaper_latency(kind: str) -> Matcher:
     return match
 
 
+def _torchvision_mbv3(row: pd.Series) -> Conditions | None:
+    base = {"model.arch": "mobilenet_v3_large", "model.width_mult": 1.0, "model.resolution": 224}
+    if row["scheme"] == "float":
+        return {**base, "method": "float"}
+    # torch.ao's qnnpack QAT qconfig: per-tensor symmetric int8 weights (configs/experiment/torchvision_mbv3_qat)
+    return {**base, "method": "qat", **_bits(row["weight_bits"], row["act_bits"]),
+            "quant.weight_per_channel": False, "quant.weight_symmetric": True}
+
+
 TOP1 = "accuracy.top1"
 
 TABLES: dict[str, PaperTable] = {t.name: t for t in (
@@ -207,6 +216,14 @@ TABLES: dict[str, PaperTable] = {t.name: t for t in (
         _whitepaper_latency("float"),
         "Model by name; float = method float, int8 = any w8a8 integer run. The paper's times are on one Pixel 2 big "
         "core, ours on our engines and devices (latency.*), so no delta.", IMAGENET),
+    PaperTable(
+        "torchvision_mbv3_qat", "torchvision_mobilenet_v3_large_qat.csv",
+        "torchvision: MobileNetV3-Large on ImageNet, float IMAGENET1K_V1 vs int8 QAT on qnnpack (%)",
+        ("model", "scheme"),
+        (Compared("top1", TOP1, "top-1"), Compared("top5", "accuracy.top5", "top-5")), _torchvision_mbv3,
+        "mobilenet_v3_large x1.0 at 224; float = method float (the IMAGENET1K_V1 weights evaluated), "
+        "int8_qat_qnnpack = method qat w8a8 with per-tensor symmetric weights (experiment=torchvision_mbv3_qat). "
+        "torchvision's int8 top-1 is of its own qnnpack model; ours is the run's primary engine's.", IMAGENET),
 )}  # fmt: skip
 
 
