@@ -19,7 +19,7 @@ from qat.data.synthetic import default_cache_dir, make_demo_dataset
 from qat.errors import QatError, choice_error
 from qat.fidelity import evaluate_engines
 from qat.intmodel.graph import IntModel
-from qat.models.registry import MODELS, build_model, count_macs
+from qat.models.registry import MODELS, bn_momenta, build_model, count_macs
 from qat.task import Evaluation, TaskData
 from qat.train.distributed import Runtime
 from qat.train.engine import Task
@@ -87,7 +87,7 @@ class ClassificationTask:
     def build_model(self, cfg: Any, data: TaskData) -> nn.Module:
         m = cfg.model
         return build_model(m.arch, width_mult=m.width_mult, num_classes=data.info["num_classes"],
-                           resolution=m.resolution, weights=m.weights)
+                           resolution=m.resolution, weights=m.weights, bn_momentum=m.bn_momentum)
 
     def model_name(self, cfg: Any) -> str:
         return str(cfg.model.arch)
@@ -150,6 +150,7 @@ class ClassificationTask:
         m = cfg.model
         return {"arch": m.arch, "width_mult": m.width_mult, "resolution": m.resolution,
                 "num_classes": data.info["num_classes"], "params": sum(p.numel() for p in model.parameters()),
+                "bn_momentum": bn_momenta(model),
                 "macs": count_macs(model, m.resolution), "float_source": float_source}
 
 

@@ -98,6 +98,8 @@ def float_key(cfg: Any, data_info: dict[str, Any], task: RunTask = CLASSIFICATIO
               "optim": asdict(cfg.optim), "epochs": cfg.train.float_epochs, "seed": cfg.seed, "v": 1,
               "channels_last": cfg.train.channels_last}  # another summation order: other weights
     recipe["model"].pop("weights")
+    if recipe["model"].get("bn_momentum") is None:  # the architecture's own: the same key as before the setting
+        recipe["model"].pop("bn_momentum", None)
     for key in ("val_max_images", "val_subset_seed"):  # evaluation only: the same float weights
         recipe["data"].pop(key, None)
     return task.float_key_prefix + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]

@@ -20,6 +20,8 @@ class ModelConfig:
     width_mult: float = 1.0
     resolution: int = 224
     weights: str | None = None  # skips float training: a .pt/.pth file or torchvision IMAGENET1K_V1, _V2, DEFAULT
+    # running-statistics momentum of every batch norm; null keeps the architecture's (torchvision v3: 0.01)
+    bn_momentum: float | None = None
 
 
 @dataclass

@@ -55,3 +55,14 @@ def test_float_weights_from_a_qat_checkpoint_and_garbage(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a state dict")
     with pytest.raises(QatError, match=r"model.weights: .*junk.pt is not a readable state dict"):
         load_float_weights(target, str(tmp_path / "junk.pt"))
+
+
+def test_bn_momentum_replaces_the_architectures_and_is_read_back() -> None:
+    from qat.models.registry import bn_momenta
+
+    assert bn_momenta(build_model("mobilenet_v3_small", num_classes=4, resolution=32)) == 0.01  # torchvision's
+    model = build_model("mobilenet_v3_small", num_classes=4, resolution=32, bn_momentum=0.1)
+    assert bn_momenta(model) == 0.1
+    assert bn_momenta(build_model("mobilenet_v2", num_classes=4, resolution=32)) == 0.1
+    with pytest.raises(QatError, match="model.bn_momentum: 0 is not in"):
+        build_model("mobilenet_v2", num_classes=4, resolution=32, bn_momentum=0)

@@ -73,13 +73,26 @@ MODELS: dict[str, Callable[[float, int], nn.Module]] = {
     **{name: _resnet(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
 }
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def bn_momenta(model: nn.Module) -> float | list[float | None] | None:
+    """The running-statistics momentum of ``model``'s batch norms, read back: one value, or the distinct ones."""
+    values = sorted({m.momentum for m in model.modules() if isinstance(m, BATCH_NORMS)}, key=lambda v: (v is None, v))
+    return values[0] if len(values) == 1 else (values or None)
+
+
 MIN_RESOLUTION = {"inception_v3": 75}  # others: 32 (five stride-2 stages; smaller inputs collapse below 1x1)
 
 
 def build_model(arch: str, *, width_mult: float = 1.0, num_classes: int = 1000, resolution: int = 224,
-                weights: str | None = None) -> nn.Module:
+                weights: str | None = None, bn_momentum: float | None = None) -> nn.Module:
     """Build ``arch``; with ``weights``, load float weights from a local file (state dict or qat checkpoint)
-    or torchvision's pretrained weights named as torchvision names them (``IMAGENET1K_V2``, ``DEFAULT``)."""
+    or torchvision's pretrained weights named as torchvision names them (``IMAGENET1K_V2``, ``DEFAULT``).
+    ``bn_momentum`` (``model.bn_momentum``) replaces the running-statistics momentum of every batch norm; ``None``
+    keeps the architecture's own (torchvision's MobileNet v3: 0.01, made for hundreds of ImageNet epochs: after
+    the demo's 6 epochs its running statistics were still so far from the data that every validation image got
+    the same class; with 0.1 the same training reached 48% after 2 epochs)."""
     if arch not in MODELS:
         raise choice_error("model.arch", arch, list(MODELS))
     if not isinstance(width_mult, int | float) or width_mult <= 0:
@@ -89,6 +102,13 @@ def build_model(arch: str, *, width_mult: float = 1.0, num_classes: int = 1000, 
         raise QatError("model.resolution", f"{resolution} is below {smallest}",
                        f"{arch} takes inputs of at least {smallest}x{smallest}")
     model = MODELS[arch](float(width_mult), num_classes)
+    if bn_momentum is not None:
+        if not 0.0 < bn_momentum <= 1.0:
+            raise QatError("model.bn_momentum", f"{bn_momentum} is not in (0, 1]", "use 0.1 (PyTorch's default), or "
+                           "null for the architecture's own")
+        for module in model.modules():
+            if isinstance(module, BATCH_NORMS):
+                module.momentum = bn_momentum
     if weights and is_weights_name(weights):
         pretrained = torchvision_weights(arch, weights, width_mult=float(width_mult))
         classes = len(pretrained.meta["categories"])
