@@ -225,3 +225,25 @@ def test_converted_model_agrees_with_its_simulation(act: str) -> None:
         with torch.no_grad():
             agree.append((prepared(x).argmax(1) == integer(x).argmax(1)).float().mean())
     assert float(torch.stack(agree).mean()) >= 0.99
+
+
+def test_descent_on_a_reconstruction_loss_reaches_the_mse_optimal_step() -> None:
+    """With the loss ||v̂ − v||², LSQ's gradient drives S from the min/max step to the MSE-optimal one
+    (Choukroun's search of qat.quant.mse, within 1%): the gradient points where it should."""
+    from qat.quant.mse import mse_optimal_range
+
+    torch.manual_seed(0)
+    x = torch.randn(100_000)
+    spec = QuantSpec(bits=4, signed=True, symmetric=True, narrow_range=True)
+    step = torch.tensor(float(x.abs().max()) / spec.qmax, requires_grad=True)
+    optimizer = torch.optim.SGD([step], lr=0.01)
+    factor = 1 / math.sqrt(x.numel() * positive_extent(spec))
+    for _ in range(150):
+        out = LearnedStepFunction.apply(x, step, torch.tensor(0.0), spec.qmin, spec.qmax, factor, ())
+        optimizer.zero_grad()
+        ((out - x) ** 2).sum().backward()
+        optimizer.step()
+    low, high = mse_optimal_range(x.reshape(1, -1), spec)
+    optimal = float(torch.maximum(-low, high)[0]) / spec.qmax
+    assert float(step.detach()) == pytest.approx(optimal, rel=0.01)
+    assert float(x.abs().max()) / spec.qmax > 1.3 * optimal  # it did move: min/max is far from the optimum
