@@ -191,12 +191,13 @@ def on_engines(int_model: IntModel, names: Sequence[str], primary: str, threads:
                ) -> dict[str, Any]:
     """Every engine of ``names`` built from ``int_model`` (``primary`` first; it must run), fed by one
     :func:`shared_pass` over ``loader``; ``finish(engine)`` then gives each engine's fields. Returns ``{name:
-    {"status": "ok", engine info (with its device), finish's fields, "eval_s"}}``; an engine that cannot build
-    or run the model is ``{"status": "unsupported", "reason": <one line>}``."""
+    {"status": "ok", engine info (with its device), "build_s", finish's fields, "eval_s"}}``; an engine that cannot
+    build or run the model is ``{"status": "unsupported", "reason": <one line>}``."""
     built: list[BuiltEngine] = []
     unsupported: dict[str, dict[str, Any]] = {}
     order = list(dict.fromkeys([primary, *names]))
     for name in order:
+        started = time.perf_counter()
         try:
             run, info = build_engine(name, int_model, threads, device)
         except QatError as exc:
@@ -204,7 +205,7 @@ def on_engines(int_model: IntModel, names: Sequence[str], primary: str, threads:
                 raise
             unsupported[name] = _unsupported(name, exc)
             continue
-        built.append(BuiltEngine(name, run, info))
+        built.append(BuiltEngine(name, run, {**info, "build_s": time.perf_counter() - started}))
     cpu_only = [e.name for e in built if e.device.type != torch.device(device).type]
     if cpu_only:
         log.info("[fidelity] on %s; CPU-only engines: %s", device, ", ".join(cpu_only))
