@@ -152,7 +152,7 @@ def ranges_main(out_dir: Path) -> None:
 
     # min/max-based observers: synchronized calibration, then QAT; no batch norm, so the global-batch single
     # process is the reference (weights agree up to the gradient all-reduce's float summation order)
-    for observer in ("ema", "minmax", "current", "percentile", "mse"):
+    for observer in ("ema", "minmax", "current", "percentile", "mse", "lsq_plus"):
         model = _prepared(runtime, loader, observer=observer, bn=False, sync_calibration=True)
         result[f"{observer}/calibrated"] = _state(model)
         _fit(model, loader, runtime, out_dir / f"ckpt-{observer}-{tag}.pt", epochs=1 if observer == "mse" else 2)

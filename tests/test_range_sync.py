@@ -195,8 +195,8 @@ def ddp_ranges(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                                                       for r in range(2)], "dir": ddp}
 
 
-QUANTIZER_BUFFERS = ("scale", "zero_point", "observer.min_val", "observer.max_val")
-SYNCED = ("ema", "minmax", "current", "percentile", "mse")
+QUANTIZER_BUFFERS = ("scale", "zero_point", "observer.min_val", "observer.max_val", "step", "offset")
+SYNCED = ("ema", "minmax", "current", "percentile", "mse", "lsq_plus")
 
 
 def _quantizer_keys(state: dict[str, torch.Tensor], acts_only: bool = False) -> list[str]:
@@ -215,7 +215,9 @@ def test_ddp_ranks_hold_identical_ranges_equal_to_the_global_batch(ddp_ranges: d
             assert _quantizer_keys(a, acts_only=True)
             for key in a:  # every parameter and buffer, weight quantizers included (no BN: same weights)
                 assert torch.equal(a[key], b[key]), (observer, stage, key)
-    for observer in ("ema", "minmax", "current"):  # the global batch's min/max: a single process's ranges
+    # the global batch's min/max: a single process's ranges; learned steps (lsq_plus, initialised from min/max):
+    # DDP averages their gradients, so they train as one process's do
+    for observer in ("ema", "minmax", "current", "lsq_plus"):
         calibrated, trained = rank0[f"{observer}/calibrated"], rank0[f"{observer}/trained"]
         for key in calibrated:
             assert torch.equal(calibrated[key], single[f"{observer}/calibrated"][key]), (observer, key)

@@ -40,7 +40,7 @@ from qat.errors import QatError
 from qat.quant import range_sync
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.mse import MseObserver
-from qat.quant.observers import MinMaxObserver, Observer, _channel_rows, _reduce_dims
+from qat.quant.observers import MinMaxObserver, Observer, channel_rows, reduce_dims
 from qat.quant.scheme import QuantSpec, choose_qparams
 from qat.quant.vectorized import channel_shape
 
@@ -71,7 +71,7 @@ class LearnedStepFunction(torch.autograd.Function):
         # ∂v̂/∂S per element: (q − Z) − v/S inside, (q − Z) where clipped
         slope = centred.sub_(inverse_times_x.mul_(mask))
         ctx.save_for_backward(mask, slope, step, scale)
-        ctx.grad_scale, ctx.shape = grad_scale, shape
+        ctx.grad_scale = grad_scale
         return out
 
     @staticmethod
@@ -108,10 +108,10 @@ class LsqObserver(Observer):
         x = x.detach().float()
         if not self.per_channel:
             return x.abs().mean()
-        rows = _channel_rows(x, self.ch_axis)
+        rows = channel_rows(x, self.ch_axis)
         if rows is not None:
             return rows.abs().mean(1)
-        return x.abs().mean(dim=_reduce_dims(x, True, self.ch_axis))
+        return x.abs().mean(dim=reduce_dims(x, True, self.ch_axis))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self.observed_range(x)

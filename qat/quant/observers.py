@@ -18,14 +18,14 @@ from qat.quant import range_sync
 from qat.quant.scheme import QuantSpec
 
 
-def _reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
+def reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
     if not per_channel:
         return list(range(x.dim()))
     axis = ch_axis % x.dim()
     return [d for d in range(x.dim()) if d != axis]
 
 
-def _channel_rows(x: torch.Tensor, axis: int) -> torch.Tensor | None:
+def channel_rows(x: torch.Tensor, axis: int) -> torch.Tensor | None:
     """``x`` as a (channels along ``axis``, everything else) view without a copy, when its memory allows (a weight
     along its output axis, contiguous or channels-last); ``None`` otherwise."""
     moved = x.movedim(axis % x.dim(), 0)
@@ -68,10 +68,10 @@ class Observer(nn.Module):
         x = x.detach().float()
         if not self.per_channel:
             return aminmax(x)  # one pass
-        rows = _channel_rows(x, self.ch_axis)
+        rows = channel_rows(x, self.ch_axis)
         if rows is not None:
             return torch.aminmax(rows, dim=1)  # one pass over a (channels, rest) view
-        dims = _reduce_dims(x, self.per_channel, self.ch_axis)
+        dims = reduce_dims(x, self.per_channel, self.ch_axis)
         return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
 
     def observed_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
