@@ -116,3 +116,18 @@ class TinyResidualNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.stem(x))
         return self.head(torch.relu(x + self.block(x)))
+
+
+def onnx_layer_sessions(int_model, onnx_bytes: bytes, options):  # type: ignore[no-untyped-def]
+    """Every node of ``int_model`` but its quantize/dequantize boundary as an ONNX Runtime session of its own, cut
+    from the model's QDQ graph (``onnx_bytes``): ``(node, session)`` pairs for layer-by-layer comparisons fed
+    another executor's input codes."""
+    import onnx
+    import onnxruntime as ort
+
+    extractor = onnx.utils.Extractor(onnx.load_from_string(onnx_bytes))
+    for node in int_model.nodes:
+        if node.op in ("quantize", "dequantize"):
+            continue
+        sub = extractor.extract_model(list(node.inputs), [node.name])
+        yield node, ort.InferenceSession(sub.SerializeToString(), options)

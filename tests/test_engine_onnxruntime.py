@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
-from conftest import TinyResidualNet, for_this_host
+from conftest import TinyResidualNet, for_this_host, onnx_layer_sessions
 from torch import nn
 
 from qat.engines import onnxruntime_qdq, registry
@@ -89,13 +89,9 @@ def test_int8_matches_torch_native_layer_by_layer_and_top1(arch: str, request) -
     with torch.inference_mode():
         for name, node_inputs, fn in native.steps:
             values[name] = fn(*(values[i] for i in node_inputs)) if node_inputs else fn(x)
-    extractor = onnx.utils.Extractor(onnx.load_from_string(onnxruntime_qdq.int_model_to_onnx(int_model)))
     checked: dict[str, int] = {}
-    for node in int_model.nodes:
-        if node.op in ("quantize", "dequantize"):
-            continue
-        sub = extractor.extract_model(list(node.inputs), [node.name])
-        session = ort.InferenceSession(sub.SerializeToString(), onnxruntime_qdq.session_options(1))
+    for node, session in onnx_layer_sessions(int_model, onnxruntime_qdq.int_model_to_onnx(int_model),
+                                             onnxruntime_qdq.session_options(1)):
         feeds = {i: _codes_as_int(values[i], int_model.node(i).out.signed) for i in node.inputs}
         ours = session.run(None, feeds)[0].astype(np.int32)
         theirs = _codes_as_int(values[node.name], node.out.signed).astype(np.int32)

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import onnx_layer_sessions
 from test_mobilenet_v3_integer import _trained_v3_small
 
 from qat import fidelity
@@ -71,19 +72,13 @@ def test_onnxruntime_layer_by_layer_against_the_reference(v3, ort_adapter) -> No
     """Each node of the QDQ graph, run alone by ORT on the reference's input codes, reproduces the reference's
     codes within 1 LSB."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
 
     _, batch, int_model = v3
     x, _ = batch(32, torch.Generator().manual_seed(2))
     values = ReferenceExecutor(int_model).run_layers(x)
-    extractor = onnx.utils.Extractor(onnx.load_from_string(ort_adapter.int_model_to_onnx(int_model)))
     largest: dict[str, int] = {}
-    for node in int_model.nodes:
-        if node.op in ("quantize", "dequantize"):
-            continue
-        sub = extractor.extract_model(list(node.inputs), [node.name])
-        session = ort.InferenceSession(sub.SerializeToString(), ort_adapter.session_options(1))
+    for node, session in onnx_layer_sessions(int_model, ort_adapter.int_model_to_onnx(int_model),
+                                             ort_adapter.session_options(1)):
         feeds = {i: values[i].to(torch.int64).numpy().astype(np.int8 if int_model.node(i).out.signed else np.uint8)
                  for i in node.inputs}
         ours = torch.from_numpy(session.run(None, feeds)[0].astype(np.int64))
