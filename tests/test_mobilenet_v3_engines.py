@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", message=".*experimental.*")
 V3_OPS = ("hardswish", "hardsigmoid", "mul")
 # Per op, fed the reference's own input codes: the largest difference allowed, as in tests/test_engine_onnxruntime.py
 # and tests/test_engine_executorch.py: both engines requantize conv/linear/mul with an fp32 multiplier where the
-# reference uses (M0, n), round the pooled mean half to even where it rounds half away from zero, and quantize a
+# reference uses (M0, n) (ORT pools as the reference does: tests/test_pooling.py), and quantize a
 # float hardswish/hardsigmoid (or XNNPACK's int8 hardswish) where it looks the simulation's codes up in a table;
 # each differs only near rounding ties
 TOLERANCE_LSB = 1

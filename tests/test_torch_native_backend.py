@@ -52,7 +52,8 @@ def test_with_qnnpack_there_is_no_note(caplog: pytest.LogCaptureFixture) -> None
 
 
 def pool_model() -> IntModel:
-    """quantize -> 2x2 average pool -> dequantize: x86 rounds the mean half to even, qnnpack half up."""
+    """quantize -> 2x2 average pool -> dequantize: on this contiguous input x86 rounds ties of the
+    mean code to even, qnnpack of the centred mean (Z is odd here: they differ, tests/test_pooling.py)."""
     q = TensorQ(scale=0.0157, zero_point=3, bits=8, signed=False, qmin=0, qmax=255)
     pool = IntNode("pool", "avg_pool", ["input"], q,
                    {"adaptive": False, "kernel_size": [2, 2], "stride": [2, 2], "padding": [0, 0]})

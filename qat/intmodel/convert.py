@@ -7,7 +7,8 @@ Every op that changes scale carries its fixed-point multipliers (M0, n): conv/li
 (Jacob eq. 5-6); add the TFLite ADD parameters (input multipliers S_i/2max(S), output multiplier
 2max(S)/(2^L·S_out), headroom shift L); cat one multiplier S_i/S_out per input; mul (squeeze-excite's gate times
 its input) M = S_a·S_b/S_out (TFLite MUL). Hardswish and hardsigmoid carry no parameters: their integer form is a
-table over the input grid (:mod:`qat.intmodel.elementwise`). Average pooling must keep its input's (S, Z).
+table over the input grid (:mod:`qat.intmodel.elementwise`). Average pooling must keep its input's (S, Z); the
+simulation rounds it as the integer model does (:class:`qat.quant.pooling.GridAveragePool`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from torch import fx, nn
 from qat.errors import NoIntegerForm, QatError
 from qat.intmodel.fixedpoint import add_left_shift, add_multipliers, quantize_multiplier
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
+from qat.intmodel.pooling import pool_attrs
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.modules import QConvBnAct, QLinear
+from qat.quant.pooling import GridAveragePool
 from qat.quant.prepare import _ADD_FUNCTIONS, _relu_kind, is_passthrough, is_same_grid
 from qat.quant.scheme import quantize
 
@@ -49,10 +52,6 @@ def _activation_clamp(activation: str, out: TensorQ) -> tuple[int, int]:
     if activation == "relu6":
         high = min(high, out.zero_point + round(6.0 / out.scale))
     return low, high
-
-
-def _pair(value: int | tuple[int, ...] | list[int]) -> list[int]:
-    return [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 def _table_op(node: fx.Node, module: nn.Module | None) -> str | None:
@@ -246,8 +245,10 @@ class _Converter:
             self.pending[node.name] = int_node
         elif is_same_grid(node, self.modules):
             in_name = self._input(node.args[0])
-            if isinstance(module, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
-                attrs = self._pool_attrs(module)
+            if isinstance(module, GridAveragePool):
+                attrs = dict(module.attrs)
+            elif isinstance(module, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
+                attrs = pool_attrs(module)
             else:
                 attrs = self._pool_attrs_functional(node)
             self._emit(IntNode(node.name, "avg_pool", [in_name], None, attrs), node.name)
@@ -260,16 +261,6 @@ class _Converter:
         else:
             what = node.target if node.op != "call_module" else type(module).__name__
             raise NoIntegerForm("convert", f"{node.name} ({what}) has no integer implementation", SUPPORTED)
-
-    @staticmethod
-    def _pool_attrs(module: nn.Module) -> dict:
-        if isinstance(module, nn.AdaptiveAvgPool2d):
-            size = module.output_size
-            return {"adaptive": True, "output_size": [size, size] if isinstance(size, int) else list(size)}
-        return {"adaptive": False, "kernel_size": _pair(module.kernel_size),
-                "stride": _pair(module.stride if module.stride is not None else module.kernel_size),
-                "padding": _pair(module.padding), "ceil_mode": bool(module.ceil_mode),
-                "count_include_pad": bool(module.count_include_pad), "divisor_override": module.divisor_override}
 
     @staticmethod
     def _pool_attrs_functional(node: fx.Node) -> dict:

@@ -11,8 +11,8 @@ that computes exactly what integer arithmetic computes (codes travel as float32,
 * cat: each input (q - Z_i)·2^L requantized by S_i/S_out·2^-L with the same primitive.
 * mul: TFLite's quantized MUL, (q_a - Z_a)(q_b - Z_b) requantized by S_a·S_b/S_out (squeeze-excite);
   hardswish / hardsigmoid: a table over the input grid (:mod:`qat.intmodel.elementwise`).
-* average pool: integer sum, divided with rounding half away from zero (TFLite ``AveragePool``); max pool,
-  flatten: integer max and reshape.
+* average pool: integer window sum of q − Z divided with ties to even like most engines (TFLite's ``AveragePool``
+  rounds half away from zero; :mod:`qat.intmodel.pooling` says why); max pool, flatten: integer max and reshape.
 
 Exact and fast: the sums of integer products run in float GEMMs (oneDNN/BLAS), exact because a bound per layer
 from its input grid and its integer weights, max|q_in - Z_in| · Σ_k |q_w - Z_w|, caps every partial sum
@@ -54,6 +54,7 @@ from qat.intmodel.gemmlowp import (
     multiply_by_quantized_multiplier_single_rounding,
 )
 from qat.intmodel.graph import IntModel, IntNode, TensorQ, as_pair
+from qat.intmodel.pooling import FLOAT32_EXACT, average_pool_centred
 from qat.intmodel.saturation import is_pair16_layer, saturated_accumulator
 
 Kernel = Callable[..., torch.Tensor]
@@ -62,7 +63,6 @@ ROUNDINGS: dict[str, Requantizer] = {"double": multiply_by_quantized_multiplier,
                                      "single": multiply_by_quantized_multiplier_single_rounding}
 ACCUMULATIONS = ("int32", "pair16")  # exact int32 (Jacob eq. 7) | x86 without VNNI (16-bit pair sums)
 VALUES = torch.float32  # the executor's container of integer codes: exact for grids up to 2^24
-FLOAT32_EXACT = 2**24  # float32 holds every integer of magnitude <= 2^24 (24-bit significand)
 FLOAT64_EXACT = 2**53
 MAX_DIGITS = 3  # float32 convolutions per layer before one float64 convolution is cheaper (measured: 3-11x)
 CHUNK_ELEMENTS = 1 << 20  # int64 block of the requantization arithmetic (8 MiB: cache-sized, few parallel regions)
@@ -457,77 +457,15 @@ class CatKernel:
         return torch.cat(parts, self.dim)
 
 
-def rounding_divide(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
-    """TFLite AveragePool's division: (acc ± count/2) / count with C++ truncation (ties away from zero)."""
-    count = torch.as_tensor(count, dtype=torch.int64)
-    half = torch.div(count, 2, rounding_mode="floor")
-    return torch.where(total > 0, torch.div(total + half, count, rounding_mode="trunc"),
-                       torch.div(total - half, count, rounding_mode="trunc"))
-
-
-def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
-    """PyTorch's adaptive pooling windows: [floor(i·size/out), ceil((i+1)·size/out))."""
-    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
-
-
-def _pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
-    """PyTorch's ``pooling_output_shape`` (the last window must start inside the padded input)."""
-    span = size + 2 * pad - kernel
-    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
-
-
-def _divisors(size: int, kernel: int, stride: int, pad: int, out: int, include_pad: bool) -> torch.Tensor:
-    """Per-output-position element count of PyTorch's avg_pool2d along one axis."""
-    counts = []
-    for i in range(out):
-        start = i * stride - pad
-        end = min(start + kernel, size + pad)
-        counts.append(end - start if include_pad else min(end, size) - max(start, 0))
-    return torch.tensor(counts, dtype=torch.int64)
-
-
 def avg_pool_kernel(node: IntNode, in_q: TensorQ) -> Kernel:
-    """Average pooling on the input's grid: integer window sums, rounded integer division (TFLite AveragePool).
+    """Average pooling on the input's grid: integer window sums of q − Z divided with ties to even, + Z
+    (:mod:`qat.intmodel.pooling`, shared with the simulation)."""
+    attrs, z, largest = node.attrs, in_q.zero_point, largest_code(in_q, in_q.zero_point)
 
-    Sums are taken over raw q; padded positions hold real 0.0, i.e. q = Z, which enters through count·Z.
-    """
-    a, z = node.attrs, in_q.zero_point
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return (average_pool_centred(x - z, attrs, largest) + z).to(VALUES)
 
-    def run_adaptive(x: torch.Tensor) -> torch.Tensor:
-        x64 = x.to(torch.int64)
-        size = [s if s is not None else x.shape[2 + i] for i, s in enumerate(_pair_none(a["output_size"]))]
-        rows = []
-        for h0, h1 in _adaptive_bins(x.shape[2], size[0]):
-            cols = [rounding_divide(x64[:, :, h0:h1, w0:w1].sum((2, 3)), (h1 - h0) * (w1 - w0))
-                    for w0, w1 in _adaptive_bins(x.shape[3], size[1])]
-            rows.append(torch.stack(cols, -1))
-        return torch.stack(rows, -2).to(VALUES)
-
-    def run_windowed(x: torch.Tensor) -> torch.Tensor:
-        (kh, kw), (sh, sw), (ph, pw) = as_pair(a["kernel_size"]), as_pair(a["stride"]), as_pair(a["padding"])
-        h, w = x.shape[2], x.shape[3]
-        oh = _pool_output_size(h, kh, sh, ph, a.get("ceil_mode", False))
-        ow = _pool_output_size(w, kw, sw, pw, a.get("ceil_mode", False))
-        extra_h, extra_w = max(0, (oh - 1) * sh + kh - h - 2 * ph), max(0, (ow - 1) * sw + kw - w - 2 * pw)
-        exact = torch.float32 if kh * kw * largest_code(in_q, z) < FLOAT32_EXACT else torch.float64
-        centred = F.pad(x.to(exact) - z, (pw, pw + extra_w, ph, ph + extra_h))
-        sums = F.avg_pool2d(centred, (kh, kw), (sh, sw), 0, divisor_override=1).to(torch.int64)  # exact sums
-        if a.get("divisor_override"):
-            count = torch.full((oh, ow), int(a["divisor_override"]), dtype=torch.int64)
-        else:
-            include = a.get("count_include_pad", True)
-            count = torch.outer(_divisors(h, kh, sh, ph, oh, include), _divisors(w, kw, sw, pw, ow, include))
-        count = count.to(x.device)
-        return rounding_divide(sums + count * z, count).to(VALUES)
-
-    return run_adaptive if a["adaptive"] else run_windowed
-
-
-def _pair_none(value: int | None | list[int | None]) -> list[int | None]:
-    return [value, value] if value is None or isinstance(value, int) else list(value)
+    return run
 
 
 def max_pool_kernel(node: IntNode) -> Kernel:

@@ -27,13 +27,16 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from qat.errors import QatError
+from qat.intmodel.pooling import pool_attrs
 from qat.quant.config import LayerOverride, QuantConfig
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.lsq import LSQ_NAMES, LearnedStepQuantize
 from qat.quant.modules import QConvBnAct, QLinear
 from qat.quant.observers import make_observer
+from qat.quant.pooling import GridAveragePool
 
 ACT_QUANT_PREFIX = "act_quant"
+POOL_PREFIX = "grid_pool"  # functional average pools become GridAveragePool modules under this name
 
 _PASSTHROUGH_MODULES = (nn.Dropout, nn.Identity, nn.Flatten, nn.MaxPool2d, nn.Unflatten)
 _PASSTHROUGH_FUNCTIONS = {torch.flatten, F.dropout, F.max_pool2d, torch.reshape, operator.getitem,
@@ -41,7 +44,7 @@ _PASSTHROUGH_FUNCTIONS = {torch.flatten, F.dropout, F.max_pool2d, torch.reshape,
                           torch.split}
 _PASSTHROUGH_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
                         "unsqueeze", "chunk", "split", "size", "dim"}
-_SAME_GRID_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_SAME_GRID_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, GridAveragePool)
 _SAME_GRID_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d}
 _RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
@@ -214,6 +217,26 @@ class _Preparer:
             node = node.args[0]
         return None
 
+    def _round_pool_like_the_integer_model(self, node: fx.Node, source: nn.Module) -> None:
+        """An average pool on its input's grid becomes a :class:`GridAveragePool` bound to that grid's quantizer,
+        so the simulation rounds each pooled value as the integer model does (ties included)."""
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            attrs = module.attrs if isinstance(module, GridAveragePool) else pool_attrs(module)
+            pool = GridAveragePool(attrs)
+            self.gm.add_submodule(str(node.target), pool)
+        elif node.target is F.adaptive_avg_pool2d:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+            pool = GridAveragePool({"adaptive": True, "output_size": [size, size] if isinstance(size, int)
+                                    else list(size)})
+            target = f"{POOL_PREFIX}.{node.name}"
+            self.gm.add_submodule(target, pool)
+            node.op, node.target, node.args, node.kwargs = "call_module", target, (node.args[0],), {}
+        else:
+            return  # functional avg_pool2d: no integer form yet (the conversion says so)
+        pool.bind_input_quantizer(source)
+        self.modules = dict(self.gm.named_modules())
+
     def insert_act_quant(self) -> None:
         graph = self.gm.graph
         for node in list(graph.nodes):
@@ -232,6 +255,7 @@ class _Preparer:
             if is_same_grid(node, self.modules):
                 source = self._producer_fq(node.args[0]) if node.args else None
                 if source is not None:
+                    self._round_pool_like_the_integer_model(node, self.gm.get_submodule(str(source.target)))
                     self._insert_fq(node, source.target, observe=False)
                     continue
             self._new_fq(node, bits)
