@@ -42,3 +42,19 @@ def test_an_unknown_column_is_one_line(script, tmp_path: Path, capsys: pytest.Ca
     assert script.main([str(_results(tmp_path)), "--rows", "nope", "--cols", "batch", "--value", "top1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "nope" in err and "\n" not in err
+
+
+def test_a_per_engine_table_is_headed_by_the_runs_beside_it(script, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """fidelity.csv has one row per (run, engine) and no host columns: the count and the host come from the
+    results.csv that experiments/report.py wrote beside it."""
+    _results(tmp_path)
+    fidelity = tmp_path / "fidelity.csv"
+    pd.DataFrame([{"configuration": "c", "engine": e, "agreement_with_sim": a}
+                  for e, a in [("reference", 99.9), ("onnxruntime", 99.7)]]).to_csv(fidelity, index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- F -->\n<!-- /F -->\n")
+    args = [str(fidelity), "--rows", "configuration", "--cols", "engine", "--value", "agreement_with_sim",
+            "--readme", str(readme), "--marker", "F"]
+    assert script.main(args) == 0
+    text = readme.read_text()
+    assert "(5 runs), host: AMD EPYC" in text and "| c | 99.7 | 99.9 |" in text
