@@ -68,7 +68,8 @@ def run_ptq(prepared: fx.GraphModule, calibration_loader: Any, methods: PtqConfi
         step("adaquant", lambda: run_adaquant(
             prepared, images, iterations=methods.adaquant_iterations, batch_size=methods.adaquant_batch,
             lr_weight=methods.adaquant_lr_weight, lr_bias=methods.adaquant_lr_bias,
-            lr_scale=methods.adaquant_lr_scale, seed=methods.seed, reference=reference))
+            lr_scale=methods.adaquant_lr_scale, seed=methods.seed, reference=reference,
+            learn_act_step=methods.adaquant_learn_act_step))
     if methods.bn_reestimation:
         step("bn_reestimation", lambda: run_bn_reestimation(prepared, images))
     if methods.bias_correction:

@@ -18,7 +18,9 @@ class PtqConfig:
     MSE-optimal clipping (Choukroun §3.1, weights then per channel too). ``two_tensor_threshold``: layers whose
     relative weight error ||W - Q(W)||²/||W||² exceeds it get a second, residual tensor (Choukroun §3.3);
     null: off. ``adaquant``: sequential AdaQuant (Hubara §3-4) with Adam learning rates for the weights,
-    the bias and the weight step size. ``bit_allocation_budget``: per-layer weight bits from
+    the bias and the step sizes; ``adaquant_learn_act_step``: besides the weight step Δw, also learn the step Δx
+    of each layer's input quantizer (Hubara eq. 2: argmin over Δw, Δx and V; at ``adaquant_lr_scale``), false:
+    Δx stays as calibrated. ``bit_allocation_budget``: per-layer weight bits from
     ``bit_choices`` under this fraction of the all-widest cost (``size``: weight bits; ``bops``: MACs × weight
     bits × activation bits), by integer programming (Hubara §4.1); null: off.
     """
@@ -34,7 +36,8 @@ class PtqConfig:
     # calibration sets; 10x larger rates gave the best demo top-1 with 100 iterations (scripts/bench/ptq.py)
     adaquant_lr_weight: float = 1e-4
     adaquant_lr_bias: float = 1e-2
-    adaquant_lr_scale: float = 1e-2  # on the step-size factor (1.0 = calibrated step)
+    adaquant_lr_scale: float = 1e-2  # on the step-size factors (1.0 = calibrated step), Δw and Δx
+    adaquant_learn_act_step: bool = True  # Hubara eq. 2 learns Δx too; false: activation steps as calibrated
     bn_reestimation: bool = False
     bias_correction: bool = False
     bit_allocation_budget: float | None = None
@@ -51,6 +54,9 @@ class PtqConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise QatError(f"ptq.{key}", f"{value!r} is not a positive integer", "use an integer >= 1")
+        if not isinstance(self.adaquant_learn_act_step, bool):
+            raise QatError("ptq.adaquant_learn_act_step", f"{self.adaquant_learn_act_step!r} is not a boolean",
+                           "use true or false")
         for key in ("adaquant_lr_weight", "adaquant_lr_bias", "adaquant_lr_scale"):
             if not getattr(self, key) >= 0.0:
                 raise QatError(f"ptq.{key}", f"{getattr(self, key)!r} is negative", "use a learning rate >= 0")
