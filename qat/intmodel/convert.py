@@ -22,7 +22,7 @@ from torch import fx, nn
 from qat.errors import NoIntegerForm, QatError
 from qat.intmodel.fixedpoint import add_left_shift, add_multipliers, quantize_multiplier
 from qat.intmodel.graph import IntModel, IntNode, TensorQ
-from qat.intmodel.pooling import pool_attrs
+from qat.intmodel.pooling import functional_pool_attrs, pool_attrs
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.modules import QConvBnAct, QLinear
 from qat.quant.pooling import GridAveragePool
@@ -264,13 +264,11 @@ class _Converter:
 
     @staticmethod
     def _pool_attrs_functional(node: fx.Node) -> dict:
-        import torch.nn.functional as F
-
-        if node.target is F.adaptive_avg_pool2d:
-            size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
-            return {"adaptive": True, "output_size": [size, size] if isinstance(size, int) else list(size)}
-        raise NoIntegerForm("convert", f"{node.name}: functional avg_pool2d is not supported yet",
-                           "use nn.AvgPool2d or adaptive average pooling")
+        attrs = functional_pool_attrs(node)
+        if attrs is None:
+            raise NoIntegerForm("convert", f"{node.name}: functional avg_pool2d is not supported yet",
+                               "use nn.AvgPool2d or adaptive average pooling")
+        return attrs
 
     def _on_passthrough(self, node: fx.Node, module: nn.Module | None) -> None:
         src = node.args[0]

@@ -104,6 +104,15 @@ def float_average_pool(x: torch.Tensor, attrs: dict[str, Any]) -> torch.Tensor:
                         attrs.get("count_include_pad", True), attrs.get("divisor_override"))
 
 
+def functional_pool_attrs(node: Any) -> dict[str, Any] | None:
+    """The ``avg_pool`` attributes of an FX call to ``F.adaptive_avg_pool2d``; None for any other function
+    (``F.avg_pool2d`` has no integer form yet)."""
+    if node.target is not F.adaptive_avg_pool2d:
+        return None
+    size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+    return {"adaptive": True, "output_size": _pair(size)}
+
+
 def pool_attrs(module: torch.nn.Module) -> dict[str, Any]:
     """The ``avg_pool`` attributes of an ``nn.AdaptiveAvgPool2d`` or ``nn.AvgPool2d``."""
     if isinstance(module, torch.nn.AdaptiveAvgPool2d):
@@ -116,4 +125,4 @@ def pool_attrs(module: torch.nn.Module) -> dict[str, Any]:
 
 
 __all__ = ["FLOAT32_EXACT", "adaptive_bins", "average_pool_centred", "divide_half_even", "float_average_pool",
-           "pool_attrs", "pool_output_size", "window_counts"]
+           "functional_pool_attrs", "pool_attrs", "pool_output_size", "window_counts"]

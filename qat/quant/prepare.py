@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from qat.errors import QatError
-from qat.intmodel.pooling import pool_attrs
+from qat.intmodel.pooling import functional_pool_attrs, pool_attrs
 from qat.quant.config import LayerOverride, QuantConfig
 from qat.quant.fake_quant import FakeQuantize
 from qat.quant.lsq import LSQ_NAMES, LearnedStepQuantize
@@ -225,15 +225,14 @@ class _Preparer:
             attrs = module.attrs if isinstance(module, GridAveragePool) else pool_attrs(module)
             pool = GridAveragePool(attrs)
             self.gm.add_submodule(str(node.target), pool)
-        elif node.target is F.adaptive_avg_pool2d:
-            size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
-            pool = GridAveragePool({"adaptive": True, "output_size": [size, size] if isinstance(size, int)
-                                    else list(size)})
+        else:
+            functional = functional_pool_attrs(node)
+            if functional is None:
+                return  # functional avg_pool2d: no integer form yet (the conversion says so)
+            pool = GridAveragePool(functional)
             target = f"{POOL_PREFIX}.{node.name}"
             self.gm.add_submodule(target, pool)
             node.op, node.target, node.args, node.kwargs = "call_module", target, (node.args[0],), {}
-        else:
-            return  # functional avg_pool2d: no integer form yet (the conversion says so)
         pool.bind_input_quantizer(source)
         self.modules = dict(self.gm.named_modules())
 
