@@ -244,6 +244,26 @@ def test_detection_resumes_mid_epoch_exactly_on_the_training_engine(tmp_path: Pa
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_detector_trains_and_detects_on_its_device(device: torch.device) -> None:
+    """Anchors, matches and detections live on the device of the core's output: a training step and an eval
+    pass on CUDA (anchors were built on the CPU, and matching CUDA boxes against them failed)."""
+    torch.manual_seed(0)
+    detector = build_detector("mobilenet_v2", num_categories=3, width_mult=0.35, resolution=64).to(device)
+    images = [torch.rand(3, 64, 80, device=device), torch.rand(3, 72, 64, device=device)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]], device=device),
+                "labels": torch.tensor([2], device=device)},
+               {"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.int64, device=device)}]
+    detector.train()
+    losses = detector(images, targets)
+    (losses["bbox_regression"] + losses["classification"]).backward()
+    assert int(losses["num_foreground"]) > 0
+    assert {p.grad.device.type for p in detector.parameters() if p.grad is not None} == {device.type}
+    detector.eval()
+    with torch.no_grad():
+        detections = detector(images)
+    assert [d["boxes"].device.type for d in detections] == [device.type] * 2
+
+
 def test_detection_trains_in_bf16_autocast_on_the_cpu(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     cfg = tiny_config(tmp_path)

@@ -94,7 +94,8 @@ class SSDLiteDetector(nn.Module):
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.shell.transform(images, targets)
         head_outputs = self.split(self.core(image_list.tensors).float())
-        grids = [torch.empty(0, 0, h, w) for h, w in self.level_shapes]
+        device = head_outputs["cls_logits"].device  # the anchor generator builds its boxes on the grids' device
+        grids = [torch.empty(0, 0, h, w, device=device) for h, w in self.level_shapes]
         anchors = self.shell.anchor_generator(image_list, grids)
         if self.training:
             if targets is None:
@@ -103,7 +104,7 @@ class SSDLiteDetector(nn.Module):
             matched = []
             for anchors_per_image, target in zip(anchors, targets, strict=True):
                 if target["boxes"].numel() == 0:
-                    matched.append(torch.full((anchors_per_image.shape[0],), -1, dtype=torch.int64))
+                    matched.append(torch.full((anchors_per_image.shape[0],), -1, dtype=torch.int64, device=device))
                     continue
                 iou = box_iou(target["boxes"], anchors_per_image)
                 matched.append(self.shell.proposal_matcher(iou))
