@@ -126,9 +126,12 @@ def test_two_tensor_layers_give_a_simulated_only_record(ptq_run: tuple[Path, Pat
 @pytest.mark.full  # AdaQuant end to end in make test: test_ptq_run_records_its_method_and_report's run
 def test_adaquant_beats_minmax_at_w4a8_on_demo_data(tmp_path: Path) -> None:
     """Issue 8 / Hubara et al. Table 1 in miniature: same float model (trained once, shared through the float
-    cache), W4A8 post-training, min/max ranges against min/max + sequential AdaQuant; integer top-1."""
+    cache), W4A8 post-training, min/max ranges against min/max + sequential AdaQuant; integer top-1. The float
+    model must have learned something for 4-bit weights to cost accuracy: after 8 epochs at lr 0.02 it stood at
+    42% (6 classes) and min/max W4A8 scored above it on one host; after 20 at 0.01 (AMD EPYC, seeds 0 and 1) float
+    63.0 / 56.0, min/max 52.3 / 45.7, AdaQuant 62.3 / 56.0."""
     data = ["data.demo.num_classes=6", "data.demo.train_per_class=200", "data.demo.val_per_class=50",
-            "train.float_epochs=8", "data.batch_size=32"]
+            "train.float_epochs=20", "optim.lr=0.01", "data.batch_size=32"]
     base = [*TINY, *data, "method=ptq", "quant=w4a8", "ptq.calibration_batches=2", "latency.eval_engines=[]"]
     top1 = {}
     for name in ("minmax", "adaquant"):
@@ -136,4 +139,4 @@ def test_adaquant_beats_minmax_at_w4a8_on_demo_data(tmp_path: Path) -> None:
         result = app("run.py", [*base, f"ptq={name}", f"hydra.run.dir={run_dir}"], tmp_path / "cache", tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         top1[name] = json.loads((run_dir / "record.json").read_text())["accuracy"]["top1"]
-    assert top1["adaquant"] > top1["minmax"], top1
+    assert top1["adaquant"] > top1["minmax"] + 3.0, top1
