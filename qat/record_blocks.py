@@ -74,5 +74,8 @@ def quant_block(prepared: nn.Module, cfg: Any, configured: Any, calibration_batc
     with the calibration that ran and where it departs from the configured recipe."""
     block = {**describe(prepared, "int8"), "calibration_batches": calibration_batches,
              "overrides": [asdict(o) for o in cfg.quant.overrides]}
-    block["config_differences"] = differences(block, asdict(configured))
+    asked = asdict(configured)
+    if asked.get("input_bits") is None:  # null: the input shares the activations' grid
+        asked["input_bits"] = asked.get("act_bits")
+    block["config_differences"] = differences(block, asked)
     return block

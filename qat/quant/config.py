@@ -43,6 +43,7 @@ class QuantConfig:
     step_lr_scale: float = 1.0  # learning-rate multiplier of learned step sizes (lsq/lsq_plus), no weight decay
     step_init: str = "minmax"  # initial learned step sizes: minmax | mse (LSQ+ §3.3) | lsq (Esser: 2·mean|v|/sqrt(Q_P))
     activation: str | None = None  # force "relu" or "relu6" in every fused activation (Jacob Table 4.3)
+    input_bits: int | None = None  # the model input's grid (None: act_bits); Esser et al. 2020 §3 keep it at 8
     overrides: list[LayerOverride] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -65,6 +66,9 @@ class QuantConfig:
             raise choice_error("quant.activation", self.activation, ["relu", "relu6"])
         if not 0.0 <= self.ema_decay < 1.0:
             raise QatError("quant.ema_decay", f"{self.ema_decay} is outside [0, 1)", "use e.g. 0.99 or 0.999")
+        if self.input_bits is not None and not 2 <= self.input_bits <= 16:
+            raise QatError("quant.input_bits", f"{self.input_bits} is outside [2, 16]",
+                           "choose an integer bit width from 2 to 16, or null for quant.act_bits")
         self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
         self.weight_spec()
         self.act_spec()

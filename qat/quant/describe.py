@@ -65,22 +65,43 @@ def describe(model: nn.Module, precision: str = "int8") -> dict[str, Any]:
     folds = [m.bn_fold for m in model.modules() if isinstance(m, QConvBnAct) and m.bn is not None]
     if folds:
         block["bn_fold"] = _summary(folds)
+    inputs = input_quantizers(model)
+    inner = [q for q in acts if all(q is not i for i in inputs)]
+    if inputs:
+        block["input_bits"] = _summary([q.spec.bits for q in inputs])
     if acts:
         block.update({
-            "act_bits": _summary([q.spec.bits for q in acts]),
+            "act_bits": _summary([q.spec.bits for q in inner or acts]),
             "act_symmetric": _summary([q.spec.symmetric for q in acts]),
             "act_observer": _summary([quantizer_name(q) for q in acts]),
         })
-    inits = [q.init for q in [*weights, *acts] if isinstance(getattr(q, "init", None), str)]
-    if inits:
-        block["step_init"] = _summary(inits)
         decays = [q.observer.decay for q in acts if isinstance(q.observer, EmaMinMaxObserver)]
         if decays:
             block["ema_decay"] = _summary(decays)
         percentiles = [round(q.observer.q * 100, 6) for q in acts if isinstance(q.observer, PercentileObserver)]
         if percentiles:
             block["percentile"] = _summary(percentiles)
+    inits = [q.init for q in [*weights, *acts] if isinstance(getattr(q, "init", None), str)]
+    if inits:
+        block["step_init"] = _summary(inits)
     return block
+
+
+def input_quantizers(model: nn.Module) -> list[FakeQuantize]:
+    """The quantizers applied to the model's inputs (``quant.input_bits``): modules called directly on a
+    placeholder of a prepared graph."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return []
+    found = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for user in node.users:
+            module = model.get_submodule(str(user.target)) if user.op == "call_module" else None
+            if isinstance(module, FakeQuantize):
+                found.append(module)
+    return found
 
 
 def differences(ran: dict[str, Any], config: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -249,6 +249,8 @@ class _Preparer:
                 continue  # add -> ReLU is one integer op; the ReLU's output gets the quantizer
             if node.op == "call_module" and isinstance(self.modules[node.target], QLinear | QConvBnAct):
                 bits = node.meta.get("act_bits")
+            elif node.op == "placeholder":
+                bits = self.config.input_bits
             else:
                 bits = None
             if is_same_grid(node, self.modules):
