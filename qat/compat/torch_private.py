@@ -6,7 +6,8 @@
   quantized-tensor API (:mod:`qat.engines.torch_native`);
 * ``torch.ao.quantization.fx._decomposed``: registers ``torch.ops.quantized_decomposed``, the Q/DQ ops of the
   PT2E graphs ExecuTorch lowers (:mod:`qat.engines.executorch_xnnpack`);
-* torchvision's SSDLite ``_extra_block`` and ``_normal_init`` (:mod:`qat.detection.models`).
+* torchvision's SSDLite ``_extra_block`` and ``_normal_init`` (:mod:`qat.detection.models`);
+* ``torch._dynamo.utils.counters``: the graph breaks ``torch.compile`` met (tests/test_compile.py).
 """
 
 from __future__ import annotations
@@ -45,3 +46,12 @@ def ssdlite_normal_init(module: nn.Module) -> None:
     from torchvision.models.detection.ssdlite import _normal_init
 
     _normal_init(module)
+
+
+def compile_graph_breaks(clear: bool = False) -> dict[str, int]:
+    """The graph breaks ``torch.compile`` counted in this process (reason -> count); ``clear`` resets the count."""
+    from torch._dynamo.utils import counters
+
+    if clear:
+        counters.clear()
+    return dict(counters["graph_break"])

@@ -78,6 +78,8 @@ def unfused_path() -> Iterator[None]:
 
 
 def _constant(cache: dict, key: object, make) -> torch.Tensor:  # type: ignore[type-arg, no-untyped-def]
+    if torch.compiler.is_compiling():  # a constant of the graph (a cache lookup would guard, then recompile)
+        return make()
     value = cache.get(key)
     if value is None:
         with torch.inference_mode(False):  # a normal tensor even if first built under inference mode

@@ -41,8 +41,7 @@ class GridAveragePool(nn.Module):
         if fq is None or not (fq.quantizing and fq.observer.initialized):
             return pooled
         scale = fq.scale.detach().to(x.device).reshape(()).float()
-        zero_point = int(fq.zero_point.reshape(-1)[0])
-        largest = max(abs(fq.spec.qmin - zero_point), abs(fq.spec.qmax - zero_point))
+        largest = fq.spec.qmax - fq.spec.qmin  # bounds |q - Z| for any Z of the grid (no read of Z: no graph break)
         with torch.no_grad():
             centred = torch.round(x.detach().float() / scale)  # x lies on the grid: exact codes q - Z
             exact = average_pool_centred(centred, self.attrs, largest).to(torch.float32) * scale

@@ -76,8 +76,9 @@ class _Unclipped(torch.autograd.Function):
 
 def applies(x: torch.Tensor) -> bool:
     """Whether these ops reproduce torch's kernels for ``x``: float32 on the CPU (CUDA keeps torch's fused
-    kernels, which are vectorized already)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32
+    kernels, which are vectorized already), in eager mode: under ``torch.compile`` their data-dependent branches
+    (is Z zero, can anything be clipped) would break the graph, and the compiler fuses torch's ops itself."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
 def channel_shape(x: torch.Tensor, axis: int) -> tuple[int, ...]:

@@ -110,6 +110,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--channels-last", action="store_true",
                         help="every model and the batch in NHWC (train.channels_last, the pipeline's default)")
+    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
+                        help="also time torch.compile'd float and QAT (BN frozen, whitepaper) models in this mode; "
+                             "reduce-overhead replays CUDA graphs on a GPU")
     parser.add_argument("--csv", type=Path, help="also write the rows, with the host, to this CSV")
     parser.add_argument("--readme", type=Path, help=f"replace the README's <!-- {MARKER} --> block (needs --csv)")
     parser.add_argument("--tables-only", action="store_true", help="regenerate the table from --csv; no measuring")
@@ -131,7 +135,7 @@ def main() -> int:
     print(f"{'model':<14}{'variant':<22}{'ms/step':>10}{'ratio':>8}")
     worst: dict[str, float] = {}
     rows: list[dict[str, object]] = []
-    for name in ("resnet18", "mobilenet_v2"):
+    for name in args.models:
         model = getattr(torchvision.models, name)(num_classes=10).to(device).train()
         variants: dict[str, nn.Module] = {"float": model}
         for mode in ("jacob", "whitepaper", "unfolded"):
@@ -144,9 +148,21 @@ def main() -> int:
         peer = torch_ao_peer(name, copy.deepcopy(model))
         if peer is not None:
             variants["torch.ao prepare_qat"] = peer
+        if args.compile != "none":
+            for key in ("float", "qat bn frozen"):
+                variants[f"{key} compiled"] = torch.compile(variants[key], mode=args.compile)
+        for k, m in list(variants.items()):  # warm-up (compilation for the compiled variants)
+            started = time.perf_counter()
+            try:
+                for _ in range(3 if k.endswith("compiled") else 1):  # CUDA graphs are recorded after warm-ups
+                    step_time(m, x, y)
+            except Exception as exc:  # noqa: BLE001 - a variant the compiler cannot run is reported, not fatal
+                print(f"  ({name} {k}: dropped, {type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                del variants[k]
+                continue
+            if k.endswith("compiled"):
+                print(f"  ({name} {k}: compiled and warmed up in {time.perf_counter() - started:.0f} s)")
         times: dict[str, list[float]] = {k: [] for k in variants}
-        for m in variants.values():  # warm-up
-            step_time(m, x, y)
         for _ in range(args.steps):
             for k, m in variants.items():
                 times[k].append(step_time(m, x, y))
