@@ -71,6 +71,9 @@ class TrainConfig:
     keep_best: bool = True  # evaluate after each epoch and keep <phase>_best.pt (the run's result is the last)
     amp: str = "none"  # mixed precision of the forward pass: none | fp16 (GPU) | bf16; fake quant stays float32
     channels_last: bool = True  # train in NHWC (faster CPU and cuDNN steps); NCHW under CPU autocast, see engine
+    # torch.compile the training forward: on an H200 the QAT step fell from 3.8-4.0x to 2.0x the float step
+    # (results/gpu); each phase's first steps compile (tens of seconds); off by default (CPU gains unmeasured)
+    compile: bool = False
 
 
 @dataclass

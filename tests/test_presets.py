@@ -146,7 +146,7 @@ def test_preset_composes_to_a_typed_run_config(name: str) -> None:
             preset_config(name, f"{key}={value}")
 
 
-@pytest.mark.parametrize("name", [n for n in RUN_PRESETS if n not in ("demo", "methods_demo")])
+@pytest.mark.parametrize("name", [n for n in RUN_PRESETS if n not in ("demo", "methods_demo", "lsq_demo")])
 def test_demo_twist_validates_on_the_builtin_data(name: str) -> None:
     overrides = demo_twist(name)
     assert "data=demo" in overrides
