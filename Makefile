@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 # One worker per core, each with one OpenMP thread (two 2-thread workers on 2 cores oversubscribe and crawl);
 # tests that measure with more threads set them explicitly.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --durations=15
 
 test: $(STAMP)
 	$(PYTEST) -m "not full"
