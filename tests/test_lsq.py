@@ -120,6 +120,7 @@ def test_weights_are_per_channel_and_bad_settings_name_their_key() -> None:
     assert fqs and all(fq.step.shape == (fq.observer.min_val.numel(),) for fq in fqs)
     assert weight is None or weight.step.numel() == 64
     assert describe(model)["weight_observer"] == "lsq" and describe(model)["act_observer"] == "lsq"
+    assert describe(model)["step_lr_scale"] == 1.0 and describe(_prepared(lr_scale=0.01))["step_lr_scale"] == 0.01
     with pytest.raises(QatError, match="quant.weight_observer: lsq_plus"):
         QuantConfig(weight_observer="lsq_plus")
     with pytest.raises(QatError, match="quant.weight_observer: lsq for weights needs a symmetric grid"):

@@ -84,6 +84,7 @@ def describe(model: nn.Module, precision: str = "int8") -> dict[str, Any]:
     inits = [q.init for q in [*weights, *acts] if isinstance(getattr(q, "init", None), str)]
     if inits:
         block["step_init"] = _summary(inits)
+        block["step_lr_scale"] = _summary([float(q.lr_scale) for q in [*weights, *acts] if hasattr(q, "lr_scale")])
     return block
 
 
