@@ -229,7 +229,8 @@ def evaluate_engines(int_model: IntModel, loader: DataLoader, sim_logits: torch.
     batches: dict[str, list[torch.Tensor]] = {}
 
     def feed(engine: BuiltEngine, batch: Any) -> None:
-        batches.setdefault(engine.name, []).append(engine.run(batch[0]).float())
+        logits = engine.run(batch[0]).float()  # an engine that fails here leaves the pass (unsupported) with no entry
+        batches.setdefault(engine.name, []).append(logits)
 
     def finish(engine: BuiltEngine) -> dict[str, Any]:
         logits = torch.cat(batches[engine.name])
@@ -241,8 +242,7 @@ def evaluate_engines(int_model: IntModel, loader: DataLoader, sim_logits: torch.
         return fields
 
     engines = on_engines(int_model, names, primary, threads, loader, feed, finish, device)
-    logits_of = {name: torch.cat(b) for name, b in batches.items()}
-    primary_logits = logits_of[primary]
+    primary_logits = torch.cat(batches[primary])
     main = engines[primary]
     block = {"primary_engine": primary, "output_lsb": lsb, "engines": engines,
              # the primary engine's numbers at the top level, as before; "_lsb" only when they are in LSBs
