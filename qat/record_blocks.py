@@ -16,6 +16,7 @@ from torch import nn
 
 from qat import targets
 from qat.engines import registry
+from qat.errors import QatError
 from qat.fidelity import primary_engine
 from qat.intmodel.graph import IntModel
 from qat.intmodel.saturation import diagnose
@@ -58,7 +59,11 @@ def saturation_block(int_model: IntModel, batches: Iterable[torch.Tensor], image
         if seen >= images:
             break
     started = time.time()
-    block = diagnose(int_model, taken).as_dict()
+    try:
+        block = diagnose(int_model, taken).as_dict()
+    except QatError as exc:  # the integer reference cannot run this model (e.g. an int32 bias out of range)
+        log.warning("[saturation] not diagnosed: %s", exc)
+        return {"status": "unsupported", "reason": str(exc), "images": 0}
     pairs_here = [e for e in engines if e in registry.ENGINES and targets.accumulates_in_pairs(e)]
     block["engines_summing_pairs_here"] = pairs_here
     block["predicted_to_disagree_here"] = pairs_here if block["overflowing_pair_sums"] else []

@@ -238,3 +238,20 @@ def test_layers_the_avx2_engine_leaves_are_the_flagged_ones() -> None:
     left, flagged = (set(v.split(",")) - {"-"} for v in found["w8"])
     assert left and left <= flagged, (left, flagged)
     assert found["w7"] == ["-", "-"]
+
+
+def test_a_model_the_reference_cannot_run_gets_an_unsupported_saturation_block() -> None:
+    """An int32 bias at the edge of its range (an LSQ run's first layer, whose learned weight step collapsed,
+    measured 2147760507) overflows the accumulator: the diagnostic says so in the record, the run goes on."""
+    from test_reference import MODELS, calibrated
+
+    from qat.intmodel.convert import convert
+    from qat.record_blocks import saturation_block
+
+    prepared, x = calibrated(MODELS["tiny"], QuantConfig(act_observer="minmax"), n=4)
+    int_model = convert(prepared)
+    first = next(n for n in int_model.nodes if n.op == "conv2d")
+    first.tensors["bias"] = torch.full_like(first.tensors["bias"], 2**31 - 1)
+    block = saturation_block(int_model, [x], 4, ["onnxruntime"])
+    assert block["status"] == "unsupported" and block["images"] == 0
+    assert block["reason"].startswith(f"intmodel: layer {first.name}: the int32 accumulator overflows")
