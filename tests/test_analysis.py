@@ -260,3 +260,18 @@ def test_precision_pairs_pairs_float_and_int8_by_model_size() -> None:
     assert pairs["width_mult"].tolist() == [0.5, 1.0]
     assert pairs["top1_drop"].tolist() == pytest.approx([1.0, 0.5])
     assert pairs["int8_speedup"].tolist() == pytest.approx([2.0, 3.2])
+
+
+def test_per_layer_bit_widths_and_learned_steps_name_their_series() -> None:
+    """A record whose layers differ in width (``{"mixed": {bits: layers}}``, e.g. 8-bit first and last layers)
+    keeps its widths as ``4/8`` and its series says so, and learned step sizes are a series of their own."""
+    from qat.analysis.engines import bits_label
+    from qat.analysis.records import add_derived_columns
+    from qat.analysis.report import series_labels
+
+    rows = [{"quant": {"precision": "int8", "weight_bits": {"mixed": {"4": 51, "8": 2}}, "act_bits": 4,
+                       "weight_observer": observer, "act_observer": "lsq_plus" if observer == "lsq" else "ema"},
+             "method": "qat", "accuracy": {"top1": 50.0}} for observer in ("current", "lsq")]
+    frame = add_derived_columns(pd.json_normalize(rows, sep="."))
+    assert list(frame["quant.weight_bits"]) == ["4/8", "4/8"] and bits_label(frame.iloc[0]) == "w4/8a4"
+    assert list(series_labels(frame)) == ["qat w4/8a4", "qat w4/8a4 lsq"]

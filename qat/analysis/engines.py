@@ -47,10 +47,17 @@ FLAGS_SHOWN = ("avx2", "avx512_vnni", "avx_vnni")
 """The host's CPU flags that decide an x86 int8 target (VNNI or not)."""
 
 
+def _width(value: object) -> str | None:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    return value if isinstance(value, str) else str(int(value))  # type: ignore[call-overload]
+
+
 def bits_label(row: pd.Series) -> str:
-    """``"w8a8"`` from ``quant.weight_bits`` / ``quant.act_bits``; ``"?"`` where either is missing."""
-    w, a = row.get("quant.weight_bits"), row.get("quant.act_bits")
-    return f"w{int(w)}a{int(a)}" if pd.notna(w) and pd.notna(a) else "?"
+    """``"w8a8"`` from ``quant.weight_bits`` / ``quant.act_bits`` (``"w4/8a4/8"`` where layers differ,
+    :func:`qat.analysis.records.add_derived_columns`); ``"?"`` where either is missing."""
+    w, a = _width(row.get("quant.weight_bits")), _width(row.get("quant.act_bits"))
+    return f"w{w}a{a}" if w and a else "?"
 
 
 def _number(value: Any) -> float:

@@ -148,6 +148,14 @@ def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
     float_top1 = pd.to_numeric(_column(frame, "accuracy.float_top1"), errors="coerce")
     float_map = pd.to_numeric(_column(frame, "accuracy.float_map"), errors="coerce")
     frame["metric_float"] = float_top1.where(is_cls, float_map)
+    for key in ("quant.weight_bits", "quant.act_bits"):  # per-layer widths ({"mixed": {bits: layers}}): "4/8"
+        mixed = sorted((c for c in frame.columns if c.startswith(f"{key}.mixed.")),
+                       key=lambda c: int(c.rsplit(".", 1)[1]))
+        if mixed:
+            present = frame[mixed].notna()
+            widths = present.apply(lambda row, m=mixed: "/".join(c.rsplit(".", 1)[1] for c in m if row[c]), axis=1)
+            current = _column(frame, key)
+            frame[key] = current.astype(object).where(current.notna(), widths.where(widths != "", pd.NA))
     legacy = frame["quant.precision"].map(lambda p: "float" if p == "float" else "qat")
     method = _column(frame, "method").combine_first(_column(frame, "quant.method"))
     frame["method"] = method.where(method.notna(), legacy).astype(str)

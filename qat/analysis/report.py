@@ -20,7 +20,7 @@ import pandas as pd
 
 from qat.analysis.budget import fastest_within, most_accurate_under
 from qat.analysis.comparisons import gap_table, has_method_comparison, plot_methods, plot_sim_int_gap
-from qat.analysis.engines import engine_fidelity_table, host_target_line
+from qat.analysis.engines import bits_label, engine_fidelity_table, host_target_line
 from qat.analysis.heatmap import has_bit_grid, plot_bit_heatmap
 from qat.analysis.latency import join_latency, load_latency_records
 from qat.analysis.pareto import pareto_by
@@ -97,22 +97,13 @@ def precision_pairs(table: pd.DataFrame) -> pd.DataFrame:
 def series_labels(df: pd.DataFrame) -> pd.Series:
     """Trade-off series per row: ``float`` or ``<method> w<W>a<A>``, plus `` · <engine>`` when one such
     series was measured on more than one engine, and `` (simulated only)`` for runs without an integer model."""
-    def bits(row: pd.Series, key: str) -> str | None:
-        """``4``, or ``4/8`` where layers differ (the record's ``{"mixed": {bits: layers}}``, flattened)."""
-        value = row.get(f"quant.{key}")
-        if value is not None and not pd.isna(value):
-            return str(int(value))
-        prefix = f"quant.{key}.mixed."
-        mixed = sorted(int(c[len(prefix):]) for c in row.index if c.startswith(prefix) and not pd.isna(row[c]))
-        return "/".join(map(str, mixed)) or None
-
     def base(row: pd.Series) -> str:
         method = str(row.get("method", row.get("quant.precision", "?")))
-        w, a = bits(row, "weight_bits"), bits(row, "act_bits")
-        if method == "float" or w is None or a is None:
+        bits = bits_label(row)
+        if method == "float" or bits == "?":
             return method
         learned = any(str(row.get(f"quant.{k}_observer", "")).startswith("lsq") for k in ("weight", "act"))
-        return f"{method} w{w}a{a}" + (" lsq" if learned else "")
+        return f"{method} {bits}" + (" lsq" if learned else "")
 
     names = df.apply(base, axis=1) if len(df) else pd.Series(dtype=str)
     if names.empty:
