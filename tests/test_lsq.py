@@ -248,3 +248,23 @@ def test_descent_on_a_reconstruction_loss_reaches_the_mse_optimal_step() -> None
     optimal = float(torch.maximum(-low, high)[0]) / spec.qmax
     assert float(step.detach()) == pytest.approx(optimal, rel=0.01)
     assert float(x.abs().max()) / spec.qmax > 1.3 * optimal  # it did move: min/max is far from the optimum
+
+
+def test_a_collapsed_weight_step_has_no_integer_form_named_by_its_layer() -> None:
+    """A learned weight step pushed below zero (floored at MIN_STEP) puts that channel's int32 bias b/(S_in·S_w)
+    beyond int32: conversion says so, naming the layer, instead of saturating the bias (measured on lsq_demo:
+    engines then disagreed with the simulation on up to 41% of images)."""
+    from test_reference import MODELS, calibrated
+
+    from qat.errors import NoIntegerForm
+    from qat.intmodel.convert import convert
+
+    prepared, _ = calibrated(MODELS["tiny"], QuantConfig(weight_observer="lsq"), n=4)
+    convert(prepared)  # converts as calibrated
+    first = next(m for m in prepared.modules() if isinstance(getattr(m, "weight_fq", None), LearnedStepQuantize))
+    with torch.no_grad():
+        first.weight_fq.step[0] = -0.01
+        bn = getattr(first, "bn", None)
+        (bn.bias if bn is not None else first.conv.bias).fill_(5.0)  # a bias the collapsed step must carry
+    with pytest.raises(NoIntegerForm, match=r"^convert: layer \w+: its int32 bias b/\(S_in·S_w\) reaches"):
+        convert(prepared)

@@ -90,7 +90,7 @@ class _Converter:
             self.env[fx_name] = node.name
             self.qparams[node.name] = node.out
 
-    def _weights(self, module: QConvBnAct | QLinear, in_q: TensorQ) -> dict:
+    def _weights(self, module: QConvBnAct | QLinear, in_q: TensorQ, name: str) -> dict:
         with torch.no_grad():
             w, b = module.folded_weight_and_bias()
             fq = module.weight_fq
@@ -110,7 +110,14 @@ class _Converter:
                 w_scale = w_scale.expand(w.shape[0]).clone()
                 w_zp = w_zp.expand(w.shape[0]).clone()
             bias_scale = in_q.scale * w_scale.double()
-            bias_int = torch.round(b.double() / bias_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+            bias_codes = torch.round(b.double() / bias_scale)
+            largest = float(bias_codes.abs().max()) if bias_codes.numel() else 0.0
+            if largest > 2**31 - 1:  # saturating it would depart from the simulation without a word
+                raise NoIntegerForm(
+                    "convert", f"layer {name}: its int32 bias b/(S_in·S_w) reaches {largest:.4g}, beyond int32 "
+                    f"(smallest weight step S_w = {float(w_scale.min()):.3g}: a learned step size at its floor, or a "
+                    "near-empty input grid)", "lower quant.step_lr_scale or keep this layer at other bits")
+            bias_int = bias_codes.to(torch.int32)
         return {"weight": w_int, "weight_scale": w_scale, "weight_zero_point": w_zp, "bias": bias_int,
                 "bias_scale": bias_scale.float(), "weight_bits": spec.bits,
                 "weight_per_channel": spec.per_channel, "weight_qmin": spec.qmin, "weight_qmax": spec.qmax}
@@ -218,13 +225,13 @@ class _Converter:
             c = module.conv
             attrs = {"stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation),
                      "groups": c.groups, "activation": module.activation}
-            tensors = self._weights(module, self.qparams[in_name])
+            tensors = self._weights(module, self.qparams[in_name], node.name)
             attrs.update({k: tensors.pop(k) for k in ("weight_bits", "weight_per_channel", "weight_qmin",
                                                       "weight_qmax")})
             self._emit(IntNode(node.name, "conv2d", [in_name], None, attrs, tensors), node.name)
         elif isinstance(module, QLinear):
             in_name = self._input(node.args[0])
-            tensors = self._weights(module, self.qparams[in_name])
+            tensors = self._weights(module, self.qparams[in_name], node.name)
             attrs = {k: tensors.pop(k) for k in ("weight_bits", "weight_per_channel", "weight_qmin", "weight_qmax")}
             attrs["activation"] = "none"
             self._emit(IntNode(node.name, "linear", [in_name], None, attrs, tensors), node.name)
