@@ -7,6 +7,8 @@ is one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -131,3 +133,14 @@ def onnx_layer_sessions(int_model, onnx_bytes: bytes, options):  # type: ignore[
             continue
         sub = extractor.extract_model(list(node.inputs), [node.name])
         yield node, ort.InferenceSession(sub.SerializeToString(), options)
+
+
+@dataclass
+class EngineSettings:
+    """The training engine's ``TrainSettings`` (:mod:`qat.train.engine`) for tests that call ``fit`` directly."""
+
+    checkpoint_every_steps: int = 0
+    keep_best: bool = False
+    amp: str = "none"
+    channels_last: bool = True
+    compile: bool = False

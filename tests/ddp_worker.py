@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from conftest import EngineSettings
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -63,14 +63,6 @@ def main(out: Path) -> None:
 RANGE_IMAGES = 64  # 4 global batches of 16: 4 steps per epoch
 QAT_EPOCHS = 2
 INTERRUPT_AT = 7  # the interrupted run stops before this step; its last checkpoint is step 6 (mid-epoch 2)
-
-
-@dataclass
-class _Train:  # the engine's TrainSettings
-    checkpoint_every_steps: int = 3
-    keep_best: bool = False
-    amp: str = "none"
-    channels_last: bool = True
 
 
 class _Interrupted(Exception):
@@ -130,7 +122,8 @@ def _fit(model: nn.Module, loader: DataLoader, runtime: Runtime, checkpoint: Pat
             raise _Interrupted(step)
         sched.apply(model, step)
 
-    fit(model, loader, Task(classification_loss), train=_Train(), optim=OptimConfig(weight_decay=0.0), seed=0,
+    fit(model, loader, Task(classification_loss), train=EngineSettings(checkpoint_every_steps=3),
+        optim=OptimConfig(weight_decay=0.0), seed=0,
         phase="qat", epochs=epochs, lr=0.02, checkpoint=checkpoint, before_step=before_step, runtime=runtime)
 
 
@@ -251,7 +244,8 @@ def detection_main(root: Path, out: Path, per_rank_n: bool) -> None:
     calibrated = _state(core)
     never = 10**9
     sched = QuantSchedule(weight_quant_delay=never, act_quant_delay=never)
-    fit(quantized, loader, Task(detection_train.detection_loss), train=_Train(), optim=OptimConfig(weight_decay=0.0),
+    fit(quantized, loader, Task(detection_train.detection_loss), train=EngineSettings(checkpoint_every_steps=3),
+        optim=OptimConfig(weight_decay=0.0),
         seed=0, phase="qat", epochs=1, lr=1e-5, checkpoint=out.parent / f"ckpt-{out.stem}.pt",
         before_step=lambda step: sched.apply(core, step), runtime=runtime)
     if runtime.is_main:

@@ -5,11 +5,11 @@ compiling (its data-dependent branches would break the graph; inductor fuses tor
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import EngineSettings
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,15 +49,6 @@ def test_compiled_qat_steps_keep_the_eager_quantizer_state() -> None:
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in theirs)
 
 
-@dataclass
-class _Train:  # the engine's TrainSettings
-    checkpoint_every_steps: int = 0
-    keep_best: bool = False
-    amp: str = "none"
-    channels_last: bool = True
-    compile: bool = False
-
-
 @pytest.mark.slow
 @pytest.mark.full  # about 30 s of compilation on 2 cores
 def test_train_compile_trains_like_eager_and_says_so(tmp_path: Path) -> None:
@@ -76,11 +67,11 @@ def test_train_compile_trains_like_eager_and_says_so(tmp_path: Path) -> None:
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
         prepared = prepare(model, QuantConfig(), images[:1]).train()
         schedule = QuantSchedule(bn_freeze_step=0)
-        fit(prepared, loader, Task(classification_loss), train=_Train(compile=compiled), optim=OptimConfig(),
+        fit(prepared, loader, Task(classification_loss), train=EngineSettings(compile=compiled), optim=OptimConfig(),
             seed=0, phase="qat", epochs=2, lr=0.01, checkpoint=tmp_path / f"ckpt-{compiled}.pt",
             before_step=lambda step, m=prepared, s=schedule: s.apply(m, step))
         states[compiled] = prepared.state_dict()
-        assert describe(_Train(compile=compiled), Runtime(), loader)["compiled"] is compiled
+        assert describe(EngineSettings(compile=compiled), Runtime(), loader)["compiled"] is compiled
     eager, ours = states[False], states[True]
     quantizer_state = [k for k in eager if k.endswith(("scale", "zero_point", "min_val", "max_val"))]
     assert quantizer_state and all(torch.equal(ours[k], eager[k]) for k in quantizer_state)
