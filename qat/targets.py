@@ -152,9 +152,8 @@ def _check_bits(quant: Any, target: Target) -> None:
         if bits > target.max_bits:
             raise QatError(f"quant.{key}", f"{bits}-bit grids cannot run on target {target.name}'s int8 engines "
                            f"({', '.join(target.engines)})", f"set quant.{key} to {target.max_bits} or fewer")
-    input_bits = getattr(quant, "input_bits", None)
-    if input_bits is not None and input_bits > target.max_bits:
-        raise QatError("quant.input_bits", f"{input_bits}-bit grids cannot run on target {target.name}'s int8 "
+    if quant.input_bits is not None and quant.input_bits > target.max_bits:
+        raise QatError("quant.input_bits", f"{quant.input_bits}-bit grids cannot run on target {target.name}'s int8 "
                        "engines", f"set quant.input_bits to {target.max_bits} or fewer")
     for o in quant.overrides:
         for key in ("weight_bits", "act_bits"):
@@ -194,9 +193,8 @@ def constrain(quant: Any, target: Target, avx2_grid: str = "weights7") -> tuple[
     if getattr(quant, key) > 7:
         constraints.append(Constraint(f"quant.{key}", getattr(quant, key), 7, why))
         changes[key] = 7
-    input_bits = getattr(quant, "input_bits", None)
-    if key == "act_bits" and input_bits is not None and input_bits > 7:
-        constraints.append(Constraint("quant.input_bits", input_bits, 7, why))
+    if key == "act_bits" and quant.input_bits is not None and quant.input_bits > 7:
+        constraints.append(Constraint("quant.input_bits", quant.input_bits, 7, why))
         changes["input_bits"] = 7
     overrides = []
     for o in quant.overrides:
@@ -261,7 +259,7 @@ def can_saturate(quant: Any) -> bool:
         return False
     weights = [quant.weight_bits, *(o.weight_bits for o in quant.overrides if o.weight_bits is not None)]
     acts = [quant.act_bits, *(o.act_bits for o in quant.overrides if o.act_bits is not None),
-            *([quant.input_bits] if getattr(quant, "input_bits", None) is not None else [])]
+            *([quant.input_bits] if quant.input_bits is not None else [])]
     acts_unsigned_7 = max(acts) <= 7 and not quant.act_symmetric
     return max(weights) > 7 and not acts_unsigned_7
 

@@ -91,7 +91,7 @@ def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, opti
         log.warning("[%s] train.channels_last: %s", phase, why)
     model.to(memory_format=layout)  # parameters (and so optimizer state) in the training layout
     train_model = wrap(model, runtime)
-    if getattr(train, "compile", False):  # the training forward only: validation and checkpoints use ``model``
+    if train.compile:  # the training forward only: validation and checkpoints use ``model``
         train_model = torch.compile(train_model)
     optimizer = build_optimizer(model, optim, lr)
     steps_per_epoch = len(loader)
@@ -210,7 +210,7 @@ def describe(train: TrainSettings, runtime: Runtime, loader: Any) -> dict[str, A
             "autocast": str(amp).removeprefix("torch.") if amp is not None else "none",
             "memory_format": "channels_last" if layout is torch.channels_last else "contiguous",
             **({"memory_format_reason": why} if why else {}),
-            "checkpoint_every_steps": train.checkpoint_every_steps, "compiled": bool(getattr(train, "compile", False))}
+            "checkpoint_every_steps": train.checkpoint_every_steps, "compiled": train.compile}
 
 
 __all__ = ["CPU_AUTOCAST_NCHW", "PHASE_LR_KEYS", "Task", "TrainSettings", "describe", "fit", "memory_format"]

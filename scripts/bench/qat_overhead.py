@@ -112,7 +112,7 @@ def main() -> int:
                         help="every model and the batch in NHWC (train.channels_last, the pipeline's default)")
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
-                        help="also time torch.compile'd float and QAT (BN frozen, whitepaper) models in this mode; "
+                        help="also time torch.compile'd float and QAT (BN frozen) models in this mode; "
                              "reduce-overhead replays CUDA graphs on a GPU")
     parser.add_argument("--csv", type=Path, help="also write the rows, with the host, to this CSV")
     parser.add_argument("--readme", type=Path, help=f"replace the README's <!-- {MARKER} --> block (needs --csv)")
