@@ -72,6 +72,7 @@ def validate(cfg: Any, task: RunTask = CLASSIFICATION) -> None:
         raise choice_error("latency.engine", cfg.latency.engine, ENGINES)
     check_engine_names(cfg.latency.eval_engines)
     eval_device(cfg.latency.eval_device, torch.device("cpu"))  # a known name; cuda only where one is visible
+    engine.check_compile_mode(cfg.train.compile_mode)
     deployment, _ = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)  # refuses what cannot run
     if cfg.quant.precision != "float":
         targets.check_installed(deployment.target, [primary_int8_engine(cfg)])

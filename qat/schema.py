@@ -74,6 +74,9 @@ class TrainConfig:
     # torch.compile the training forward: on an H200 the QAT step fell from 3.8-4.0x to 2.0x the float step
     # (results/gpu); each phase's first steps compile (tens of seconds); off by default (CPU gains unmeasured)
     compile: bool = False
+    # torch.compile's mode when train.compile: default | reduce-overhead (replays CUDA graphs; the quantizers
+    # update their buffers in place for it) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
 
 
 @dataclass

@@ -144,3 +144,4 @@ class EngineSettings:
     amp: str = "none"
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"

@@ -148,6 +148,8 @@ CASES = [
     Case("per-channel axis 7", "run", ["quant.weight_ch_axis=7", *DATA], "quant.weight_ch_axis", "0", _good),
     Case("unknown optimizer", "run", ["optim.name=adamax", *DATA], "optim.name", "valid choices: ", _good),
     Case("negative schedule step", "run", ["schedule.act_quant_delay=-1"], "schedule.act_quant_delay", ">= 0"),
+    Case("unknown compile mode", "run", ["train.compile=true", "train.compile_mode=fast"], "train.compile_mode",
+         "valid choices: "),
     Case("unknown fidelity device", "run", ["latency.eval_device=tpu"], "latency.eval_device", "valid choices: "),
     Case("validation subset smaller than the classes", "run", ["data.val_max_images=1", *DATA],
          "data.val_max_images", "use at least 2", _good),

@@ -272,7 +272,8 @@ def test_detection_trains_in_bf16_autocast_on_the_cpu(tmp_path: Path) -> None:
     assert 0.0 <= record["accuracy"]["map"] <= 100.0
     assert record["training"] == {"device": "cpu", "world_size": 1, "batch_size_per_process": 8, "autocast": "bfloat16",
                                   "memory_format": "contiguous", "memory_format_reason": CPU_AUTOCAST_NCHW,
-                                  "checkpoint_every_steps": 0, "compiled": False}  # NHWC asked for, NCHW ran
+                                  "checkpoint_every_steps": 0, "compiled": False,
+                                  "compile_mode": None}  # NHWC asked for, NCHW ran
 
 
 def test_ptq_detection_goes_through_the_one_pipeline_tracked_and_timed_in_subprocesses(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
     assert record["schema"] == "qat.record/1" and record["quant"]["precision"] == "int8"
     assert record["quant"]["bn_fold"] == "jacob"  # read back from the folded conv modules
     assert record["training"] == {"device": "cpu", "world_size": 1, "batch_size_per_process": 16, "autocast": "none",
-                                  "memory_format": "channels_last", "checkpoint_every_steps": 0, "compiled": False}
+                                  "memory_format": "channels_last", "checkpoint_every_steps": 0, "compiled": False,
+                                  "compile_mode": None}
     acc = record["accuracy"]
     assert {"float_top1", "sim_top1", "int_top1", "top1"} <= set(acc) and acc["top1"] == acc["int_top1"]
     assert acc["top5"] == acc["int_top5"] >= acc["int_top1"] and acc["float_top5"] >= acc["float_top1"]

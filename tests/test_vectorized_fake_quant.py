@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import requires_cuda
 from torch import nn
 
 from qat.quant import fused, vectorized
@@ -45,7 +46,10 @@ def test_per_tensor_equals_torch_kernel(qmin: int, qmax: int, scale: float) -> N
 
 @pytest.mark.parametrize(("qmin", "qmax"), GRIDS)
 @pytest.mark.parametrize("axis", [0, 1])
-def test_per_channel_equals_torch_kernel(qmin: int, qmax: int, axis: int) -> None:
+@pytest.mark.parametrize(("device", "without_sync"), [("cpu", False), ("cpu", True),
+                                                      pytest.param("cuda", True, marks=requires_cuda)])
+def test_per_channel_equals_torch_kernel(qmin: int, qmax: int, axis: int, device: str, without_sync: bool) -> None:
+    """Both per-channel forms (the CPU one, and the one without host syncs used on CUDA and under compile)."""
     g = torch.Generator().manual_seed(axis)
     x = (torch.randn(6, 5, 3, 3, generator=g) * 2).contiguous(memory_format=torch.channels_last)
     # torch's per-channel kernel casts codes to int64 before clamping (undefined beyond 2^63 in C++): huge, finite
@@ -53,9 +57,12 @@ def test_per_channel_equals_torch_kernel(qmin: int, qmax: int, axis: int) -> Non
     channels = x.shape[axis]
     scale = torch.rand(channels, generator=g) * 0.05 + 1e-3
     zero_point = torch.randint(qmin, qmax + 1, (channels,), generator=g, dtype=torch.int32)
-    x.requires_grad_()
+    x, scale, zero_point = x.to(device).requires_grad_(), scale.to(device), zero_point.to(device)
     expected = torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
-    got = vectorized.fake_quantize(x, scale, zero_point, qmin, qmax, axis)
+    if without_sync:
+        got = vectorized.fake_quantize_without_sync(x, scale, zero_point, qmin, qmax, axis)
+    else:
+        got = vectorized.fake_quantize(x, scale, zero_point, qmin, qmax, axis)
     assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
     grad = torch.randn_like(x)
     assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])

@@ -48,6 +48,14 @@ def ssdlite_normal_init(module: nn.Module) -> None:
     _normal_init(module)
 
 
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor ran without CUDA graphs in this process (``reduce-overhead`` falls back
+    silently, e.g. on a CPU tensor or a mutated non-static input); checked against torch 2.11 and 2.14.1."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def compile_graph_breaks(clear: bool = False) -> dict[str, int]:
     """The graph breaks ``torch.compile`` counted in this process (reason -> count); ``clear`` resets the count."""
     from torch._dynamo.utils import counters

@@ -19,6 +19,7 @@ from torch import nn
 from qat.quant import fused
 from qat.quant.observers import Observer
 from qat.quant.scheme import QuantSpec, choose_qparams, fake_quantize
+from qat.quant.state import store_qparams
 
 
 class FakeQuantize(nn.Module):
@@ -51,7 +52,7 @@ class FakeQuantize(nn.Module):
     def update_qparams(self) -> None:
         """Recompute (S, Z) from the observer's current range."""
         if self.observer.initialized:
-            self.scale, self.zero_point = choose_qparams(self.observer.min_val, self.observer.max_val, self.spec)
+            store_qparams(self, *choose_qparams(self.observer.min_val, self.observer.max_val, self.spec))
 
     def forward(self, x: torch.Tensor, observe: bool = True) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):  # mixed precision: ranges and grids stay in float32

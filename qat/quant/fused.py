@@ -11,9 +11,9 @@ computes the *same float32 results bit for bit* in 14 (asymmetric) or 11 (symmet
 * ``qmin - min/S`` is one ``addcdiv`` (``qmin + (-1)·min/S``: the negation is exact, one rounding each);
 * the fake quantizer is called without the ``ones`` tensor the public op allocates on every call.
 
-Every new value is a fresh tensor re-bound to the same attributes as the unfused path (``observer.min_val``,
-``observer.max_val``, ``scale``, ``zero_point``), so checkpoints, the schedule flags, conversion and DDP see
-exactly what they saw before; no buffer is written in place.
+Every new value is written into the same buffers as on the unfused path (``observer.min_val``,
+``observer.max_val``, ``scale``, ``zero_point``) by :func:`qat.quant.state.store`, so checkpoints, the schedule
+flags, conversion and DDP see exactly what they saw before.
 
 torch's private ``torch._fused_moving_avg_obs_fq_helper`` (torch.ao's ``FusedMovingAvgObsFakeQuantize``) would
 do all of this in one call. It is deliberately
@@ -45,6 +45,7 @@ from qat.errors import QatError
 from qat.quant import range_sync, vectorized
 from qat.quant.observers import CurrentMinMaxObserver, EmaMinMaxObserver, aminmax
 from qat.quant.scheme import QuantSpec
+from qat.quant.state import store_qparams, store_range
 
 if TYPE_CHECKING:
     from qat.quant.fake_quant import FakeQuantize
@@ -118,13 +119,13 @@ def ema_update(obs: EmaMinMaxObserver, x: torch.Tensor) -> None:
     if range_sync.active():
         low, high = range_sync.combine(low, high, obs.sync)
     if obs.min_val.numel() == 0:
-        obs.min_val, obs.max_val = low, high
+        store_range(obs, low, high)
         return
     batch = [low, high]
     foreach_mul_(batch, 1 - obs.decay)  # fresh tensors from aminmax: safe to scale in place
     running = foreach_mul([obs.min_val, obs.max_val], obs.decay)
     foreach_add_(running, batch)
-    obs.min_val, obs.max_val = running
+    store_range(obs, *running)
 
 
 def qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +178,7 @@ def ema_fake_quantize(fq: FakeQuantize, x: torch.Tensor, observe: bool) -> torch
     obs = fq.observer
     if observe:
         ema_update(obs, x)
-        fq.scale, fq.zero_point = qparams(obs.min_val, obs.max_val, fq.spec)
+        store_qparams(fq, *qparams(obs.min_val, obs.max_val, fq.spec))
     if not fq.quantizing or obs.min_val.numel() == 0:
         return x
     return fake_quantize(x, fq.scale, fq.zero_point, fq.spec)

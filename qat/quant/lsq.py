@@ -42,6 +42,7 @@ from qat.quant.fake_quant import FakeQuantize
 from qat.quant.mse import MseObserver
 from qat.quant.observers import MinMaxObserver, Observer, channel_rows, reduce_dims
 from qat.quant.scheme import QuantSpec, choose_qparams
+from qat.quant.state import store
 from qat.quant.vectorized import channel_shape
 
 LSQ_NAMES = ("lsq", "lsq_plus")
@@ -176,7 +177,8 @@ class LearnedStepQuantize(FakeQuantize):
     def update_qparams(self) -> None:
         """S is learned, not derived from a range: only Z follows the offset."""
         with torch.no_grad():
-            self.zero_point = self.offset.detach().round().clamp(self.spec.qmin, self.spec.qmax).to(torch.int32)
+            zero_point = self.offset.detach().round().clamp(self.spec.qmin, self.spec.qmax)
+            store(self, "zero_point", zero_point.to(torch.int32))
 
     def initialize(self) -> None:
         """S and the offset from the observer's statistics (``quant.step_init``; Esser §2.1; Bhalgat §3.3)."""

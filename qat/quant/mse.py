@@ -21,6 +21,7 @@ import torch
 
 from qat.quant.observers import MinMaxObserver
 from qat.quant.scheme import QuantSpec, choose_qparams
+from qat.quant.state import store_range
 
 BINS = 2048
 HISTOGRAM_MIN_ELEMENTS = 8 * BINS
@@ -131,6 +132,6 @@ class MseObserver(MinMaxObserver):
             n = float(self.batches)
             low = (self.min_val * n + low) / (n + 1)
             high = (self.max_val * n + high) / (n + 1)
-        self.min_val, self.max_val = low, high
+        store_range(self, low, high)
         self.batches += 1
         return x

@@ -16,6 +16,7 @@ from torch import nn
 from qat.errors import QatError, choice_error
 from qat.quant import range_sync
 from qat.quant.scheme import QuantSpec
+from qat.quant.state import store_range
 
 
 def reduce_dims(x: torch.Tensor, per_channel: bool, ch_axis: int) -> list[int]:
@@ -93,7 +94,7 @@ class CurrentMinMaxObserver(Observer):
     """Min and max of the tensor seen last: for weights, whose range must follow training."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.min_val, self.max_val = self.observed_range(x)
+        store_range(self, *self.observed_range(x))
         return x
 
 
@@ -104,7 +105,7 @@ class MinMaxObserver(Observer):
         low, high = self.observed_range(x)
         if self.initialized:
             low, high = torch.minimum(low, self.min_val), torch.maximum(high, self.max_val)
-        self.min_val, self.max_val = low, high
+        store_range(self, low, high)
         return x
 
 
@@ -130,7 +131,7 @@ class EmaMinMaxObserver(Observer):
         if self.initialized:
             low = self.decay * self.min_val + (1 - self.decay) * low
             high = self.decay * self.max_val + (1 - self.decay) * high
-        self.min_val, self.max_val = low, high
+        store_range(self, low, high)
         return x
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from qat.errors import QatError
+from qat.quant import vectorized
 
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -116,6 +117,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """
     if spec.per_channel:
         spec.check_axis(x)
+        if x.is_cuda or torch.compiler.is_compiling():  # torch's op syncs with the host (see vectorized)
+            return vectorized.fake_quantize_without_sync(x, scale, zero_point.to(torch.int32), spec.qmin, spec.qmax,
+                                                         spec.ch_axis)
         return torch.fake_quantize_per_channel_affine(
             x, scale.float(), zero_point.to(torch.int32), spec.ch_axis % x.dim(), spec.qmin, spec.qmax)
     return torch.fake_quantize_per_tensor_affine(

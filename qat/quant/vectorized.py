@@ -39,13 +39,13 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                shape: tuple[int, ...]) -> torch.Tensor:
+                shape: tuple[int, ...], shifted: bool) -> torch.Tensor:
         z = _shaped(zero_point.to(torch.float32), shape)
         codes = torch.mul(x, _shaped(torch.reciprocal(scale), shape))
         codes.round_().add_(z)  # Z + nearbyint(x/S) (the +Z also turns -0.0 into +0.0, as the kernel's cast does)
         out = torch.clamp(codes, qmin, qmax)
         mask = codes.eq_(out)  # 1.0 where nothing was clipped, in place of the codes
-        if bool(zero_point.any()):
+        if shifted:  # Z is not all zero (or not known to be): out - 0 is out
             out.sub_(z)
         out.mul_(_shaped(scale, shape))
         ctx.save_for_backward(mask)
@@ -54,7 +54,7 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        return grad * mask, None, None, None, None, None, None
 
 
 class _Unclipped(torch.autograd.Function):
@@ -92,7 +92,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """``torch.fake_quantize_per_tensor_affine`` (``axis=None``; 0-d or 1-element ``scale``/``zero_point``) or
     ``torch.fake_quantize_per_channel_affine`` along ``axis``, for a float32 CPU ``x``."""
     shape = () if axis is None else channel_shape(x, axis)
-    return _FakeQuantize.apply(x, scale.float(), zero_point, qmin, qmax, shape)
+    return _FakeQuantize.apply(x, scale.float(), zero_point, qmin, qmax, shape, bool(zero_point.any()))
+
+
+def fake_quantize_without_sync(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                               qmax: int, axis: int) -> torch.Tensor:
+    """The per-channel fake quantizer as the same ops with no data-dependent branch, on any device: torch's own
+    per-channel op reads the smallest and largest Z back to the host to check them (two device syncs per call on
+    a GPU, which a CUDA graph cannot capture) and its arithmetic (``1.0f/S`` per element, then as above) is
+    these ops'. Used on CUDA and under ``torch.compile``."""
+    return _FakeQuantize.apply(x, scale.float(), zero_point, qmin, qmax, channel_shape(x, axis), True)
 
 
 def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, low: torch.Tensor,
@@ -112,4 +121,4 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
                             bool(zero_point.any()))
 
 
-__all__ = ["applies", "channel_shape", "fake_quantize", "fake_quantize_unclipped"]
+__all__ = ["applies", "channel_shape", "fake_quantize", "fake_quantize_unclipped", "fake_quantize_without_sync"]

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from qat.errors import QatError
+from qat.errors import QatError, choice_error
 from qat.tracking import RUN_ID_KEY, RunLogger
 from qat.train.checkpoint import previous_path, resume_state, rng_state, save_checkpoint, set_rng_state
 from qat.train.distributed import Runtime, amp_dtype, wrap
@@ -37,6 +37,7 @@ class TrainSettings(Protocol):
     checkpoint_every_steps: int
     keep_best: bool
     compile: bool
+    compile_mode: str
     amp: str
     channels_last: bool
 
@@ -92,7 +93,7 @@ def fit(model: nn.Module, loader: Any, task: Task, *, train: TrainSettings, opti
     model.to(memory_format=layout)  # parameters (and so optimizer state) in the training layout
     train_model = wrap(model, runtime)
     if train.compile:  # the training forward only: validation and checkpoints use ``model``
-        train_model = torch.compile(train_model)
+        train_model = compiled(train_model, train.compile_mode)
     optimizer = build_optimizer(model, optim, lr)
     steps_per_epoch = len(loader)
     total = epochs * steps_per_epoch
@@ -199,6 +200,39 @@ def is_batch_norm_parameter(model: nn.Module, name: str) -> bool:
     return isinstance(owner, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class CompiledSteps(nn.Module):
+    """``torch.compile(model, mode=...)`` for training steps. Every call starts a new step for torch's CUDA-graph
+    trees (``reduce-overhead``, ``max-autotune``: the previous step's graph outputs may then be overwritten). The
+    first call runs eagerly: a quantizer's ranges and (S, Z) take their shapes at its first observation
+    (:mod:`qat.quant.state`), and buffers created inside a CUDA graph would be that graph's outputs."""
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.compiled = torch.compile(model, mode=mode)
+        self.eager_calls_left = 1
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager_calls_left:
+            self.eager_calls_left -= 1
+            return self.compiled._orig_mod(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs)
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise choice_error("train.compile_mode", mode, COMPILE_MODES)
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """The training forward compiled in ``train.compile_mode``."""
+    check_compile_mode(mode)
+    return CompiledSteps(model, mode)
+
+
 def describe(train: TrainSettings, runtime: Runtime, loader: Any) -> dict[str, Any]:
     """The record's ``training`` block: how the engine trained (device, processes, batch size per process read from
     ``loader``, autocast dtype, memory format, step checkpoints), resolved as :func:`fit` resolves them, not copied
@@ -210,7 +244,9 @@ def describe(train: TrainSettings, runtime: Runtime, loader: Any) -> dict[str, A
             "autocast": str(amp).removeprefix("torch.") if amp is not None else "none",
             "memory_format": "channels_last" if layout is torch.channels_last else "contiguous",
             **({"memory_format_reason": why} if why else {}),
-            "checkpoint_every_steps": train.checkpoint_every_steps, "compiled": train.compile}
+            "checkpoint_every_steps": train.checkpoint_every_steps, "compiled": train.compile,
+            "compile_mode": train.compile_mode if train.compile else None}
 
 
-__all__ = ["CPU_AUTOCAST_NCHW", "PHASE_LR_KEYS", "Task", "TrainSettings", "describe", "fit", "memory_format"]
+__all__ = ["COMPILE_MODES", "CPU_AUTOCAST_NCHW", "PHASE_LR_KEYS", "CompiledSteps", "Task", "TrainSettings",
+           "check_compile_mode", "compiled", "describe", "fit", "memory_format"]
