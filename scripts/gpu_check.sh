@@ -6,11 +6,12 @@
 # own time limit and writes its log to OUT_DIR. Checks: reference_bench (the reference against float evaluation,
 # CPU and CUDA, issue 22), qat_overhead_cuda (QAT step / float step at 224x224 batch 32, issue 19), qat_profile
 # (where that step's time goes, per op), cuda_tests (every test with a cuda parameter or marker) and detect_cuda
-# (the detection demo trained and evaluated on the GPU).
+# (the detection demo trained and evaluated on the GPU), cudagraph_tests (compiled QAT replayed as CUDA graphs,
+# tests/test_compile.py) and qat_overhead_cudagraphs (the QAT step compiled with mode=reduce-overhead).
 set -u
 out=${1:?usage: gpu_check.sh OUT_DIR [CHECK...]}
 shift
-checks=" ${*:-reference_bench qat_overhead_cuda qat_profile cuda_tests detect_cuda} "
+checks=" ${*:-reference_bench qat_overhead_cuda qat_profile cuda_tests detect_cuda cudagraph_tests qat_overhead_cudagraphs} "
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -41,4 +42,9 @@ step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_
   tests/test_mse_device.py tests/test_fused_fake_quant.py tests/test_detection_pipeline.py
 step detect_cuda 170 python3 experiments/detect.py experiment=detect_demo train.device=cuda train.threads=8 \
   latency.eval_device=cuda "latency.eval_engines=[reference]" hydra.run.dir=/tmp/detect_cuda
+step cudagraph_tests 200 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_compile.py \
+  tests/test_vectorized_fake_quant.py
+step qat_overhead_cudagraphs 330 python3 scripts/bench/qat_overhead.py --device cuda --resolution 224 --batch 32 \
+  --steps 8 --channels-last --compile reduce-overhead --models mobilenet_v2 resnet18 \
+  --csv "$out/qat_overhead_compiled_cudagraphs.csv"
 cp /tmp/detect_cuda/record.json "$out/detect_cuda_record.json" 2>/dev/null || echo "no detection record"

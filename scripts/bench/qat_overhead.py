@@ -19,6 +19,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -32,8 +33,10 @@ from qat.latency.host import describe_host
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import prepare
 from qat.quant.schedule import QuantSchedule
+from qat.train.engine import compiled
 
 WORST_OF = ("bn_fold=whitepaper", "bn_fold=jacob", "bn frozen")
+COMPILABLE = ("float", "qat bn_fold=jacob", "qat bn_fold=whitepaper", "qat bn_fold=unfolded", "qat bn frozen")
 
 
 def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -112,8 +115,10 @@ def main() -> int:
                         help="every model and the batch in NHWC (train.channels_last, the pipeline's default)")
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
-                        help="also time torch.compile'd float and QAT (BN frozen) models in this mode; "
-                             "reduce-overhead replays CUDA graphs on a GPU")
+                        help="also time torch.compile'd copies of the --compiled variants in this mode (as "
+                             "train.compile_mode); reduce-overhead replays CUDA graphs on a GPU")
+    parser.add_argument("--compiled", nargs="+", default=["float", "qat bn frozen"], choices=COMPILABLE,
+                        metavar="VARIANT", help=f"the variants --compile times compiled, of: {', '.join(COMPILABLE)}")
     parser.add_argument("--csv", type=Path, help="also write the rows, with the host, to this CSV")
     parser.add_argument("--readme", type=Path, help=f"replace the README's <!-- {MARKER} --> block (needs --csv)")
     parser.add_argument("--tables-only", action="store_true", help="regenerate the table from --csv; no measuring")
@@ -149,15 +154,18 @@ def main() -> int:
         if peer is not None:
             variants["torch.ao prepare_qat"] = peer
         if args.compile != "none":
-            for key in ("float", "qat bn frozen"):
-                variants[f"{key} compiled"] = torch.compile(variants[key], mode=args.compile)
+            for key in args.compiled:
+                # its own copy: the eager variant re-binds its quantizers' buffers each step, which would make
+                # CUDA graphs re-record every step
+                variants[f"{key} compiled"] = compiled(copy.deepcopy(variants[key]), args.compile)
         for k, m in list(variants.items()):  # warm-up (compilation for the compiled variants)
             started = time.perf_counter()
             try:
-                for _ in range(3 if k.endswith("compiled") else 1):  # CUDA graphs are recorded after warm-ups
+                for _ in range(4 if k.endswith("compiled") else 1):  # eager, warm-up, CUDA graphs recorded
                     step_time(m, x, y)
             except Exception as exc:  # noqa: BLE001 - a variant the compiler cannot run is reported, not fatal
                 print(f"  ({name} {k}: dropped, {type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                traceback.print_exc(limit=-6)  # where it failed (in the log; the table goes on without it)
                 del variants[k]
                 continue
             if k.endswith("compiled"):
