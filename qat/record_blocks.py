@@ -82,5 +82,7 @@ def quant_block(prepared: nn.Module, cfg: Any, configured: Any, calibration_batc
     asked = asdict(configured)
     if asked.get("input_bits") is None:  # null: the input shares the activations' grid
         asked["input_bits"] = asked.get("act_bits")
+    if asked.get("weight_step_init") is None:  # null: the weights' learned steps start as step_init says
+        asked["weight_step_init"] = asked.get("step_init")
     block["config_differences"] = differences(block, asked)
     return block

@@ -16,7 +16,7 @@ from qat.intmodel import reference
 from qat.intmodel.convert import convert
 from qat.quant.config import QuantConfig
 from qat.quant.describe import describe
-from qat.quant.lsq import LearnedStepFunction, LearnedStepQuantize, positive_extent, step_parameters
+from qat.quant.lsq import MIN_STEP, LearnedStepFunction, LearnedStepQuantize, positive_extent, step_parameters
 from qat.quant.prepare import calibration_mode, prepare
 from qat.quant.schedule import QuantSchedule
 from qat.quant.scheme import QuantSpec
@@ -78,11 +78,12 @@ def test_gradients_equal_torchs_learnable_fake_quantize(per_channel: bool) -> No
         torch.testing.assert_close(mine.grad, peer_t.grad, rtol=1e-5, atol=1e-6)
 
 
-def _prepared(act: str = "lsq", weight: str = "lsq", bits: int = 4, lr_scale: float = 1.0) -> nn.Module:
+def _prepared(act: str = "lsq", weight: str = "lsq", bits: int = 4, lr_scale: float = 1.0,
+              **config_keys: str) -> nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     config = QuantConfig(weight_bits=bits, act_bits=bits, act_observer=act, weight_observer=weight,
-                         step_lr_scale=lr_scale)
+                         step_lr_scale=lr_scale, **config_keys)
     return prepare(model, config, torch.randn(1, 3, 32, 32))
 
 
@@ -111,6 +112,46 @@ def test_initialisation_by_step_init() -> None:
     assert int(plus.zero_point) == round(-low / ((high - low) / 15)) and plus.offset.requires_grad
     assert not lsq.offset.requires_grad
     assert 0 < float(mse.scale) < float(plus.scale)  # clipped: a finer step than min/max
+
+
+def test_log_domain_steps_stay_positive_with_the_chain_rule_gradient() -> None:
+    """``quant.step_domain=log``: the parameter is ln S; its gradient is S times the linear one (LSQ's, scaled by
+    g), and a descent step that drives a linear step size past zero only shrinks the log one by a ratio."""
+    x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    direction = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(4))
+    quantizers = {domain: LearnedStepQuantize(QuantSpec(bits=4), "lsq_plus", domain=domain).train()
+                  for domain in ("linear", "log")}
+    for fq in quantizers.values():
+        fq.calibrating = True
+        fq(x)
+        fq.calibrating = False
+        (fq(x) * direction).sum().backward()
+    linear, log = quantizers["linear"], quantizers["log"]
+    assert torch.allclose(log.scale, linear.scale) and torch.allclose(log.step, linear.step.log())
+    assert torch.allclose(log.step.grad, linear.step.grad * linear.scale.detach(), rtol=1e-5)
+    lr = 2 * float(linear.step) / float(linear.step.grad.abs())  # twice what takes the linear step to zero
+    shrink = linear.step.grad.sign()  # the direction of the gradient that shrinks the step
+    with torch.no_grad():
+        for fq in quantizers.values():
+            fq.step -= lr * fq.step.grad * shrink
+    assert float(linear.step) < 0 and float(linear.scale) == pytest.approx(MIN_STEP)  # collapsed to the floor
+    assert 0 < float(log.scale) != float(linear.scale)
+    assert describe(_prepared(step_domain="log"))["step_domain"] == "log"
+    with pytest.raises(QatError, match="quant.step_domain"):
+        QuantConfig(step_domain="exp")
+
+
+def test_weights_and_activations_start_from_their_own_step_init() -> None:
+    """``quant.weight_step_init`` (null: ``step_init``) initialises the weights' learned steps, ``step_init`` the
+    activations'; the record reads both back from the model."""
+    split = _prepared(act="lsq_plus", step_init="mse", weight_step_init="minmax")
+    assert {m.init for m in split.modules() if isinstance(m, LearnedStepQuantize) and m.observe_in_eval} == {"minmax"}
+    assert {m.init for m in split.modules() if isinstance(m, LearnedStepQuantize) and not m.observe_in_eval} == {"mse"}
+    assert (describe(split)["step_init"], describe(split)["weight_step_init"]) == ("mse", "minmax")
+    same = describe(_prepared(step_init="lsq"))
+    assert (same["step_init"], same["weight_step_init"]) == ("lsq", "lsq")
+    with pytest.raises(QatError, match="quant.weight_step_init"):
+        QuantConfig(weight_step_init="max")
 
 def test_weights_are_per_channel_and_bad_settings_name_their_key() -> None:
     model = _prepared()

@@ -19,7 +19,8 @@ CONFIG_KEYS = (
     "experiment", "task", "metric_name", "data.name", "method", "model.arch", "model.width_mult", "model.resolution",
     "quant.precision", "quant.weight_bits", "quant.act_bits", "quant.input_bits", "quant.weight_per_channel",
     "quant.weight_symmetric", "quant.act_symmetric", "quant.act_observer", "quant.weight_observer",
-    "quant.bn_fold", "quant.activation", "quant.step_lr_scale", "quant.step_init", "simulated_only",
+    "quant.bn_fold", "quant.activation", "quant.step_lr_scale", "quant.step_init", "quant.weight_step_init",
+    "quant.step_domain", "simulated_only",
     "latency.engine", "latency.device", "latency.threads",
     "latency.batch", "data.val_subset.images", "data.val_subset.seed",
 )  # fmt: skip

@@ -42,6 +42,8 @@ class QuantConfig:
     bn_fold: str = "jacob"
     step_lr_scale: float = 1.0  # learning-rate multiplier of learned step sizes (lsq/lsq_plus), no weight decay
     step_init: str = "minmax"  # initial learned step sizes: minmax | mse (LSQ+ §3.3) | lsq (Esser: 2·mean|v|/sqrt(Q_P))
+    weight_step_init: str | None = None  # the weights' own (None: step_init); activations take step_init
+    step_domain: str = "linear"  # learn S itself (Esser) | log: learn ln S (TQT; positive, ratio updates)
     activation: str | None = None  # force "relu" or "relu6" in every fused activation (Jacob Table 4.3)
     input_bits: int | None = None  # the model input's grid (None: act_bits); Esser et al. 2020 §3 keep it at 8
     overrides: list[LayerOverride] = field(default_factory=list)
@@ -58,8 +60,12 @@ class QuantConfig:
         if self.weight_observer == "lsq" and not self.weight_symmetric:
             raise QatError("quant.weight_observer", "lsq for weights needs a symmetric grid",
                            "set quant.weight_symmetric=true, or use another weight observer")
-        if self.step_init not in ("mse", "minmax", "lsq"):
-            raise choice_error("quant.step_init", self.step_init, ["mse", "minmax", "lsq"])
+        for key in ("step_init", "weight_step_init"):
+            value = getattr(self, key)
+            if value not in ("mse", "minmax", "lsq") and (key == "step_init" or value is not None):
+                raise choice_error(f"quant.{key}", value, ["mse", "minmax", "lsq"])
+        if self.step_domain not in ("linear", "log"):
+            raise choice_error("quant.step_domain", self.step_domain, ["linear", "log"])
         if self.step_lr_scale <= 0:
             raise QatError("quant.step_lr_scale", f"{self.step_lr_scale} is not positive", "use e.g. 1.0 or 0.1")
         if self.activation not in (None, "relu", "relu6"):

@@ -81,9 +81,14 @@ def describe(model: nn.Module, precision: str = "int8") -> dict[str, Any]:
         percentiles = [round(q.observer.q * 100, 6) for q in acts if isinstance(q.observer, PercentileObserver)]
         if percentiles:
             block["percentile"] = _summary(percentiles)
-    inits = [q.init for q in [*weights, *acts] if isinstance(getattr(q, "init", None), str)]
-    if inits:
-        block["step_init"] = _summary(inits)
+    weight_inits = [q.init for q in weights if isinstance(getattr(q, "init", None), str)]
+    act_inits = [q.init for q in acts if isinstance(getattr(q, "init", None), str)]
+    if act_inits:
+        block["step_init"] = _summary(act_inits)
+    if weight_inits:
+        block["weight_step_init"] = _summary(weight_inits)
+    if weight_inits or act_inits:
+        block["step_domain"] = _summary([q.domain for q in [*weights, *acts] if hasattr(q, "domain")])
         block["step_lr_scale"] = _summary([float(q.lr_scale) for q in [*weights, *acts] if hasattr(q, "lr_scale")])
     return block
 

@@ -47,6 +47,7 @@ from qat.quant.vectorized import channel_shape
 
 LSQ_NAMES = ("lsq", "lsq_plus")
 STEP_INITS = ("mse", "minmax", "lsq")
+STEP_DOMAINS = ("linear", "log")
 MIN_STEP = 1e-8  # the step size's floor (choose_qparams' eps): a step trained to <= 0 stops at it
 
 
@@ -135,11 +136,14 @@ class LearnedStepQuantize(FakeQuantize):
     ``lr_scale`` multiplies the learning rate of its parameters (``quant.step_lr_scale``, no weight decay)."""
 
     def __init__(self, spec: QuantSpec, name: str, *, weights: bool = False, lr_scale: float = 1.0,
-                 init: str = "minmax") -> None:
+                 init: str = "minmax", domain: str = "linear") -> None:
         if name not in LSQ_NAMES:
             raise QatError("quant.act_observer", f"unknown learned-step quantizer {name!r}", "use lsq or lsq_plus")
         if init not in STEP_INITS:
             raise QatError("quant.step_init", f"unknown value {init!r}", f"valid choices: {', '.join(STEP_INITS)}")
+        if domain not in STEP_DOMAINS:
+            raise QatError("quant.step_domain", f"unknown value {domain!r}",
+                           f"valid choices: {', '.join(STEP_DOMAINS)}")
         if weights and (name == "lsq_plus" or not spec.symmetric):
             raise QatError("quant.weight_observer", f"{name} for weights needs a symmetric weight grid and learns no "
                            "offset", "use quant.weight_observer=lsq with quant.weight_symmetric=true")
@@ -151,7 +155,7 @@ class LearnedStepQuantize(FakeQuantize):
         else:
             observer = MinMaxObserver(spec.per_channel, spec.ch_axis)
         super().__init__(spec, observer, observe_in_eval=weights)
-        self.config_name, self.init = name, init
+        self.config_name, self.init, self.domain = name, init, domain
         del self._buffers["scale"]
         self.step = nn.Parameter(torch.ones(1))
         self.offset = nn.Parameter(torch.zeros(1), requires_grad=name == "lsq_plus")
@@ -159,7 +163,7 @@ class LearnedStepQuantize(FakeQuantize):
         self.lr_scale = lr_scale
 
     def extra_repr(self) -> str:
-        return f"{self.config_name}, init={self.init}, {super().extra_repr()}"
+        return f"{self.config_name}, init={self.init}, domain={self.domain}, {super().extra_repr()}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         for name in ("step", "offset"):  # per-channel shapes are known only after initialisation
@@ -169,10 +173,17 @@ class LearnedStepQuantize(FakeQuantize):
             self.zero_point = torch.empty_like(state_dict[prefix + "zero_point"])
         super(FakeQuantize, self)._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # not its scale buffer
 
+    def learned_step(self) -> torch.Tensor:
+        """S as a function of the parameter ``step``: S itself (``linear``), or exp(step) (``log``: the parameter
+        is ln S, as TQT (Jain et al. 2020 §3.3) trains log thresholds and Brevitas its LOG_FP scales; S stays
+        positive and a gradient step changes it by a ratio, so a layer whose folded weights are tiny cannot
+        overshoot its step size past zero)."""
+        return self.step.exp() if self.domain == "log" else self.step
+
     @property
     def scale(self) -> torch.Tensor:  # type: ignore[override]
         """The step size in use: the learned step, floored at :data:`MIN_STEP` as the forward floors it."""
-        return self.step.clamp(min=MIN_STEP)
+        return self.learned_step().clamp(min=MIN_STEP)
 
     def update_qparams(self) -> None:
         """S is learned, not derived from a range: only Z follows the offset."""
@@ -188,7 +199,8 @@ class LearnedStepQuantize(FakeQuantize):
             if isinstance(obs, LsqObserver):
                 scale = (2.0 * obs.abs_mean / math.sqrt(positive_extent(spec))).clamp(min=MIN_STEP)
             # in place: the Parameter objects stay those the optimizer (built after calibration) holds
-            self.step.data = scale.reshape(-1).float().clone()
+            step = scale.reshape(-1).float().clone()
+            self.step.data = step.clamp(min=MIN_STEP).log() if self.domain == "log" else step
             self.offset.data = zero_point.reshape(-1).float().clone().to(self.step.device)
             self.update_qparams()
 
@@ -209,7 +221,8 @@ class LearnedStepQuantize(FakeQuantize):
             self.initialize()
         if not self.quantizing or not self.observer.initialized:
             return x
-        scale, offset = (self.step, self.offset) if learning else (self.step.detach(), self.offset.detach())
+        scale, offset = (self.learned_step(), self.offset) if learning else (self.scale.detach(),
+                                                                             self.offset.detach())
         shape = channel_shape(x, self.spec.ch_axis) if self.spec.per_channel else ()
         if not self.spec.per_channel:
             scale, offset = scale.reshape(()), offset.reshape(())

@@ -129,8 +129,9 @@ class _Preparer:
                            f"{tuple(weight.shape)}; axis {spec.ch_axis} does not exist",
                            f"use an axis in [{-weight.dim()}, {weight.dim() - 1}] (0 = output channels)")
         if self.config.weight_observer in LSQ_NAMES:
+            init = self.config.weight_step_init or self.config.step_init
             return LearnedStepQuantize(spec, self.config.weight_observer, weights=True,
-                                       lr_scale=self.config.step_lr_scale, init=self.config.step_init)
+                                       lr_scale=self.config.step_lr_scale, init=init, domain=self.config.step_domain)
         observer = make_observer(self.config.weight_observer, per_channel=spec.per_channel, ch_axis=spec.ch_axis,
                                  key="quant.weight_observer", spec=spec, weights=True,
                                  percentile=self.config.percentile)
@@ -140,7 +141,7 @@ class _Preparer:
         spec = self.config.act_spec(bits)
         if self.config.act_observer in LSQ_NAMES:
             return LearnedStepQuantize(spec, self.config.act_observer, lr_scale=self.config.step_lr_scale,
-                                       init=self.config.step_init)
+                                       init=self.config.step_init, domain=self.config.step_domain)
         observer = make_observer(self.config.act_observer, per_channel=False, ch_axis=0, key="quant.act_observer",
                                  spec=spec, ema_decay=self.config.ema_decay, percentile=self.config.percentile)
         return FakeQuantize(spec, observer)
