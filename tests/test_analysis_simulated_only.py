@@ -99,6 +99,8 @@ def test_rows_are_marked_and_integer_columns_hold_no_simulated_number(store: Pat
     assert sim["metric_sim"].tolist() == [74.5, 74.3] and sim["accuracy.sim_top1"].tolist() == [74.5, 74.3]
     assert (sim["task"] == "classification").all() and (sim["metric_name"] == "top1").all()
     assert sim["metric_float"].tolist() == [75.0, 75.0]
+    # against each run's own float model: the simulated metric where no integer model exists
+    assert sim["metric_vs_float"].round(6).tolist() == [-0.5, -0.7]
     assert table.loc["mobilenet_v2-qat-s0", "metric"] == 71.0  # integer rows: the integer model's accuracy
     assert table.loc["mobilenet_v2-qat-s0", "metric_sim"] == 71.2
     assert not table.loc[simulated, "pareto"].any()

@@ -38,6 +38,14 @@ def test_cells_are_means_per_combination_and_the_readme_block_is_replaced(script
     assert "AMD EPYC" in text and "scripts/pivot_table.py" in text and "\nold\n" not in text
 
 
+def test_ci_column_is_the_student_t_interval_over_each_rows_runs(script, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    table = script.pivot(pd.read_csv(_results(tmp_path)), ["quant.bn_fold"], ["batch"], "top1", ci=True)
+    jacob = table[table["quant.bn_fold"] == "jacob"]["mean ± 95% CI"].item()
+    # 55.9, 57.9, 61.0, 61.4: mean 59.05 (59.05000000000001 in float), std 2.619, t(0.975, 3) = 3.182: ± 4.17
+    assert jacob == "59.1 ± 4.2 (n=4)"
+    assert table[table["quant.bn_fold"] == "unfolded"]["mean ± 95% CI"].item() == "54.8 (n=1)"
+
+
 def test_an_unknown_column_is_one_line(script, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     assert script.main([str(_results(tmp_path)), "--rows", "nope", "--cols", "batch", "--value", "top1"]) == 2
     err = capsys.readouterr().err.strip()

@@ -126,8 +126,10 @@ def simulated_column(column: str) -> str | None:
 
 
 def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``simulated_only``, ``task``, ``metric_name``, ``metric``, ``metric_sim``, ``metric_float`` and
-    ``method``, and blank the integer accuracy of simulated-only rows (see the module doc)."""
+    """Add ``simulated_only``, ``task``, ``metric_name``, ``metric``, ``metric_sim``, ``metric_float``,
+    ``metric_vs_float`` (the run's metric, or its simulated one without an integer model, minus its own float
+    model's: a paired difference, the fair one where each seed trains its own float model) and ``method``, and
+    blank the integer accuracy of simulated-only rows (see the module doc)."""
     frame = frame.copy()
     sim_only = simulated_only(frame)
     frame[SIMULATED_ONLY] = sim_only
@@ -148,6 +150,7 @@ def add_derived_columns(frame: pd.DataFrame) -> pd.DataFrame:
     float_top1 = pd.to_numeric(_column(frame, "accuracy.float_top1"), errors="coerce")
     float_map = pd.to_numeric(_column(frame, "accuracy.float_map"), errors="coerce")
     frame["metric_float"] = float_top1.where(is_cls, float_map)
+    frame["metric_vs_float"] = frame["metric"].where(~sim_only, frame["metric_sim"]) - frame["metric_float"]
     for key in ("quant.weight_bits", "quant.act_bits"):  # per-layer widths ({"mixed": {bits: layers}}): "4/8"
         mixed = sorted((c for c in frame.columns if c.startswith(f"{key}.mixed.")),
                        key=lambda c: int(c.rsplit(".", 1)[1]))
