@@ -170,7 +170,8 @@ def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("app", ["classification", pytest.param("detection", marks=pytest.mark.full)])
+@pytest.mark.full  # 76 s on 2 cores; make test resumes a killed run once (test_run_app's killed-run test)
+@pytest.mark.parametrize("app", ["classification", "detection"])
 def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_result(app: str, tmp_path: Path) -> None:
     """Both tasks' apps (one pipeline, one training engine): killed at seeded moments, re-run to the end."""
     torch.set_num_threads(1)

@@ -144,6 +144,8 @@ def test_mobilenet_v3_run_writes_an_integer_record_and_best_checkpoint(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.full  # 77 s on 2 cores (two XNNPACK lowerings of v3); make test covers target=arm end to end in
+# test_torchvision_mbv3_qat and ExecuTorch on v3 in test_mobilenet_v3_engines
 def test_mobilenet_v3_on_the_arm_target_runs_executorch(tmp_path: Path) -> None:
     """On target=arm ExecuTorch-XNNPACK is the primary engine: a v3 run measures its latency and records how it
     runs hardswish, hardsigmoid and the SE mul (issue 18)."""
