@@ -265,7 +265,7 @@ def test_mobilenet_v3_layer_by_layer_against_torch_native(backend: str) -> None:
     engine = torch_native.build(int_model, backend)
     assert "quantized::hardswish" in torch_native.engine_info(backend)["elementwise_kernels"]
     q_of = {n.name: n.out for n in int_model.nodes}
-    differing: dict[str, float] = {}
+    differing: dict[str, list[int]] = {}  # op: [values that differ, values]
     with torch.inference_mode(), quantized_engine(backend):
         for (step_name, inputs, fn), node in zip(engine.steps, int_model.nodes, strict=True):
             assert step_name == node.name
@@ -274,8 +274,13 @@ def test_mobilenet_v3_layer_by_layer_against_torch_native(backend: str) -> None:
             args = [_quantized(values[i], q_of[i]) for i in inputs] if inputs else [x]
             diff = (_integers(fn(*args), node.out) - values[node.name].to(torch.int64)).abs()
             assert int(diff.max()) <= V3_TORCH_NATIVE_TOLERANCE[node.op], (node.name, node.op, int(diff.max()))
-            differing[node.op] = max(differing.get(node.op, 0.0), float((diff > 0).float().mean()))
+            counts = differing.setdefault(node.op, [0, 0])
+            counts[0] += int((diff > 0).sum())
+            counts[1] += diff.numel()
     assert {"hardswish", "hardsigmoid", "mul"} <= set(differing)
     # average pooling aside (on the NCHW tensors fed here x86 rounds ties of the mean code, the reference of the
-    # centred mean, and the SE blocks' 2x2 and 4x4 windows at 32 px tie often), a differing value is a rare tie effect
-    assert max(v for op, v in differing.items() if op != "avg_pool") < 0.05, differing
+    # centred mean, and the SE blocks' 2x2 and 4x4 windows at 32 px tie often), a differing value is a rare tie
+    # effect over all of an op's values (one small layer alone is noisy: 5 of the 64 values of an SE block's first
+    # 1x1 convolution differ by 1 LSB with 7-bit weights on an AVX2 host's target)
+    shares = {op: n / total for op, (n, total) in differing.items()}
+    assert max(v for op, v in shares.items() if op != "avg_pool") < 0.02, shares

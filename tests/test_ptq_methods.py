@@ -155,9 +155,15 @@ def test_sequential_adaquant_lowers_every_layers_output_mse() -> None:
                           lr_scale=1e-2, reference=reference)
     after = _layer_errors(q, reference, TEST)  # held-out images
     assert set(report["layers"]) == set(before)
+    accepted = [name for name in before if report["layers"][name]["accepted"]]
     for name in before:
-        assert after[name] < before[name], name
-        assert report["layers"][name]["mse_after"] < report["layers"][name]["mse_before"], name
+        assert after[name] < before[name], name  # held out: every layer's output is closer to float
+        layer = report["layers"][name]
+        # on the calibration images a layer keeps what it learned only where its MSE went down, else it is left
+        # as it was (the last layer on some hosts' float kernels: its inputs already improved upstream)
+        assert layer["mse_after"] < layer["mse_before"] if layer["accepted"] else \
+            layer["mse_after"] == layer["mse_before"], name
+    assert len(accepted) >= len(before) - 1, report["layers"]
     assert output_error(q, net, TEST) < output_error(_plain(net, 4, 8), net, TEST)
 
 
