@@ -121,12 +121,14 @@ def main() -> int:
                         metavar="VARIANT", help=f"the variants --compile times compiled, of: {', '.join(COMPILABLE)}")
     parser.add_argument("--csv", type=Path, help="also write the rows, with the host, to this CSV")
     parser.add_argument("--readme", type=Path, help=f"replace the README's <!-- {MARKER} --> block (needs --csv)")
+    parser.add_argument("--marker", default=MARKER,
+                        help="the README block --readme replaces (another run's table keeps its own marker)")
     parser.add_argument("--tables-only", action="store_true", help="regenerate the table from --csv; no measuring")
     args = parser.parse_args()
     if (args.readme or args.tables_only) and args.csv is None:
         parser.error("--readme and --tables-only need --csv")
     if args.tables_only:
-        return publish({MARKER: (args.csv.with_suffix(".md"), cost_table(pd.read_csv(args.csv)))}, args.readme)
+        return publish({args.marker: (args.csv.with_suffix(".md"), cost_table(pd.read_csv(args.csv)))}, args.readme)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -188,7 +190,7 @@ def main() -> int:
     if args.csv is not None:
         frame = write_csv(rows, args)
         if args.readme is not None:
-            publish({MARKER: (args.csv.with_suffix(".md"), cost_table(frame))}, args.readme)
+            publish({args.marker: (args.csv.with_suffix(".md"), cost_table(frame))}, args.readme)
     print(last)
     return 0
 
