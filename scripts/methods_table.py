@@ -47,7 +47,8 @@ def _width(value: object) -> str:
 
 
 def _widest_first(label: str) -> tuple[int, ...]:
-    return tuple(-int(part.split("/")[0]) for part in label[1:].split("A"))
+    """Sort key: fewer bits later; a mixed setting (``W4/8A4/8``: 8-bit first and last layers) before its plain one."""
+    return (*(-int(part.split("/")[0]) for part in label[1:].split("A")), -len(label))
 
 
 def _top1(row: pd.Series) -> tuple[float, bool]:
