@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -111,17 +111,23 @@ def compose_run(overrides: list[str], config_name: str = "run"):  # type: ignore
 
 
 @pytest.mark.parametrize(("config_name", "tag"), [("run", "default"), ("detect", "detect")])
-def test_run_and_sweep_dirs_differ_for_configs_composed_in_the_same_second(config_name: str, tag: str) -> None:
-    compose_run([], config_name)  # the first composition registers schemas and imports: not timed below
-    for _ in range(5):  # retry in the rare case the clock's second changes between the two compositions
-        time.sleep(1.0 - time.time() % 1.0 + 0.01)  # start just after a second begins (a loaded host is slow)
-        a, b = compose_run([], config_name), compose_run([], config_name)
-        dirs_a = (OmegaConf.select(a, "hydra.run.dir"), OmegaConf.select(a, "hydra.sweep.dir"))
-        dirs_b = (OmegaConf.select(b, "hydra.run.dir"), OmegaConf.select(b, "hydra.sweep.dir"))
-        same_second = dirs_a[0].rsplit("-", 1)[0] == dirs_b[0].rsplit("-", 1)[0]
-        if same_second:
-            break
-    assert same_second
+def test_run_and_sweep_dirs_differ_for_configs_composed_in_the_same_second(
+        config_name: str, tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hydra.core.utils
+
+    class SameSecond(datetime.datetime):
+        """Hydra's ``${now:}`` resolver reads ``hydra.core.utils.datetime.now()``: one frozen second for both
+        compositions (timing them to land in one second failed on a loaded 2-core host)."""
+
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+            return cls(2030, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", SameSecond)
+    a, b = compose_run([], config_name), compose_run([], config_name)
+    dirs_a = (OmegaConf.select(a, "hydra.run.dir"), OmegaConf.select(a, "hydra.sweep.dir"))
+    dirs_b = (OmegaConf.select(b, "hydra.run.dir"), OmegaConf.select(b, "hydra.sweep.dir"))
+    assert dirs_a[0].rsplit("-", 1)[0] == dirs_b[0].rsplit("-", 1)[0] == f"outputs/runs/2030-01-01/12-00-00-{tag}"
     assert dirs_a[0] != dirs_b[0] and dirs_a[1] != dirs_b[1]
     assert dirs_a[0].rsplit("-", 1)[0].endswith(f"-{tag}")  # <time>-<tag>-<token>
     assert dirs_a[0].rsplit("-", 1)[1] == dirs_a[1].rsplit("-", 1)[1]  # one token per composed config
