@@ -265,6 +265,8 @@ def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert line.startswith(case.key.replace("{x}", x)), line
         assert hint in line, line
     assert not list(tmp_path.rglob("record.json"))
+    if case.app == "run":  # stopped before any work: the built-in dataset was not generated either
+        assert not (tmp_path / "cache" / "data").exists()
     if case.check is not None:
         case.check(run_dir)
     if not case.hydra:
