@@ -70,3 +70,16 @@ def test_readme_block_is_replaced_and_a_missing_results_dir_is_one_line(script, 
     assert script.main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "nowhere" in err and "\n" not in err
+
+
+def test_a_second_hosts_table_goes_into_its_own_block(script, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "methods_vnni"
+    out.mkdir()
+    pd.DataFrame([_row("float", 0, 60.0, (32, 32)), _row("qat", 0, 58.0)]).to_csv(out / "results.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- METHODS_TABLE -->\nfirst\n<!-- /METHODS_TABLE -->\n"
+                      "<!-- METHODS_TABLE_VNNI -->\nold\n<!-- /METHODS_TABLE_VNNI -->\n")
+    assert script.main([str(out), "--readme", str(readme), "--marker", "METHODS_TABLE_VNNI"]) == 0
+    text = readme.read_text()
+    assert "first" in text and "old" not in text and "| QAT (EMA ranges) | 58.0 (-2.0) |" in text
+    assert f"methods_table.py {out.as_posix()} --readme README.md --marker METHODS_TABLE_VNNI" in text
