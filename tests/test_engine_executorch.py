@@ -93,10 +93,9 @@ def _layer_codes_vs_torch_native(int_model: IntModel, lowered: et.Lowered, x: to
     return agreement
 
 
-# full: 25 s on 2 cores; make test compares ExecuTorch layer by layer on v3 (test_mobilenet_v3_engines) and end to end
-# with torch_native on ResNet-18 (below)
-@pytest.mark.parametrize("arch", [pytest.param("mobilenet", marks=pytest.mark.full),
-                                  pytest.param("resnet", marks=pytest.mark.full)])
+@pytest.mark.full  # 25 s on 2 cores; make test compares ExecuTorch layer by layer on v3 (test_mobilenet_v3_engines)
+# and end to end with torch_native on ResNet-18 (below)
+@pytest.mark.parametrize("arch", ["mobilenet", "resnet"])
 def test_int8_layers_agree_with_torch_native(arch: str, images: torch.Tensor, request) -> None:
     int_model, lowered = request.getfixturevalue(arch)
     agreement = _layer_codes_vs_torch_native(int_model, lowered, images)
