@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "installing qat and its pinned dependencies into $(VENV) (constraints.txt; a few minutes the first time)"
 	$(PY) -m pip install --progress-bar off --upgrade pip
 	$(PY) -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
+	$(PY) -m qat.quant.cpu_kernel
 	@touch $(STAMP)
 	@echo "installed; next make runs skip this step until pyproject.toml or constraints.txt change"
 

@@ -35,7 +35,7 @@ from qat.intmodel.graph import IntModel
 from qat.latency.subprocess import MeasureSpec, measure_in_subprocess
 from qat.ptq.apply import run_ptq
 from qat.ptq.driver import check_method, not_convertible_reason, quant_config, record_method
-from qat.quant import range_sync
+from qat.quant import cpu_kernel, range_sync
 from qat.quant.lsq import LSQ_NAMES
 from qat.quant.prepare import calibration_mode, prepare
 from qat.quant.schedule import batch_norms_without_statistics
@@ -349,7 +349,8 @@ def run(cfg: Any, run_dir: str | Path, task: RunTask = CLASSIFICATION, tracker: 
         **record,
         "latency": latency,
         "host": host,
-        "training": engine.describe(cfg.train, runtime, data.train),
+        "training": {**engine.describe(cfg.train, runtime, data.train),
+                     **(cpu_kernel.describe() if int8 and runtime.device.type == "cpu" else {})},
         "timing": {**timings, "total_s": time.time() - started},
         "run_dir": str(run_dir.resolve()),
     }

@@ -145,3 +145,19 @@ class EngineSettings:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"
+
+
+@pytest.fixture(params=["fused_cpu", "aten"])
+def fake_quant_kernel(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Each CPU fake-quantize path of :mod:`qat.quant.cpu_kernel`: qat's fused C++ kernel (it must build unless
+    ``QAT_CPU_KERNEL=aten`` is set, which skips it with the reason) and the ATen ops."""
+    from qat.quant import cpu_kernel
+
+    if request.param == "aten":
+        with cpu_kernel.aten_path():
+            yield request.param
+        return
+    if cpu_kernel.choice() == "aten":
+        pytest.skip(f"{cpu_kernel.ENV_VAR}=aten: the fused CPU kernel is not built")
+    assert cpu_kernel.ops() is not None, cpu_kernel.describe()
+    yield request.param

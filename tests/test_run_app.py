@@ -14,6 +14,7 @@ from conftest import TINY_CLASSIFICATION, overrides
 
 from qat.engines.torch_native import build
 from qat.intmodel.graph import IntModel
+from qat.quant import cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = overrides(TINY_CLASSIFICATION, {"latency.repeats": 20, "latency.warmup": 3, "train.threads": None})
@@ -37,7 +38,7 @@ def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
     assert record["quant"]["bn_fold"] == "jacob"  # read back from the folded conv modules
     assert record["training"] == {"device": "cpu", "world_size": 1, "batch_size_per_process": 16, "autocast": "none",
                                   "memory_format": "channels_last", "checkpoint_every_steps": 0, "compiled": False,
-                                  "compile_mode": None}
+                                  "compile_mode": None, **cpu_kernel.describe()}  # fused_cpu where it builds
     acc = record["accuracy"]
     assert {"float_top1", "sim_top1", "int_top1", "top1"} <= set(acc) and acc["top1"] == acc["int_top1"]
     assert acc["top5"] == acc["int_top5"] >= acc["int_top1"] and acc["float_top5"] >= acc["float_top1"]

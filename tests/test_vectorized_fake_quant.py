@@ -31,7 +31,7 @@ def _hard_values(scale: float, zero_point: int, qmin: int, qmax: int) -> torch.T
 
 @pytest.mark.parametrize(("qmin", "qmax"), GRIDS)
 @pytest.mark.parametrize("scale", [0.0173, 1.0, 3.3e-5])
-def test_per_tensor_equals_torch_kernel(qmin: int, qmax: int, scale: float) -> None:
+def test_per_tensor_equals_torch_kernel(qmin: int, qmax: int, scale: float, fake_quant_kernel: str) -> None:
     for zero_point in {qmin, 0 if qmin < 0 else qmin, (qmin + qmax) // 2, qmax}:
         x = _hard_values(scale, zero_point, qmin, qmax).requires_grad_()
         s, z = torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32)
@@ -48,7 +48,8 @@ def test_per_tensor_equals_torch_kernel(qmin: int, qmax: int, scale: float) -> N
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize(("device", "without_sync"), [("cpu", False), ("cpu", True),
                                                       pytest.param("cuda", True, marks=requires_cuda)])
-def test_per_channel_equals_torch_kernel(qmin: int, qmax: int, axis: int, device: str, without_sync: bool) -> None:
+def test_per_channel_equals_torch_kernel(qmin: int, qmax: int, axis: int, device: str, without_sync: bool,
+                                         fake_quant_kernel: str) -> None:
     """Both per-channel forms (the CPU one, and the one without host syncs used on CUDA and under compile)."""
     g = torch.Generator().manual_seed(axis)
     x = (torch.randn(6, 5, 3, 3, generator=g) * 2).contiguous(memory_format=torch.channels_last)
@@ -68,7 +69,7 @@ def test_per_channel_equals_torch_kernel(qmin: int, qmax: int, axis: int, device
     assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
 
 
-def test_unclipped_weights_skip_clamp_only_when_nothing_can_clip() -> None:
+def test_unclipped_weights_skip_clamp_only_when_nothing_can_clip(fake_quant_kernel: str) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 4, 3, 3, generator=g, requires_grad=True)
     low, high = w.detach().amin((1, 2, 3)), w.detach().amax((1, 2, 3))
@@ -96,7 +97,7 @@ def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], s
 
 @pytest.mark.parametrize("bn_fold", ["jacob", "whitepaper", "unfolded"])
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_qat_trains_bit_identically_on_the_vectorized_path(bn_fold: str, arch: str,
+def test_qat_trains_bit_identically_on_the_vectorized_path(bn_fold: str, arch: str, fake_quant_kernel: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)

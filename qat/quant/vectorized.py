@@ -17,6 +17,9 @@ the backward is ``grad · mask``, as torch's ``grad · mask`` with a bool mask p
 and, per channel, codes beyond ±2^63 (infinities), which torch's kernel casts to int64 before clamping (undefined
 in C++; on x86 they become qmin) and these ops clamp.
 
+Where qat's fused C++ kernel is available (:mod:`qat.quant.cpu_kernel`, the default), both functions run it
+instead: the same arithmetic per element in one pass, forward and backward, with the mask as bool.
+
 :func:`fake_quantize_unclipped` is for a per-channel weight quantizer whose range was just taken from this very
 tensor: when the codes of every channel's minimum and maximum lie inside [qmin, qmax] (checked on the C range
 values with the same ops; rounding is monotone), no element is clipped, so the clamp and the mask are identities
@@ -28,6 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from qat.quant import cpu_kernel
 
 
 def _shaped(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -74,6 +79,27 @@ class _Unclipped(torch.autograd.Function):
         return grad, None, None, None, None  # the mask is all ones: grad · 1.0 is grad
 
 
+class _FusedFakeQuantize(torch.autograd.Function):
+    """The same in one pass of qat's C++ kernel (``axis`` -1: per tensor); ``need_mask`` False for a tensor
+    whose codes provably lie inside the grid (the mask would be all ones, the backward the identity)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                axis: int, need_mask: bool) -> torch.Tensor:
+        out, mask = cpu_kernel.ops().fake_quantize(x, scale, zero_point, qmin, qmax, axis, need_mask)
+        ctx.need_mask = need_mask
+        if need_mask:
+            ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.need_mask:
+            return grad, None, None, None, None, None, None
+        (mask,) = ctx.saved_tensors
+        return cpu_kernel.ops().fake_quantize_backward(grad, mask), None, None, None, None, None, None
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether these ops reproduce torch's kernels for ``x``: float32 on the CPU (CUDA keeps torch's fused
     kernels, which are vectorized already), in eager mode: under ``torch.compile`` their data-dependent branches
@@ -91,6 +117,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   axis: int | None = None) -> torch.Tensor:
     """``torch.fake_quantize_per_tensor_affine`` (``axis=None``; 0-d or 1-element ``scale``/``zero_point``) or
     ``torch.fake_quantize_per_channel_affine`` along ``axis``, for a float32 CPU ``x``."""
+    if cpu_kernel.ops() is not None:
+        fused_axis = -1 if axis is None else axis % x.dim()
+        return _FusedFakeQuantize.apply(x, scale.float(), zero_point, qmin, qmax, fused_axis, True)
     shape = () if axis is None else channel_shape(x, axis)
     return _FakeQuantize.apply(x, scale.float(), zero_point, qmin, qmax, shape, bool(zero_point.any()))
 
@@ -116,6 +145,8 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     highest = torch.mul(high, inverse).round_().add_(z)
     if not (bool((lowest >= qmin).all()) and bool((highest <= qmax).all())):
         return None
+    if cpu_kernel.ops() is not None:
+        return _FusedFakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis % x.dim(), False)
     shape = channel_shape(x, axis)
     return _Unclipped.apply(x, inverse.reshape(shape), z.reshape(shape), scale.reshape(shape),
                             bool(zero_point.any()))

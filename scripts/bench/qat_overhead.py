@@ -14,6 +14,7 @@ command; ``--tables-only --csv <that file> --readme README.md`` regenerates the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import shlex
 import statistics
@@ -30,6 +31,7 @@ from torch import nn
 
 from qat.analysis.readme import markdown_table, publish
 from qat.latency.host import describe_host
+from qat.quant import cpu_kernel
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import prepare
 from qat.quant.schedule import QuantSchedule
@@ -39,7 +41,16 @@ WORST_OF = ("bn_fold=whitepaper", "bn_fold=jacob", "bn frozen")
 COMPILABLE = ("float", "qat bn_fold=jacob", "qat bn_fold=whitepaper", "qat bn_fold=unfolded", "qat bn frozen")
 
 
-def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+ATEN_SUFFIX = " (aten fq)"
+
+
+def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, aten: bool = False) -> float:
+    """One SGD step; ``aten``: fake quantization by ATen ops instead of qat's fused CPU kernel."""
+    with cpu_kernel.aten_path() if aten else contextlib.nullcontext():
+        return _step_time(model, x, y)
+
+
+def _step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -119,6 +130,9 @@ def main() -> int:
                              "train.compile_mode); reduce-overhead replays CUDA graphs on a GPU")
     parser.add_argument("--compiled", nargs="+", default=["float", "qat bn frozen"], choices=COMPILABLE,
                         metavar="VARIANT", help=f"the variants --compile times compiled, of: {', '.join(COMPILABLE)}")
+    parser.add_argument("--aten", action="store_true",
+                        help="also time each eager qat variant with ATen fake quantization (the path without qat's "
+                             "fused CPU kernel)")
     parser.add_argument("--csv", type=Path, help="also write the rows, with the host, to this CSV")
     parser.add_argument("--readme", type=Path, help=f"replace the README's <!-- {MARKER} --> block (needs --csv)")
     parser.add_argument("--marker", default=MARKER,
@@ -139,7 +153,8 @@ def main() -> int:
     layout_name = "NHWC" if args.channels_last else "NCHW"
     print(f"batch {args.batch}, {args.resolution}x{args.resolution}, {where}, {layout_name}, w8a8 per-channel; "
           f"median of {args.steps} interleaved steps")
-    print(f"{'model':<14}{'variant':<22}{'ms/step':>10}{'ratio':>8}")
+    print(f"qat fake quantization on the CPU: {cpu_kernel.describe()}")
+    print(f"{'model':<14}{'variant':<32}{'ms/step':>10}{'ratio':>8}")
     worst: dict[str, float] = {}
     rows: list[dict[str, object]] = []
     for name in args.models:
@@ -152,6 +167,9 @@ def main() -> int:
         variants["qat bn frozen"] = frozen
         for variant in variants.values():
             variant.to(memory_format=layout)
+        if args.aten and device.type == "cpu":
+            for key in [k for k in variants if k.startswith("qat ")]:
+                variants[key + ATEN_SUFFIX] = variants[key]  # the same module, stepped under cpu_kernel.aten_path
         peer = torch_ao_peer(name, copy.deepcopy(model))
         if peer is not None:
             variants["torch.ao prepare_qat"] = peer
@@ -164,7 +182,7 @@ def main() -> int:
             started = time.perf_counter()
             try:
                 for _ in range(4 if k.endswith("compiled") else 1):  # eager, warm-up, CUDA graphs recorded
-                    step_time(m, x, y)
+                    step_time(m, x, y, k.endswith(ATEN_SUFFIX))
             except Exception as exc:  # noqa: BLE001 - a variant the compiler cannot run is reported, not fatal
                 print(f"  ({name} {k}: dropped, {type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
                 traceback.print_exc(limit=-6)  # where it failed (in the log; the table goes on without it)
@@ -175,11 +193,11 @@ def main() -> int:
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(args.steps):
             for k, m in variants.items():
-                times[k].append(step_time(m, x, y))
+                times[k].append(step_time(m, x, y, k.endswith(ATEN_SUFFIX)))
         base = statistics.median(times["float"])
         for k, values in times.items():
             med = statistics.median(values)
-            print(f"{name:<14}{k:<22}{med * 1e3:>10.1f}{med / base:>8.2f}")
+            print(f"{name:<14}{k:<32}{med * 1e3:>10.1f}{med / base:>8.2f}")
             rows.append({"model": name, "variant": k, "ms_per_step": round(med * 1e3, 1),
                          "ratio": round(med / base, 3)})
             mode = k.removeprefix("qat ")

@@ -1,0 +1,77 @@
+"""qat's fused CPU fake-quantize kernel (qat.quant.cpu_kernel, issue 19): the switch, what it reports, and the
+memory layouts the kernel must handle exactly as torch's kernels do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qat.errors import QatError
+from qat.quant import cpu_kernel, vectorized
+
+
+def test_unknown_choice_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "fast")
+    with pytest.raises(QatError, match=f"{cpu_kernel.ENV_VAR}: unknown value 'fast'.*aten, auto, fused"):
+        cpu_kernel.choice()
+
+
+def test_describe_names_the_path(fake_quant_kernel: str) -> None:
+    described = cpu_kernel.describe()
+    assert described["fake_quant_kernel"] == fake_quant_kernel
+    if fake_quant_kernel == "aten":
+        assert "aten_path" in described["fake_quant_kernel_reason"]
+
+
+def _layouts() -> list[tuple[str, torch.Tensor, int | None]]:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, 5, 3, generator=g) * 3
+    return [
+        ("channels_last axis 1", base.contiguous(memory_format=torch.channels_last), 1),
+        ("channels_last axis 0", base.contiguous(memory_format=torch.channels_last), 0),
+        ("transposed (dense, permuted) axis 2", base.transpose(1, 2), 2),
+        ("sliced (not dense) axis 1", base[:, :, ::2], 1),
+        ("size-1 channel with an odd stride", base[:, :1].as_strided((4, 1, 5, 3), (90, 7, 3, 1)), 1),
+        ("per tensor, sliced", base[1:, 2:], None),
+        ("0-d", torch.tensor(0.37), None),
+        ("empty", torch.empty(0, 6), 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_layouts())), ids=[name for name, _, _ in _layouts()])
+def test_layouts_equal_torch_kernels(case: int, fake_quant_kernel: str) -> None:
+    _, x, axis = _layouts()[case]
+    x = x.detach().requires_grad_()
+    qmin, qmax = 0, 255
+    if axis is None:
+        scale, zero_point = torch.tensor(0.05), torch.tensor(131, dtype=torch.int32)
+        expected = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    else:
+        channels = x.shape[axis]
+        scale = torch.linspace(0.01, 0.04, channels)
+        zero_point = torch.arange(channels, dtype=torch.int32) * 7 + 100
+        expected = torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+    got = vectorized.fake_quantize(x, scale, zero_point, qmin, qmax, axis)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    if x.numel():
+        assert int((got != x).sum()) > 0  # some values moved to the grid, some clipped
+    grad = torch.randn(x.shape).transpose(0, -1).contiguous().transpose(0, -1)  # strides unlike the mask's
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+
+
+def test_a_failed_build_under_auto_falls_back_with_the_reason(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("Error building extension 'qat_cpu_kernels'\nc++: not found")
+
+    monkeypatch.setattr(cpu_kernel, "_build", broken)
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "auto")
+    assert cpu_kernel.ops() is None
+    assert cpu_kernel.describe() == {"fake_quant_kernel": "aten", "fake_quant_kernel_reason":
+                                     "RuntimeError: c++: not found"}
+    assert "could not be built (RuntimeError: c++: not found)" in caplog.text
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "fused")
+    with pytest.raises(QatError, match=f"{cpu_kernel.ENV_VAR}: the fused CPU kernel could not be built"):
+        cpu_kernel.ops()
