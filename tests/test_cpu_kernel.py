@@ -3,11 +3,17 @@ memory layouts the kernel must handle exactly as torch's kernels do."""
 
 from __future__ import annotations
 
+import copy
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 from qat.errors import QatError
-from qat.quant import cpu_kernel, vectorized
+from qat.quant import cpu_kernel, fused, vectorized
+from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
+from qat.quant.observers import CurrentMinMaxObserver
+from qat.quant.scheme import QuantSpec
 
 
 def test_unknown_choice_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,3 +81,53 @@ def test_a_failed_build_under_auto_falls_back_with_the_reason(monkeypatch: pytes
     monkeypatch.setenv(cpu_kernel.ENV_VAR, "fused")
     with pytest.raises(QatError, match=f"{cpu_kernel.ENV_VAR}: the fused CPU kernel could not be built"):
         cpu_kernel.ops()
+
+
+WEIGHT_SPECS = [QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, per_channel=True),
+                QuantSpec(bits=8, per_channel=True), QuantSpec(bits=4, signed=True, symmetric=True, per_channel=True)]
+
+
+def _weights() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    conv = torch.randn(6, 4, 3, 3, generator=g)
+    conv[1] = 0.0  # a dead channel: S = eps
+    conv[2] = conv[2].abs()  # one-signed channels: the range widens to contain 0
+    conv[3] = -conv[3].abs()
+    return [("conv", conv), ("conv channels_last", conv.contiguous(memory_format=torch.channels_last)),
+            ("linear", torch.randn(5, 7, generator=g))]
+
+
+@pytest.mark.parametrize("spec", WEIGHT_SPECS, ids=["int8_sym_narrow", "uint8_asym", "int4_sym"])
+@pytest.mark.parametrize("case", range(3), ids=[name for name, _ in _weights()])
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "no_fold"])
+def test_fold_observe_quantize_equals_the_ops_it_replaces(spec: QuantSpec, case: int, folded: bool) -> None:
+    """One kernel call for w · factor, its per-channel range, (S, Z) and the fake quantizer gives the generic
+    path's output, buffers and gradients (to the weight and to the fold factor) bit for bit."""
+    if cpu_kernel.ops() is None:
+        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    _, w = _weights()[case]
+    factor = torch.linspace(0.5, 2.5, w.shape[0]) if folded else None
+    fast_fq = FakeQuantize(spec, CurrentMinMaxObserver(per_channel=True), observe_in_eval=True).train()
+    slow_fq = copy.deepcopy(fast_fq)
+    calls = []
+    inner = vectorized.fold_fake_quantize_weight
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    results = []
+    for fq, path in ((fast_fq, nullcontext()), (slow_fq, fused.unfused_path())):
+        weight = w.clone().requires_grad_()
+        f = factor.clone().requires_grad_() if factor is not None else None
+        with path, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(vectorized, "fold_fake_quantize_weight", counted)
+            out = fold_and_quantize(fq, weight, f)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+        grads = torch.autograd.grad(out, [weight] + ([f] if f is not None else []), grad)
+        results.append((out, grads, fq.scale, fq.zero_point, fq.observer.min_val, fq.observer.max_val))
+    assert len(calls) == 1  # the fast path ran once, the generic one not at all
+    (out, grads, *state), (ref_out, ref_grads, *ref_state) = results
+    assert torch.equal(out, ref_out) and torch.equal(out.signbit(), ref_out.signbit())
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(state, ref_state, strict=True))

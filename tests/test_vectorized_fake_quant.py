@@ -117,9 +117,18 @@ def test_qat_trains_bit_identically_on_the_vectorized_path(bn_fold: str, arch: s
         calls.append(1)
         return inner(*args, **kwargs)
 
+    folds = []
+    inner_fold = vectorized.fold_fake_quantize_weight
+
+    def counted_fold(*args, **kwargs):  # type: ignore[no-untyped-def]
+        folds.append(1)
+        return inner_fold(*args, **kwargs)
+
     monkeypatch.setattr(vectorized, "fake_quantize", counted)
+    monkeypatch.setattr(vectorized, "fold_fake_quantize_weight", counted_fold)
     _train(prepared, batches, schedule)
     assert calls  # the vectorized ops ran
+    assert bool(folds) == (fake_quant_kernel == "fused_cpu")  # weights folded, observed, quantized in one call
     with fused.unfused_path():
         _train(twin, batches, schedule)
     state, twin_state = prepared.state_dict(), twin.state_dict()

@@ -81,6 +81,14 @@ def _build() -> Any:
     return torch.ops.qat_cpu
 
 
+def _reason(err: Exception) -> str:
+    """One line for a failed build: the compiler's first error where there is one, else the message's last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    detail = errors[0] if errors else lines[-1] if lines else ""
+    return f"{type(err).__name__}: {detail}"
+
+
 def ops() -> Any | None:
     """``torch.ops.qat_cpu`` (``fake_quantize``, ``fake_quantize_backward``), built on first call; ``None`` when
     ``QAT_CPU_KERNEL=aten`` or the build failed under ``auto``."""
@@ -93,7 +101,7 @@ def ops() -> Any | None:
     try:
         _loaded.update(ops=_build(), reason=None)
     except Exception as err:  # noqa: BLE001 - a compiler or ninja missing, or a build error: say which
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        reason = _reason(err)
         if mode == "fused":
             raise QatError(ENV_VAR, f"the fused CPU kernel could not be built ({reason})",
                            "install a C++ compiler (e.g. apt install g++), or set "

@@ -69,3 +69,15 @@ class FakeQuantize(nn.Module):
         if fast is not None:
             return fast
         return fake_quantize(x, self.scale.to(x.device), self.zero_point.to(x.device), self.spec)
+
+
+def fold_and_quantize(quantizer: nn.Module, w: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """``quantizer(w · factor)`` for a weight and a factor per output channel (the batch-norm fold of Jacob eq. 14;
+    ``None``: no fold). For a :class:`FakeQuantize` with a current min/max per-channel observer on the CPU, the
+    multiply, the range, (S, Z) and the fake quantizer are one kernel call
+    (:func:`qat.quant.fused.fold_observe_quantize`); any other quantizer (learned steps, AdaQuant's) is called."""
+    if type(quantizer) is FakeQuantize:
+        fast = fused.fold_observe_quantize(quantizer, w, factor)
+        if fast is not None:
+            return fast
+    return quantizer(w if factor is None else w * factor.reshape(-1, *[1] * (w.dim() - 1)))

@@ -42,7 +42,7 @@ import torch
 
 from qat.compat.torch_private import fake_quantize_cachemask_tensor_qparams, foreach_add_, foreach_mul, foreach_mul_
 from qat.errors import QatError
-from qat.quant import range_sync, vectorized
+from qat.quant import cpu_kernel, range_sync, vectorized
 from qat.quant.observers import CurrentMinMaxObserver, EmaMinMaxObserver, aminmax
 from qat.quant.scheme import QuantSpec
 from qat.quant.state import store_qparams, store_range
@@ -171,6 +171,29 @@ def quantize_observed(fq: FakeQuantize, x: torch.Tensor, observed: bool) -> torc
         if out is not None:
             return out
     return vectorized.fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax, spec.ch_axis)
+
+
+def fold_observe_quantize(fq: FakeQuantize, w: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor | None:
+    """``fq(w · factor)`` (``factor`` per output channel, or None) for a per-output-channel weight quantizer with a
+    current min/max observer, in one call of qat's C++ kernel (:func:`qat.quant.vectorized.fold_fake_quantize_weight`):
+    the same range, (S, Z), output and gradients as the ops it replaces, stored into the same buffers. ``None``
+    where it does not apply (the caller takes the generic path)."""
+    obs, spec = fq.observer, fq.spec
+    if not (ENABLED and type(obs) is CurrentMinMaxObserver and obs.per_channel and spec.per_channel
+            and spec.ch_axis % w.dim() == 0 and obs.ch_axis % w.dim() == 0 and fq.quantizing and fq.observing
+            and (fq.training or fq.observe_in_eval) and vectorized.applies(w) and not range_sync.active()
+            and w.dim() >= 1 and w.shape[0] > 0 and cpu_kernel.ops() is not None):
+        return None
+    if not (w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    if factor is not None and not (factor.dtype == torch.float32 and factor.device == w.device
+                                   and factor.numel() == w.shape[0]):
+        return None
+    out, low, high, scale, zero_point = vectorized.fold_fake_quantize_weight(
+        w, factor, spec.qmin, spec.qmax, spec.symmetric, EPS)
+    store_range(obs, low, high)
+    store_qparams(fq, scale, zero_point)
+    return out
 
 
 def ema_fake_quantize(fq: FakeQuantize, x: torch.Tensor, observe: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import choice_error
-from qat.quant.fake_quant import FakeQuantize
+from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
 
 BN_FOLD_MODES = ("jacob", "whitepaper", "unfolded")
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -110,28 +110,38 @@ class QConvBnAct(IntegerBias, nn.Module):
     def _use_batch_stats(self) -> bool:
         return self.training and not self.bn_frozen
 
-    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias folded with the running statistics (the inference-time fold, Jacob eq. 14)."""
+    def fold_factor_and_bias(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The running-statistics fold (the inference-time fold, Jacob eq. 14): the factor gamma/sigma per output
+        channel that multiplies the weight (``None`` without batch norm) and the folded bias."""
         w = self.conv.weight
         b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
         if self.bn is None:
-            return w, b
+            return None, b
         bn = self.bn
         inv_std = torch.rsqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
-        w_fold = w * (gamma * inv_std).reshape(-1, 1, 1, 1)
-        b_fold = beta + (b - bn.running_mean) * gamma * inv_std
-        return w_fold, b_fold
+        return gamma * inv_std, beta + (b - bn.running_mean) * gamma * inv_std
+
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias folded with the running statistics (Jacob eq. 14)."""
+        factor, b = self.fold_factor_and_bias()
+        w = self.conv.weight
+        return (w if factor is None else w * factor.reshape(-1, 1, 1, 1)), b
+
+    def _quantized_running_fold(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution with the running-statistics fold, weights and bias quantized (frozen BN, no BN)."""
+        factor, b = self.fold_factor_and_bias()
+        w_q = fold_and_quantize(self.weight_fq, self.conv.weight, factor)
+        return self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is None:
-            w, b = self.folded_weight_and_bias()
-            w_q = self.weight_fq(w)
-            y = self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
+            y = self._quantized_running_fold(x)
         elif self.bn_fold == "unfolded":  # batch norm after the quantized conv; frozen: running statistics
             bn, training = self.bn, self._use_batch_stats()
-            y = F.batch_norm(self._conv(x, self.weight_fq(self.conv.weight), self.conv.bias), bn.running_mean,
+            y = F.batch_norm(self._conv(x, fold_and_quantize(self.weight_fq, self.conv.weight), self.conv.bias),
+                             bn.running_mean,
                              bn.running_var, bn.weight, bn.bias, training, self._momentum() if training else 0.0,
                              bn.eps)
         elif self.bn_fold == "jacob":
@@ -158,28 +168,23 @@ class QConvBnAct(IntegerBias, nn.Module):
         bn = self.bn
         assert bn is not None
         if not self._use_batch_stats():
-            w, b = self.folded_weight_and_bias()
-            w_q = self.weight_fq(w)
-            return self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
+            return self._quantized_running_fold(x)
         mean, var = self._batch_moments(self._conv(x, self.conv.weight, self.conv.bias))
         inv_std = torch.rsqrt(var + bn.eps)
         gamma, beta = bn.weight, bn.bias
-        w_fold = self.conv.weight * (gamma * inv_std).reshape(-1, 1, 1, 1)
         conv_bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(mean)
         b_fold = beta + (conv_bias - mean) * gamma * inv_std
-        w_q = self.weight_fq(w_fold)
+        w_q = fold_and_quantize(self.weight_fq, self.conv.weight, gamma * inv_std)
         return self._conv(x, w_q, self.quantized_bias(b_fold, self.weight_fq))
 
     def _forward_whitepaper(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         assert bn is not None
         if not self._use_batch_stats():
-            w, b = self.folded_weight_and_bias()
-            w_q = self.weight_fq(w)
-            return self._conv(x, w_q, self.quantized_bias(b, self.weight_fq))
+            return self._quantized_running_fold(x)
         running_std = torch.sqrt(bn.running_var + bn.eps)
         scale = bn.weight / running_std
-        y = self._conv(x, self.weight_fq(self.conv.weight * scale.reshape(-1, 1, 1, 1)))
+        y = self._conv(x, fold_and_quantize(self.weight_fq, self.conv.weight, scale))
         # y / (gamma / sigma) is the (quantized) unscaled convolution; batch norm with batch statistics on it
         # equals the sigma/sigma_B output correction plus the batch-moment bias of whitepaper Fig. 13.
         y = _DivideByChannel.apply(y, scale.reshape(1, -1, 1, 1))
@@ -211,5 +216,5 @@ class QLinear(IntegerBias, nn.Module):
         return w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_q = self.weight_fq(self.linear.weight)
+        w_q = fold_and_quantize(self.weight_fq, self.linear.weight)
         return F.linear(x, w_q, self.quantized_bias(self.linear.bias, self.weight_fq))

@@ -100,6 +100,43 @@ class _FusedFakeQuantize(torch.autograd.Function):
         return cpu_kernel.ops().fake_quantize_backward(grad, mask), None, None, None, None, None, None
 
 
+class _FoldFakeQuantizeWeight(torch.autograd.Function):
+    """fq(w · factor) per output channel with the range and (S, Z) taken from that very tensor, in one C++ call
+    (:func:`fold_fake_quantize_weight`); the backward is autograd's for ``w · factor`` after the STE mask."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, factor: torch.Tensor | None, qmin: int, qmax: int,
+                symmetric: bool, eps: float) -> tuple[torch.Tensor, ...]:
+        out, mask, low, high, scale, zero_point, clipped = cpu_kernel.ops().fold_fake_quantize_weight(
+            w, factor, qmin, qmax, symmetric, eps)
+        ctx.clipped = clipped > 0
+        ctx.save_for_backward(mask if ctx.clipped else None, w, factor)
+        ctx.mark_non_differentiable(low, high, scale, zero_point)
+        return out, low, high, scale, zero_point
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        mask, w, factor = ctx.saved_tensors
+        need_factor = factor is not None and ctx.needs_input_grad[1]
+        grad_w, prod = cpu_kernel.ops().fold_fake_quantize_weight_backward(
+            grad, mask if mask is not None else grad.new_empty(0, dtype=torch.bool), ctx.clipped, w, factor,
+            need_factor)
+        grad_factor = None
+        if need_factor:  # autograd's sum_to_size of (grad · w) onto factor's broadcast shape (C, 1, ..., 1)
+            grad_factor = prod.sum(tuple(range(1, w.dim())), keepdim=True).reshape(factor.shape)
+        return grad_w, grad_factor, None, None, None, None
+
+
+def fold_fake_quantize_weight(w: torch.Tensor, factor: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool,
+                              eps: float) -> tuple[torch.Tensor, ...]:
+    """``(fq(w'), min, max, S, Z)`` for ``w' = w · factor`` (per output channel; ``factor`` None: ``w`` itself)
+    with (S, Z) per output channel from ``w'``'s own range (a weight quantizer's current min/max observer and
+    :func:`qat.quant.scheme.choose_qparams`): the folded weight of Jacob eq. 14 / whitepaper Fig. 13 observed and
+    fake-quantized (eq. 12) in one pass of qat's C++ kernel, bit for bit the ATen ops' results. Needs the kernel
+    (:func:`qat.quant.cpu_kernel.ops`) and a weight whose output channels are contiguous blocks."""
+    return _FoldFakeQuantizeWeight.apply(w, factor, qmin, qmax, symmetric, eps)
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether these ops reproduce torch's kernels for ``x``: float32 on the CPU (CUDA keeps torch's fused
     kernels, which are vectorized already), in eager mode: under ``torch.compile`` their data-dependent branches
@@ -152,4 +189,5 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
                             bool(zero_point.any()))
 
 
-__all__ = ["applies", "channel_shape", "fake_quantize", "fake_quantize_unclipped", "fake_quantize_without_sync"]
+__all__ = ["applies", "channel_shape", "fake_quantize", "fake_quantize_unclipped", "fake_quantize_without_sync",
+           "fold_fake_quantize_weight"]

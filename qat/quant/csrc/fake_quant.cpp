@@ -12,6 +12,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
 #include <c10/util/irange.h>
@@ -20,6 +21,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
 #include <tuple>
 
 namespace {
@@ -119,15 +123,174 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& mask
   return out;
 }
 
+// Per output channel (axis 0, whose elements lie in one contiguous block of the dense tensor w): the weight
+// folded with `factor` (w * factor[c], as torch multiplies a tensor by a broadcast one; none: w itself), its range
+// (min and max, as torch.aminmax: NaN if any element is NaN), (S, Z) from the range widened to contain 0 (exactly
+// qat.quant.scheme.choose_qparams in float32), and the folded weight fake-quantized on that grid, with the STE
+// mask. Returns (out, mask, min, max, scale, zero_point, clipped): `clipped` counts elements outside the grid
+// (rounding can push a channel's extreme one code out); when it is 0 the mask is all ones.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> fold_fake_quantize_weight(
+    const at::Tensor& w, const std::optional<at::Tensor>& factor_in, int64_t qmin, int64_t qmax, bool symmetric,
+    double eps) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() >= 1 && dense(w),
+              "qat_cpu.fold_fake_quantize_weight: a dense float32 CPU weight");
+  const int64_t channels = w.size(0);
+  const int64_t numel = w.numel();
+  TORCH_CHECK(channels > 0 && w.stride(0) * channels == numel,
+              "qat_cpu.fold_fake_quantize_weight: each output channel must be one contiguous block");
+  const int64_t block = numel / channels;
+  at::Tensor factor;
+  if (factor_in.has_value()) {
+    factor = factor_in->contiguous();
+    TORCH_CHECK(factor.scalar_type() == at::kFloat && factor.numel() == channels,
+                "qat_cpu.fold_fake_quantize_weight: a float32 factor per output channel");
+  }
+  at::Tensor out = at::empty_like(w);
+  at::Tensor mask = at::empty_like(w, w.options().dtype(at::kBool));
+  const auto vec = w.options().dtype(at::kFloat);
+  at::Tensor low = at::empty({channels}, vec), high = at::empty({channels}, vec), scale = at::empty({channels}, vec);
+  at::Tensor zero_point = at::empty({channels}, w.options().dtype(at::kInt));
+  const float* pw = w.const_data_ptr<float>();
+  const float* pf = factor.defined() ? factor.const_data_ptr<float>() : nullptr;
+  float* po = out.mutable_data_ptr<float>();
+  bool* pm = mask.mutable_data_ptr<bool>();
+  float *pl = low.mutable_data_ptr<float>(), *ph = high.mutable_data_ptr<float>(), *ps = scale.mutable_data_ptr<float>();
+  int32_t* pz = zero_point.mutable_data_ptr<int32_t>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax), eps_f = static_cast<float>(eps);
+  std::vector<int64_t> clipped_per_channel(channels, 0);
+  at::parallel_for(0, channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(block, 1)), [&](int64_t begin,
+                                                                                                  int64_t end) {
+    for (const auto c : c10::irange(begin, end)) {
+      const float* src = pw + c * block;
+      float* dst = po + c * block;
+      float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
+      bool nan = false;
+      if (pf != nullptr) {
+        const float f = pf[c];
+        for (int64_t i = 0; i < block; ++i) {
+          const float v = src[i] * f;
+          dst[i] = v;
+          nan |= (v != v);
+          mn = std::min(mn, v);
+          mx = std::max(mx, v);
+        }
+      } else {
+        for (int64_t i = 0; i < block; ++i) {
+          const float v = src[i];
+          dst[i] = v;
+          nan |= (v != v);
+          mn = std::min(mn, v);
+          mx = std::max(mx, v);
+        }
+      }
+      if (nan) {
+        mn = mx = std::numeric_limits<float>::quiet_NaN();
+      }
+      pl[c] = mn;
+      ph[c] = mx;
+      // choose_qparams: widen to contain 0 (clamp propagates NaN), then S and Z
+      const float wlo = std::isnan(mn) ? mn : std::min(mn, 0.0f);
+      const float whi = std::isnan(mx) ? mx : std::max(mx, 0.0f);
+      float s, z;
+      if (symmetric) {
+        const float absmax = (std::isnan(wlo) || std::isnan(whi)) ? std::numeric_limits<float>::quiet_NaN()
+                                                                   : std::max(-wlo, whi);
+        const float raw = absmax / static_cast<float>(static_cast<double>(qmax - qmin) / 2.0);
+        s = std::isnan(raw) ? raw : std::max(raw, eps_f);
+        z = 0.0f;
+      } else {
+        const float raw = (whi - wlo) / static_cast<float>(qmax - qmin);
+        s = std::isnan(raw) ? raw : std::max(raw, eps_f);
+        const float zr = std::nearbyint(lo - wlo / s);
+        z = std::isnan(zr) ? zr : std::min(std::max(zr, lo), hi);
+      }
+      ps[c] = s;
+      pz[c] = static_cast<int32_t>(z);
+      z = static_cast<float>(pz[c]);
+      const float inv = 1.0f / s;
+      bool* m = pm + c * block;
+      int64_t clipped = 0;
+      for (int64_t i = 0; i < block; ++i) {
+        const float q = std::nearbyint(dst[i] * inv) + z;
+        const float cq = std::min(std::max(q, lo), hi);
+        m[i] = (q == cq);
+        clipped += (q != cq);
+        dst[i] = (cq - z) * s;
+      }
+      clipped_per_channel[c] = clipped;
+    }
+  });
+  int64_t clipped = 0;
+  for (const auto n : clipped_per_channel) {
+    clipped += n;
+  }
+  return {out, mask, low, high, scale, zero_point, clipped};
+}
+
+// The backward of fold_fake_quantize_weight: g1 = grad * mask (grad itself when nothing was clipped), then, as
+// autograd differentiates w * factor: grad_w = g1 * factor[c] and prod = g1 * w (whose per-channel sum, taken by
+// the caller with ATen's reduction, is factor's gradient). Without a factor: (g1, undefined).
+std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward(const at::Tensor& grad, const at::Tensor& mask,
+                                                                      bool clipped, const at::Tensor& w,
+                                                                      const std::optional<at::Tensor>& factor_in,
+                                                                      bool need_prod) {
+  const bool same = grad.device().is_cpu() && grad.scalar_type() == at::kFloat && dense(grad) &&
+                    grad.sizes() == w.sizes() && grad.strides() == w.strides() && mask.strides() == w.strides();
+  if (!factor_in.has_value()) {
+    if (!clipped) {
+      return {grad, at::Tensor()};
+    }
+    return {fake_quantize_backward(grad, mask), at::Tensor()};
+  }
+  const at::Tensor factor = factor_in->contiguous();
+  if (!same) {  // ATen ops in autograd's order (same values)
+    const at::Tensor g1 = clipped ? at::mul(grad, mask) : grad;
+    std::vector<int64_t> shape(w.dim(), 1);
+    shape[0] = -1;
+    const at::Tensor f = factor.reshape(shape);
+    return {at::mul(g1, f), need_prod ? at::mul(g1, w) : at::Tensor()};
+  }
+  const int64_t channels = w.size(0), block = w.numel() / channels;
+  at::Tensor grad_w = at::empty_like(w);
+  at::Tensor prod = need_prod ? at::empty_like(w) : at::Tensor();
+  const float* pg = grad.const_data_ptr<float>();
+  const uint8_t* pm = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+  const float* pw = w.const_data_ptr<float>();
+  const float* pf = factor.const_data_ptr<float>();
+  float* pgw = grad_w.mutable_data_ptr<float>();
+  float* pp = need_prod ? prod.mutable_data_ptr<float>() : nullptr;
+  at::parallel_for(0, channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(block, 1)), [&](int64_t begin,
+                                                                                                  int64_t end) {
+    for (const auto c : c10::irange(begin, end)) {
+      const int64_t off = c * block;
+      const float f = pf[c];
+      for (int64_t i = 0; i < block; ++i) {
+        const float g1 = clipped ? pg[off + i] * static_cast<float>(pm[off + i]) : pg[off + i];
+        pgw[off + i] = g1 * f;
+        if (pp != nullptr) {
+          pp[off + i] = g1 * pw[off + i];
+        }
+      }
+    }
+  });
+  return {grad_w, prod};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat_cpu, m) {
   m.def("fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, bool need_mask)"
         " -> (Tensor, Tensor)");
   m.def("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor");
+  m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
+  m.def("fold_fake_quantize_weight_backward(Tensor grad, Tensor mask, bool clipped, Tensor w, Tensor? factor,"
+        " bool need_prod) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize", &fake_quantize);
   m.impl("fake_quantize_backward", &fake_quantize_backward);
+  m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
+  m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward);
 }
