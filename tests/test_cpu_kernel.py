@@ -131,3 +131,35 @@ def test_fold_observe_quantize_equals_the_ops_it_replaces(spec: QuantSpec, case:
     assert torch.equal(out, ref_out) and torch.equal(out.signbit(), ref_out.signbit())
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(state, ref_state, strict=True))
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in float32 units in the last place (same-signed values)."""
+    return (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
+def test_batch_moments_agree_with_var_mean(layout: torch.memory_format) -> None:
+    """Jacob eq. 14's batch moments: within one ulp of torch.var_mean and equal on almost every channel (both
+    accumulate in float64), also for a large mean (two passes: no cancellation); gradients equal autograd's
+    var_mean backward bit for bit."""
+    if cpu_kernel.ops() is None:
+        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    g = torch.Generator().manual_seed(11)
+    equal = total = 0
+    for shape, offset in [((8, 64, 9, 9), 0.0), ((4, 96, 5, 7), 300.0), ((16, 960, 2, 2), -2.0), ((3, 5, 1, 1), 0.5)]:
+        y = (torch.randn(shape, generator=g) * 2 + offset).contiguous(memory_format=layout).requires_grad_()
+        var, mean = vectorized.batch_moments(y)
+        ref_var, ref_mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        assert int(_ulps(var, ref_var).max()) <= 1 and int(_ulps(mean, ref_mean).max()) <= 1
+        equal += int((var == ref_var).sum() + (mean == ref_mean).sum())
+        total += 2 * shape[1]
+        grad_var, grad_mean = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+        got = torch.autograd.grad((var, mean), y, (grad_var, grad_mean), retain_graph=True)[0]
+        expected = torch.autograd.grad((ref_var, ref_mean), y, (grad_var, grad_mean), retain_graph=True)[0]
+        assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+        for ours, theirs, grad in ((var, ref_var, grad_var), (mean, ref_mean, grad_mean)):  # one moment used
+            got = torch.autograd.grad(ours, y, grad, retain_graph=True)[0]
+            expected = torch.autograd.grad(theirs, y, grad, retain_graph=True)[0]
+            assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+    assert equal >= 0.99 * total, (equal, total)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import choice_error
+from qat.quant import vectorized
 from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
 
 BN_FOLD_MODES = ("jacob", "whitepaper", "unfolded")
@@ -156,7 +157,7 @@ class QConvBnAct(IntegerBias, nn.Module):
         assert bn is not None
         if y.dtype in (torch.float16, torch.bfloat16):  # batch moments in float32 under autocast
             y = y.float()
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        var, mean = vectorized.batch_moments(y)
         n = y.numel() / y.shape[1]
         momentum = self._momentum()
         with torch.no_grad():

@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mean.h>
 #include <ATen/ops/mul.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -276,6 +277,138 @@ std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward(const at::
   return {grad_w, prod};
 }
 
+// Batch moments of Jacob eq. 14 for a 4-d float32 tensor in NCHW or NHWC memory: per channel (dim 1) the mean and
+// the biased variance over (N, H, W), as torch.var_mean(y, (0, 2, 3), unbiased=False). Two passes in float64
+// (mean, then the squared deviations from it), each rounded once to float32: torch's Welford reduction also
+// accumulates in float64, so both give the correctly rounded float32 except where the exact value lies within
+// float64 error (~1e-12 relative) of a float32 rounding boundary (tests measure the agreement).
+std::tuple<at::Tensor, at::Tensor> batch_moments(const at::Tensor& y) {
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == at::kFloat && y.dim() == 4,
+              "qat_cpu.batch_moments: a 4-d float32 CPU tensor");
+  const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
+  TORCH_CHECK(nhwc || y.is_contiguous(), "qat_cpu.batch_moments: NCHW or NHWC memory");
+  const int64_t n = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
+  const int64_t count = n * hw;
+  const auto opts = y.options();
+  at::Tensor var = at::empty({channels}, opts), mean = at::empty({channels}, opts);
+  const float* py = y.const_data_ptr<float>();
+  std::vector<double> mean_d(channels, 0.0), m2_d(channels, 0.0);
+  if (count > 0) {
+    const int threads = std::max(1, at::get_num_threads());
+    // pass 1: sums; pass 2: squared deviations. Partial sums per thread-sized block, combined in block order.
+    for (int pass = 0; pass < 2; ++pass) {
+      if (nhwc) {
+        const int64_t rows = count;  // rows of `channels` contiguous values
+        const int64_t blocks = std::min<int64_t>(threads, rows);
+        std::vector<double> partial(blocks * channels, 0.0);
+        at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+          for (const auto b : c10::irange(begin, end)) {
+            double* acc = partial.data() + b * channels;
+            const int64_t r0 = rows * b / blocks, r1 = rows * (b + 1) / blocks;
+            for (int64_t r = r0; r < r1; ++r) {
+              const float* row = py + r * channels;
+              if (pass == 0) {
+                for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<double>(row[c]);
+              } else {
+                for (int64_t c = 0; c < channels; ++c) {
+                  const double d = static_cast<double>(row[c]) - mean_d[c];
+                  acc[c] += d * d;
+                }
+              }
+            }
+          }
+        });
+        std::vector<double>& out = pass == 0 ? mean_d : m2_d;
+        for (int64_t b = 0; b < blocks; ++b)
+          for (int64_t c = 0; c < channels; ++c) out[c] += partial[b * channels + c];
+      } else {
+        at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+          for (const auto c : c10::irange(begin, end)) {
+            double acc = 0.0;
+            for (int64_t i = 0; i < n; ++i) {
+              const float* plane = py + (i * channels + c) * hw;
+              if (pass == 0) {
+                for (int64_t j = 0; j < hw; ++j) acc += static_cast<double>(plane[j]);
+              } else {
+                for (int64_t j = 0; j < hw; ++j) {
+                  const double d = static_cast<double>(plane[j]) - mean_d[c];
+                  acc += d * d;
+                }
+              }
+            }
+            (pass == 0 ? mean_d : m2_d)[c] = acc;
+          }
+        });
+      }
+      if (pass == 0) {
+        for (int64_t c = 0; c < channels; ++c) mean_d[c] /= static_cast<double>(count);
+      }
+    }
+  }
+  float* pv = var.mutable_data_ptr<float>();
+  float* pm = mean.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    pm[c] = count > 0 ? static_cast<float>(mean_d[c]) : std::numeric_limits<float>::quiet_NaN();
+    pv[c] = count > 0 ? static_cast<float>(m2_d[c] / static_cast<double>(count))
+                      : std::numeric_limits<float>::quiet_NaN();
+  }
+  return {var, mean};
+}
+
+// The backward of batch_moments, autograd's var_mean_backward element by element (torch/csrc/autograd/
+// FunctionsManual.cpp, checked against torch 2.14.1): (float(2/n) * grad_var[c]) * (y - mean_y[c]) +
+// grad_mean[c] / n, where mean_y is ATen's own mean of y (as autograd recomputes it), in one pass.
+at::Tensor batch_moments_backward(const std::optional<at::Tensor>& grad_var, const std::optional<at::Tensor>& grad_mean,
+                                  const at::Tensor& y) {
+  const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
+  const int64_t n = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
+  const int64_t count = n * hw;
+  const at::Tensor mean_y = y.mean({0, 2, 3}).contiguous();
+  const float two_over_n = static_cast<float>(2.0 / static_cast<double>(count));
+  const float n_f = static_cast<float>(count);
+  // an absent gradient drops its term (autograd adds nothing, so a -0 product stays -0)
+  const bool has_var = grad_var.has_value(), has_mean = grad_mean.has_value();
+  TORCH_CHECK(has_var || has_mean, "qat_cpu.batch_moments_backward: no gradient");
+  std::vector<float> coef(channels, 0.0f), shift(channels, 0.0f);
+  const at::Tensor gv = has_var ? grad_var->contiguous() : at::Tensor();
+  const at::Tensor gm = has_mean ? grad_mean->contiguous() : at::Tensor();
+  for (int64_t c = 0; c < channels; ++c) {
+    if (has_var) coef[c] = two_over_n * gv.const_data_ptr<float>()[c];
+    if (has_mean) shift[c] = gm.const_data_ptr<float>()[c] / n_f;
+  }
+  const auto value = [&](float v, int64_t c, float m) {
+    if (!has_var) return shift[c];
+    const float t = coef[c] * (v - m);
+    return has_mean ? t + shift[c] : t;
+  };
+  const float* pmy = mean_y.const_data_ptr<float>();
+  at::Tensor out = at::empty_like(y);
+  const float* py = y.const_data_ptr<float>();
+  float* po = out.mutable_data_ptr<float>();
+  if (nhwc) {
+    at::parallel_for(0, count, std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* row = py + r * channels;
+        float* dst = po + r * channels;
+        for (int64_t c = 0; c < channels; ++c) dst[c] = value(row[c], c, pmy[c]);
+      }
+    });
+  } else {
+    at::parallel_for(0, n * channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(hw, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % channels;
+        const float* plane = py + p * hw;
+        float* dst = po + p * hw;
+        const float m = pmy[c];
+        for (int64_t j = 0; j < hw; ++j) dst[j] = value(plane[j], c, m);
+      }
+    });
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat_cpu, m) {
@@ -284,6 +417,8 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor");
   m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
+  m.def("batch_moments(Tensor y) -> (Tensor, Tensor)");
+  m.def("batch_moments_backward(Tensor? grad_var, Tensor? grad_mean, Tensor y) -> Tensor");
   m.def("fold_fake_quantize_weight_backward(Tensor grad, Tensor mask, bool clipped, Tensor w, Tensor? factor,"
         " bool need_prod) -> (Tensor, Tensor)");
 }
@@ -292,5 +427,7 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize", &fake_quantize);
   m.impl("fake_quantize_backward", &fake_quantize_backward);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
+  m.impl("batch_moments", &batch_moments);
+  m.impl("batch_moments_backward", &batch_moments_backward);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward);
 }
