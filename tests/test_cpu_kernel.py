@@ -12,6 +12,7 @@ import torch
 from qat.errors import QatError
 from qat.quant import cpu_kernel, fused, vectorized
 from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
+from qat.quant.modules import _DivideByChannel
 from qat.quant.observers import CurrentMinMaxObserver
 from qat.quant.scheme import QuantSpec
 
@@ -163,3 +164,27 @@ def test_batch_moments_agree_with_var_mean(layout: torch.memory_format) -> None:
             expected = torch.autograd.grad(theirs, y, grad, retain_graph=True)[0]
             assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
     assert equal >= 0.99 * total, (equal, total)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("grad_layout", ["same", "other"])
+def test_whitepaper_divide_by_channel_equals_aten(layout: torch.memory_format, grad_layout: str) -> None:
+    """The whitepaper correction y / s (Fig. 13) in the kernel equals the ATen ops, output and both gradients."""
+    if cpu_kernel.ops() is None:
+        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    g = torch.Generator().manual_seed(13)
+    y = torch.randn(4, 24, 5, 6, generator=g).contiguous(memory_format=layout)
+    y[0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1e-38])
+    s = (torch.rand(1, 24, 1, 1, generator=g) + 0.1) * torch.where(torch.arange(24) % 3 == 0, -1.0, 1.0).reshape(
+        1, 24, 1, 1)
+    grad = torch.randn(4, 24, 5, 6, generator=g)
+    other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+    grad = grad.contiguous(memory_format=layout if grad_layout == "same" else other)
+    results = []
+    for context in (nullcontext(), cpu_kernel.aten_path()):
+        with context:
+            yy, ss = y.clone().requires_grad_(), s.clone().requires_grad_()
+            out = _DivideByChannel.apply(yy, ss)
+            results.append((out, *torch.autograd.grad(out, (yy, ss), grad)))
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs) and torch.equal(ours.signbit(), theirs.signbit())

@@ -162,6 +162,15 @@ def batch_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
 
 
+def per_channel_kernel(y: torch.Tensor, s: torch.Tensor) -> Any | None:
+    """qat's kernel ops for a per-channel operation on ``y`` with ``s`` (shape (1, C, 1, 1)), or ``None`` when
+    they do not apply (no kernel, not a float32 NCHW/NHWC CPU tensor, compiling)."""
+    if not (applies(y) and y.dim() == 4 and s.dtype == torch.float32 and s.device == y.device
+            and s.numel() == y.shape[1] and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    return cpu_kernel.ops()
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether these ops reproduce torch's kernels for ``x``: float32 on the CPU (CUDA keeps torch's fused
     kernels, which are vectorized already), in eager mode: under ``torch.compile`` their data-dependent branches
@@ -215,4 +224,4 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
 
 
 __all__ = ["applies", "batch_moments", "channel_shape", "fake_quantize", "fake_quantize_unclipped",
-           "fake_quantize_without_sync", "fold_fake_quantize_weight"]
+           "fake_quantize_without_sync", "fold_fake_quantize_weight", "per_channel_kernel"]

@@ -12,6 +12,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mean.h>
@@ -409,6 +410,95 @@ at::Tensor batch_moments_backward(const std::optional<at::Tensor>& grad_var, con
   return out;
 }
 
+// y / s for a per-channel s (dim 1) on a 4-d NCHW or NHWC float32 tensor, and its backward: grad / s and
+// (y / s / s) * grad, whose per-channel sum (taken by the caller with ATen, negated) is s's gradient. Division
+// and multiplication round once per element, so the values equal ATen's broadcast ops exactly.
+// Calls f(offset, length, s, s_step) over the tensor in runs: in NHWC a row of all channels (s advances with the
+// element, s_step 1), in NCHW a plane of one channel (s fixed, s_step 0); simple loops the compiler vectorizes.
+template <typename F>
+void per_channel_runs(const at::Tensor& like, const float* s, const F& f) {
+  const bool nhwc = like.is_contiguous(at::MemoryFormat::ChannelsLast) && !like.is_contiguous();
+  const int64_t n = like.size(0), channels = like.size(1), hw = like.size(2) * like.size(3);
+  const int64_t run = nhwc ? channels : hw, runs = nhwc ? n * hw : n * channels;
+  at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / std::max<int64_t>(run, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (nhwc) {
+        f(r * run, run, s, 1);
+      } else {
+        f(r * run, run, s + r % channels, 0);
+      }
+    }
+  });
+}
+
+bool nchw_or_nhwc(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 &&
+         (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor divide_by_channel(const at::Tensor& y, const at::Tensor& s_in) {
+  TORCH_CHECK(nchw_or_nhwc(y), "qat_cpu.divide_by_channel: a 4-d NCHW or NHWC float32 CPU tensor");
+  const at::Tensor s = s_in.contiguous();
+  const int64_t channels = y.size(1);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == channels, "qat_cpu.divide_by_channel: float32 s per channel");
+  at::Tensor out = at::empty_like(y);
+  const float* py = y.const_data_ptr<float>();
+  const float* ps = s.const_data_ptr<float>();
+  float* po = out.mutable_data_ptr<float>();
+  per_channel_runs(y, ps, [&](int64_t off, int64_t len, const float* sc, int64_t step) {
+    if (step == 1) {
+      for (int64_t i = 0; i < len; ++i) po[off + i] = py[off + i] / sc[i];
+    } else {
+      const float v = sc[0];
+      for (int64_t i = 0; i < len; ++i) po[off + i] = py[off + i] / v;
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> divide_by_channel_backward(const at::Tensor& grad, const at::Tensor& out,
+                                                              const at::Tensor& s_in, bool need_y, bool need_s) {
+  const at::Tensor s = s_in.contiguous();
+  const int64_t channels = out.size(1);
+  const float* ps = s.const_data_ptr<float>();
+  if (!(nchw_or_nhwc(grad) && grad.strides() == out.strides())) {  // ATen's ops (same values)
+    std::vector<int64_t> shape{1, channels, 1, 1};
+    const at::Tensor sb = s.reshape(shape);
+    return {need_y ? at::div(grad, sb) : at::Tensor(), need_s ? at::mul(at::div(out, sb), grad) : at::Tensor()};
+  }
+  at::Tensor grad_y = need_y ? at::empty_like(out) : at::Tensor();
+  at::Tensor prod = need_s ? at::empty_like(out) : at::Tensor();
+  const float* pg = grad.const_data_ptr<float>();
+  const float* po = out.const_data_ptr<float>();
+  float* pgy = need_y ? grad_y.mutable_data_ptr<float>() : nullptr;
+  float* pp = need_s ? prod.mutable_data_ptr<float>() : nullptr;
+  per_channel_runs(out, ps, [&](int64_t off, int64_t len, const float* sc, int64_t step) {
+    const float* g = pg + off;
+    const float* o = po + off;
+    if (step == 1) {
+      if (pgy != nullptr) {
+        float* gy = pgy + off;
+        for (int64_t i = 0; i < len; ++i) gy[i] = g[i] / sc[i];
+      }
+      if (pp != nullptr) {
+        float* p = pp + off;
+        for (int64_t i = 0; i < len; ++i) p[i] = (o[i] / sc[i]) * g[i];
+      }
+    } else {
+      const float v = sc[0];
+      if (pgy != nullptr) {
+        float* gy = pgy + off;
+        for (int64_t i = 0; i < len; ++i) gy[i] = g[i] / v;
+      }
+      if (pp != nullptr) {
+        float* p = pp + off;
+        for (int64_t i = 0; i < len; ++i) p[i] = (o[i] / v) * g[i];
+      }
+    }
+  });
+  return {grad_y, prod};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat_cpu, m) {
@@ -418,6 +508,8 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
   m.def("batch_moments(Tensor y) -> (Tensor, Tensor)");
+  m.def("divide_by_channel(Tensor y, Tensor s) -> Tensor");
+  m.def("divide_by_channel_backward(Tensor grad, Tensor out, Tensor s, bool need_y, bool need_s) -> (Tensor, Tensor)");
   m.def("batch_moments_backward(Tensor? grad_var, Tensor? grad_mean, Tensor y) -> Tensor");
   m.def("fold_fake_quantize_weight_backward(Tensor grad, Tensor mask, bool clipped, Tensor w, Tensor? factor,"
         " bool need_prod) -> (Tensor, Tensor)");
@@ -428,6 +520,8 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize_backward", &fake_quantize_backward);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
   m.impl("batch_moments", &batch_moments);
+  m.impl("divide_by_channel", &divide_by_channel);
+  m.impl("divide_by_channel_backward", &divide_by_channel_backward);
   m.impl("batch_moments_backward", &batch_moments_backward);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward);
 }
