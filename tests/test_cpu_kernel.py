@@ -12,8 +12,8 @@ import torch
 from qat.errors import QatError
 from qat.quant import cpu_kernel, fused, vectorized
 from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
-from qat.quant.modules import _DivideByChannel
-from qat.quant.observers import CurrentMinMaxObserver
+from qat.quant.modules import QLinear, _DivideByChannel
+from qat.quant.observers import CurrentMinMaxObserver, EmaMinMaxObserver
 from qat.quant.scheme import QuantSpec
 
 
@@ -188,3 +188,30 @@ def test_whitepaper_divide_by_channel_equals_aten(layout: torch.memory_format, g
             results.append((out, *torch.autograd.grad(out, (yy, ss), grad)))
     for ours, theirs in zip(*results, strict=True):
         assert torch.equal(ours, theirs) and torch.equal(ours.signbit(), theirs.signbit())
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_integer_bias_equals_aten(per_channel: bool) -> None:
+    """The simulated int32 bias (Jacob §2.4) by the kernel equals the float64 ATen ops: ties, clamped values."""
+    if cpu_kernel.ops() is None:
+        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    channels = 9
+    spec = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, per_channel=per_channel)
+    weight_fq = FakeQuantize(spec, CurrentMinMaxObserver(per_channel=per_channel))
+    weight_fq(torch.linspace(-1, 1, channels * 4).reshape(channels, 4))  # initialises range and scale
+    input_fq = FakeQuantize(QuantSpec(), EmaMinMaxObserver())
+    input_fq(torch.linspace(-0.3, 5.0, 50))
+    layer = QLinear(torch.nn.Linear(4, channels), weight_fq)
+    layer.bind_input_quantizer(input_fq)
+    step = (input_fq.scale.double() * weight_fq.scale.double()).float()
+    step = step.expand(channels) if step.numel() == 1 else step
+    bias = torch.tensor([0.0, -0.0, 2.5, -3.5, 1e30, -1e30, 0.1, 7.0, -2.2]) * step  # ties, beyond int32
+    results = []
+    for context in (nullcontext(), cpu_kernel.aten_path()):
+        with context:
+            b = bias.clone().requires_grad_()
+            out = layer.quantized_bias(b, weight_fq)
+            results.append((out, torch.autograd.grad(out, b, torch.arange(channels, dtype=torch.float32))[0]))
+    (out, grad), (ref_out, ref_grad) = results
+    assert torch.equal(out, ref_out) and torch.equal(out.signbit(), ref_out.signbit()) and torch.equal(grad, ref_grad)
+    assert not torch.equal(out, bias)  # something was rounded

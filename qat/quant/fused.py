@@ -199,6 +199,13 @@ def fold_observe_quantize(fq: FakeQuantize, w: torch.Tensor, factor: torch.Tenso
 def ema_fake_quantize(fq: FakeQuantize, x: torch.Tensor, observe: bool) -> torch.Tensor:
     """The body of FakeQuantize.forward for a float32 ``x`` when :func:`applies` holds."""
     obs = fq.observer
+    if (observe and fq.quantizing and x.numel() > 0 and vectorized.applies(x) and not range_sync.active()
+            and cpu_kernel.ops() is not None):  # all of it in one call of qat's kernel, the same numbers
+        out, low, high, scale, zero_point = vectorized.ema_fake_quantize(
+            x, obs.min_val, obs.max_val, obs.decay, fq.spec.qmin, fq.spec.qmax, fq.spec.symmetric, EPS)
+        store_range(obs, low, high)
+        store_qparams(fq, scale, zero_point)
+        return out
     if observe:
         ema_update(obs, x)
         store_qparams(fq, *qparams(obs.min_val, obs.max_val, fq.spec))

@@ -47,10 +47,26 @@ class IntegerBias:
         spec = weight_fq.spec
         if spec.per_channel and spec.ch_axis % self.weight_ndim != 0:
             return bias  # per-input-channel weight grids (weight_ch_axis != 0) have no integer bias
+        kernel = vectorized.integer_bias_kernel(bias, fq.scale, weight_fq.scale)
+        if kernel is not None:  # the ops below in one call, the gradient the identity as theirs
+            return _IntegerBias.apply(bias, fq.scale, weight_fq.scale, kernel)
         # float64 like the conversion (qat.intmodel.convert), so both round the same ties
         scale = fq.scale.to(bias.device).double().reshape(()) * weight_fq.scale.to(bias.device).double().reshape(-1)
         rounded = torch.round(bias.double() / scale).clamp(-(2**31), 2**31 - 1) * scale
         return bias + (rounded.to(bias.dtype) - bias).detach()
+
+
+class _IntegerBias(torch.autograd.Function):
+    """:meth:`IntegerBias.quantized_bias` by qat's kernel (``qat_cpu.integer_bias``): straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                kernel: Any) -> torch.Tensor:
+        return kernel.integer_bias(bias, input_scale, weight_scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return grad, None, None, None
 
 
 class _DivideByChannel(torch.autograd.Function):

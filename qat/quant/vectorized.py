@@ -171,6 +171,42 @@ def per_channel_kernel(y: torch.Tensor, s: torch.Tensor) -> Any | None:
     return cpu_kernel.ops()
 
 
+class _EmaFakeQuantize(torch.autograd.Function):
+    """:func:`ema_fake_quantize`: the new state is returned without gradient; the backward is ``grad · mask``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, running_min: torch.Tensor, running_max: torch.Tensor, first: bool,
+                decay: float, qmin: int, qmax: int, symmetric: bool, eps: float) -> tuple[torch.Tensor, ...]:
+        out, mask, low, high, scale, zero_point = cpu_kernel.ops().ema_fake_quantize(
+            x, running_min, running_max, first, decay, 1 - decay, qmin, qmax, symmetric, eps)
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(low, high, scale, zero_point)
+        return out, low, high, scale, zero_point
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        (mask,) = ctx.saved_tensors
+        return (cpu_kernel.ops().fake_quantize_backward(grad, mask),) + (None,) * 8
+
+
+def ema_fake_quantize(x: torch.Tensor, running_min: torch.Tensor, running_max: torch.Tensor, decay: float,
+                      qmin: int, qmax: int, symmetric: bool, eps: float) -> tuple[torch.Tensor, ...]:
+    """``(fq(x), min, max, S, Z)``: a per-tensor EMA activation quantizer's training step (Jacob §3.1: the range
+    m <- decay·m + (1 - decay)·batch, the first batch (empty ``running_min``) setting it; (S, Z) from it; eq. 12)
+    in one call of qat's C++ kernel, with the float32 arithmetic of :mod:`qat.quant.fused`."""
+    first = running_min.numel() == 0
+    return _EmaFakeQuantize.apply(x, running_min, running_max, first, decay, qmin, qmax, symmetric, eps)
+
+
+def integer_bias_kernel(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> Any | None:
+    """qat's kernel ops for the simulated int32 bias (Jacob §2.4) of a float32 CPU bias vector, or ``None``."""
+    if not (applies(bias) and bias.dim() == 1 and input_scale.numel() == 1
+            and weight_scale.numel() in (1, bias.numel())
+            and all(t.dtype == torch.float32 and t.device == bias.device for t in (input_scale, weight_scale))):
+        return None
+    return cpu_kernel.ops()
+
+
 def applies(x: torch.Tensor) -> bool:
     """Whether these ops reproduce torch's kernels for ``x``: float32 on the CPU (CUDA keeps torch's fused
     kernels, which are vectorized already), in eager mode: under ``torch.compile`` their data-dependent branches
@@ -223,5 +259,5 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
                             bool(zero_point.any()))
 
 
-__all__ = ["applies", "batch_moments", "channel_shape", "fake_quantize", "fake_quantize_unclipped",
-           "fake_quantize_without_sync", "fold_fake_quantize_weight", "per_channel_kernel"]
+__all__ = ["applies", "batch_moments", "channel_shape", "ema_fake_quantize", "fake_quantize", "fake_quantize_unclipped",
+           "fake_quantize_without_sync", "fold_fake_quantize_weight", "integer_bias_kernel", "per_channel_kernel"]

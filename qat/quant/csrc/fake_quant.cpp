@@ -499,6 +499,122 @@ std::tuple<at::Tensor, at::Tensor> divide_by_channel_backward(const at::Tensor& 
   return {grad_y, prod};
 }
 
+// The int32 bias of the integer model (Jacob §2.4), simulated: per channel, in float64 as the conversion does,
+// S_b = S_in * S_w[c], r = clamp(nearbyint(b / S_b), -2^31, 2^31 - 1) * S_b, then b + (float32(r) - b) (the
+// straight-through form whose gradient is the identity), as the ATen ops of IntegerBias.quantized_bias.
+at::Tensor integer_bias(const at::Tensor& bias_in, const at::Tensor& input_scale, const at::Tensor& weight_scale) {
+  TORCH_CHECK(bias_in.device().is_cpu() && bias_in.scalar_type() == at::kFloat && bias_in.dim() == 1,
+              "qat_cpu.integer_bias: a float32 CPU bias vector");
+  TORCH_CHECK(input_scale.numel() == 1 && input_scale.scalar_type() == at::kFloat &&
+                  weight_scale.scalar_type() == at::kFloat &&
+                  (weight_scale.numel() == 1 || weight_scale.numel() == bias_in.numel()),
+              "qat_cpu.integer_bias: float32 scales (input: one; weights: one or one per channel)");
+  const at::Tensor bias = bias_in.contiguous(), ws = weight_scale.contiguous();
+  at::Tensor out = at::empty_like(bias);
+  const double s_in = static_cast<double>(input_scale.contiguous().const_data_ptr<float>()[0]);
+  const float* pb = bias.const_data_ptr<float>();
+  const float* pw = ws.const_data_ptr<float>();
+  float* po = out.mutable_data_ptr<float>();
+  const int64_t step = ws.numel() == 1 ? 0 : 1;
+  for (int64_t c = 0; c < bias.numel(); ++c) {
+    const double scale = s_in * static_cast<double>(pw[c * step]);
+    double q = std::nearbyint(static_cast<double>(pb[c]) / scale);
+    if (!std::isnan(q)) {
+      q = std::min(std::max(q, -2147483648.0), 2147483647.0);
+    }
+    const float rounded = static_cast<float>(q * scale);
+    po[c] = pb[c] + (rounded - pb[c]);
+  }
+  return out;
+}
+
+// A per-tensor EMA activation quantizer's training step in one call (Jacob §3.1, eq. 12): the batch range
+// (min, max of x, NaN if any element is NaN), the running range m <- m·decay + batch·(1 - decay) in float32 as
+// torch's foreach ops compute it (the first batch sets it), (S, Z) from the running range widened to contain 0
+// (qat.quant.fused.qparams: symmetric S = max(-m, M, 0) / ((qmax - qmin) / 2), asymmetric S = (M - m) /
+// (qmax - qmin) and Z = clamp(round(qmin - m / S))), S at least eps, then x fake-quantized with the STE mask.
+// Returns (out, mask, min, max, scale, zero_point), the last four 0-d like the buffers they replace.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ema_fake_quantize(
+    const at::Tensor& x_in, const at::Tensor& running_min, const at::Tensor& running_max, bool first, double decay,
+    double one_minus_decay, int64_t qmin, int64_t qmax, bool symmetric, double eps) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "qat_cpu.ema_fake_quantize: float32 CPU x");
+  const at::Tensor x = dense(x_in) ? x_in : x_in.contiguous();
+  const int64_t numel = x.numel();
+  TORCH_CHECK(numel > 0, "qat_cpu.ema_fake_quantize: an empty tensor has no range");
+  const float* px = x.const_data_ptr<float>();
+  // batch range: per-chunk partial results combined in chunk order (min and max are exact in any order)
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), numel / kGrain + 1));
+  std::vector<float> mins(chunks, std::numeric_limits<float>::infinity());
+  std::vector<float> maxs(chunks, -std::numeric_limits<float>::infinity());
+  std::vector<uint8_t> nans(chunks, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t i0 = numel * k / chunks, i1 = numel * (k + 1) / chunks;
+      float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
+      bool nan = false;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float v = px[i];
+        nan |= (v != v);
+        mn = std::min(mn, v);
+        mx = std::max(mx, v);
+      }
+      mins[k] = mn;
+      maxs[k] = mx;
+      nans[k] = nan;
+    }
+  });
+  float low = std::numeric_limits<float>::infinity(), high = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int64_t k = 0; k < chunks; ++k) {
+    low = std::min(low, mins[k]);
+    high = std::max(high, maxs[k]);
+    nan |= nans[k] != 0;
+  }
+  if (nan) {
+    low = high = std::numeric_limits<float>::quiet_NaN();
+  }
+  if (!first) {
+    TORCH_CHECK(running_min.numel() == 1 && running_max.numel() == 1, "qat_cpu.ema_fake_quantize: 0-d ranges");
+    const float d = static_cast<float>(decay), c = static_cast<float>(one_minus_decay);
+    const float old_low = running_min.contiguous().const_data_ptr<float>()[0];
+    const float old_high = running_max.contiguous().const_data_ptr<float>()[0];
+    low = old_low * d + low * c;
+    high = old_high * d + high * c;
+  }
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax), eps_f = static_cast<float>(eps);
+  const auto clamp_nan = [](float v, float a, float b) { return std::isnan(v) ? v : std::min(std::max(v, a), b); };
+  float s, z;
+  if (symmetric) {
+    const float absmax = std::isnan(low) || std::isnan(high) ? std::numeric_limits<float>::quiet_NaN()
+                                                             : std::max(std::max(-low, high), 0.0f);
+    const float raw = absmax / static_cast<float>(static_cast<double>(qmax - qmin) / 2.0);
+    s = std::isnan(raw) ? raw : std::max(raw, eps_f);
+    z = 0.0f;
+  } else {
+    const float wlo = std::isnan(low) ? low : std::min(low, 0.0f);
+    const float whi = std::isnan(high) ? high : std::max(high, 0.0f);
+    const float raw = (whi - wlo) / static_cast<float>(qmax - qmin);
+    s = std::isnan(raw) ? raw : std::max(raw, eps_f);
+    z = clamp_nan(std::nearbyint(lo + (-wlo) / s), lo, hi);
+  }
+  const auto opts = x.options();
+  at::Tensor new_min = at::empty({}, opts), new_max = at::empty({}, opts), scale = at::empty({}, opts);
+  at::Tensor zero_point = at::empty({}, opts.dtype(at::kInt));
+  new_min.mutable_data_ptr<float>()[0] = low;
+  new_max.mutable_data_ptr<float>()[0] = high;
+  scale.mutable_data_ptr<float>()[0] = s;
+  zero_point.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(z);
+  const float zf = static_cast<float>(static_cast<int32_t>(z)), inv = 1.0f / s;
+  at::Tensor out = at::empty_like(x);
+  at::Tensor mask = at::empty_like(x, opts.dtype(at::kBool));
+  float* po = out.mutable_data_ptr<float>();
+  bool* pm = mask.mutable_data_ptr<bool>();
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    quantize_run(px + begin, po + begin, pm + begin, end - begin, inv, zf, s, lo, hi);
+  });
+  return {out, mask, new_min, new_max, scale, zero_point};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat_cpu, m) {
@@ -508,6 +624,10 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
   m.def("batch_moments(Tensor y) -> (Tensor, Tensor)");
+  m.def("ema_fake_quantize(Tensor x, Tensor running_min, Tensor running_max, bool first, float decay,"
+        " float one_minus_decay, int qmin, int qmax, bool symmetric, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("integer_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor");
   m.def("divide_by_channel(Tensor y, Tensor s) -> Tensor");
   m.def("divide_by_channel_backward(Tensor grad, Tensor out, Tensor s, bool need_y, bool need_s) -> (Tensor, Tensor)");
   m.def("batch_moments_backward(Tensor? grad_var, Tensor? grad_mean, Tensor y) -> Tensor");
@@ -520,6 +640,8 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize_backward", &fake_quantize_backward);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
   m.impl("batch_moments", &batch_moments);
+  m.impl("ema_fake_quantize", &ema_fake_quantize);
+  m.impl("integer_bias", &integer_bias);
   m.impl("divide_by_channel", &divide_by_channel);
   m.impl("divide_by_channel_backward", &divide_by_channel_backward);
   m.impl("batch_moments_backward", &batch_moments_backward);
