@@ -85,7 +85,7 @@ def test_app_under_torchrun_writes_one_record(bn_fold: str | None, tmp_path: Pat
     # the default recipe at 16 images per process (issue 21): EMA activation ranges, combined across the ranks at
     # every step (qat.quant.range_sync), batch norm folded with the float model's running statistics from the first
     # step. With batch statistics instead (schedule.bn_freeze_step=null) this diverged within 3 QAT steps.
-    fold = [f"quant.bn_fold={bn_fold}"] if bn_fold else []  # None: the preset's own (Jacob eq. 14)
+    fold = [f"quant.bn_fold={bn_fold}"] if bn_fold else []  # None: the preset's own (whitepaper §3.2.2)
     result = _torchrun([str(ROOT / "experiments" / "run.py"), *overrides(TINY_CLASSIFICATION), "quant=w8a8", *fold,
                         f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -93,7 +93,7 @@ def test_app_under_torchrun_writes_one_record(bn_fold: str | None, tmp_path: Pat
     assert record["quant"]["precision"] == "int8" and record["accuracy"]["int_top1"] >= 0
     assert record["fidelity"]["sim_vs_int_top1_agreement"] >= 90.0
     assert "[ddp] rank 0/2" in result.stderr + result.stdout
-    assert record["quant"]["bn_fold"] == (bn_fold or "jacob")
+    assert record["quant"]["bn_fold"] == (bn_fold or "whitepaper")
 
 
 DETECT_TINY = overrides(TINY_DETECTION, {"data.batch_size": 4, "data.eval_batch_size": 8,

@@ -35,7 +35,7 @@ def test_tiny_int8_run_writes_record_and_integer_model(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "record.json").read_text())
     assert record["schema"] == "qat.record/1" and record["quant"]["precision"] == "int8"
-    assert record["quant"]["bn_fold"] == "jacob"  # read back from the folded conv modules
+    assert record["quant"]["bn_fold"] == "whitepaper"  # read back from the folded conv modules
     assert record["training"] == {"device": "cpu", "world_size": 1, "batch_size_per_process": 16, "autocast": "none",
                                   "memory_format": "channels_last", "checkpoint_every_steps": 0, "compiled": False,
                                   "compile_mode": None, **cpu_kernel.describe()}  # fused_cpu where it builds

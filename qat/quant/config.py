@@ -39,7 +39,7 @@ class QuantConfig:
     weight_observer: str = "current"
     ema_decay: float = 0.99
     percentile: float = 99.99
-    bn_fold: str = "jacob"
+    bn_fold: str = "whitepaper"  # the presets' default (configs/quant/w8a8.yaml says why)
     step_lr_scale: float = 1.0  # learning-rate multiplier of learned step sizes (lsq/lsq_plus), no weight decay
     step_init: str = "minmax"  # initial learned step sizes: minmax | mse (LSQ+ §3.3) | lsq (Esser: 2·mean|v|/sqrt(Q_P))
     weight_step_init: str | None = None  # the weights' own (None: step_init); activations take step_init
