@@ -21,6 +21,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -47,6 +50,40 @@ inline void quantize_run(const float* x, float* out, bool* mask, int64_t n, floa
       const float q = std::nearbyint(x[i] * inv) + z;
       out[i] = (std::min(std::max(q, lo), hi) - z) * s;
     }
+  }
+}
+
+// min, max and whether any NaN, over n floats. Float min/max reductions are not vectorized by the compiler
+// (they are not associative under NaN and signed zeros), so with AVX2 eight lanes are reduced by hand: min and
+// max are exact in any order, NaN is tracked on its own, and a zero's sign does not reach S or Z.
+inline void range_of(const float* p, int64_t n, float& mn, float& mx, bool& nan) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  if (n >= 8) {
+    __m256 vmin = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 vnan = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(p + i);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vmin = _mm256_min_ps(vmin, v);
+      vmax = _mm256_max_ps(vmax, v);
+    }
+    alignas(32) float lmin[8], lmax[8];
+    _mm256_store_ps(lmin, vmin);
+    _mm256_store_ps(lmax, vmax);
+    for (int k = 0; k < 8; ++k) {
+      mn = std::min(mn, lmin[k]);
+      mx = std::max(mx, lmax[k]);
+    }
+    nan |= _mm256_movemask_ps(vnan) != 0;
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = p[i];
+    nan |= (v != v);
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
   }
 }
 
@@ -169,22 +206,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       bool nan = false;
       if (pf != nullptr) {
         const float f = pf[c];
-        for (int64_t i = 0; i < block; ++i) {
-          const float v = src[i] * f;
-          dst[i] = v;
-          nan |= (v != v);
-          mn = std::min(mn, v);
-          mx = std::max(mx, v);
-        }
+        for (int64_t i = 0; i < block; ++i) dst[i] = src[i] * f;
       } else {
-        for (int64_t i = 0; i < block; ++i) {
-          const float v = src[i];
-          dst[i] = v;
-          nan |= (v != v);
-          mn = std::min(mn, v);
-          mx = std::max(mx, v);
-        }
+        std::copy(src, src + block, dst);
       }
+      range_of(dst, block, mn, mx, nan);
       if (nan) {
         mn = mx = std::numeric_limits<float>::quiet_NaN();
       }
@@ -552,12 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t i0 = numel * k / chunks, i1 = numel * (k + 1) / chunks;
       float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
       bool nan = false;
-      for (int64_t i = i0; i < i1; ++i) {
-        const float v = px[i];
-        nan |= (v != v);
-        mn = std::min(mn, v);
-        mx = std::max(mx, v);
-      }
+      range_of(px + i0, i1 - i0, mn, mx, nan);
       mins[k] = mn;
       maxs[k] = mx;
       nans[k] = nan;
