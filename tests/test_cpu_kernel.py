@@ -215,3 +215,47 @@ def test_integer_bias_equals_aten(per_channel: bool) -> None:
     (out, grad), (ref_out, ref_grad) = results
     assert torch.equal(out, ref_out) and torch.equal(out.signbit(), ref_out.signbit()) and torch.equal(grad, ref_grad)
     assert not torch.equal(out, bias)  # something was rounded
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_activation_handoff_gradients(activation: str) -> None:
+    """A ReLU/ReLU6 output handed to its activation quantizer: that quantizer's kernel applies the activation's
+    gradient mask with its own (boundaries 0 and 6, NaN, clipped codes, a gradient in another layout), bit for bit
+    the two separate backward passes; a handed-off output that never reaches the quantizer (a layer run alone, as
+    AdaQuant does) still gets the activation's own gradient."""
+    if cpu_kernel.ops() is None:
+        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    g = torch.Generator().manual_seed(17)
+    y0 = (torch.randn(4, 8, 5, 5, generator=g) * 4).contiguous(memory_format=torch.channels_last)
+    y0[0, 0, 0, :5] = torch.tensor([0.0, -0.0, 6.0, float("nan"), 1e9])
+    reference = getattr(torch.nn.functional, activation)
+    fq = FakeQuantize(QuantSpec(), EmaMinMaxObserver()).train()
+    fq(torch.linspace(-1.0, 3.0, 16))  # a running range narrower than the batch: codes clip at both ends
+    twin = copy.deepcopy(fq)
+    for grad in (torch.randn(y0.shape, generator=g), torch.randn(y0.shape, generator=g).contiguous()):
+        y, y_ref = y0.clone().requires_grad_(), y0.clone().requires_grad_()
+        handed = vectorized.hand_off_activation(y, activation)
+        assert handed is not None
+        out, expected = fq(handed), twin(reference(y_ref))
+        assert torch.equal(out, expected) or torch.equal(out.nan_to_num(), expected.nan_to_num())
+        got, want = torch.autograd.grad(out, y, grad)[0], torch.autograd.grad(expected, y_ref, grad)[0]
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.signbit(), want.signbit()) and got.stride() == want.stride()
+    alone, alone_ref = y0.clone().requires_grad_(), y0.clone().requires_grad_()
+    grad = torch.randn(y0.shape, generator=g)
+    got = torch.autograd.grad(vectorized.hand_off_activation(alone, activation), alone, grad)[0]
+    want = torch.autograd.grad(reference(alone_ref), alone_ref, grad)[0]
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_only_layers_feeding_one_quantizer_hand_off_their_activation() -> None:
+    import torchvision
+
+    from qat.quant.config import QuantConfig
+    from qat.quant.modules import QConvBnAct
+    from qat.quant.prepare import prepare
+
+    model = prepare(torchvision.models.mobilenet_v2(num_classes=10), QuantConfig(), torch.randn(1, 3, 32, 32))
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QConvBnAct)}
+    assert all(m.activation_handoff == (m.activation == "relu6") for m in layers.values())
+    assert sum(m.activation_handoff for m in layers.values()) == 35

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import choice_error
-from qat.quant import vectorized
+from qat.quant import fused, vectorized
 from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
 
 BN_FOLD_MODES = ("jacob", "whitepaper", "unfolded")
@@ -120,6 +120,9 @@ class QConvBnAct(IntegerBias, nn.Module):
         self.weight_fq = weight_fq
         self.bn_fold = bn_fold
         self.bn_frozen = False
+        # set by qat.quant.prepare when this layer's only consumer is an activation quantizer: the ReLU/ReLU6
+        # gradient mask may then be applied by that quantizer's kernel (qat.quant.vectorized.hand_off_activation)
+        self.activation_handoff = False
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, bn_fold={self.bn_fold}, bn_frozen={self.bn_frozen}"
@@ -171,6 +174,10 @@ class QConvBnAct(IntegerBias, nn.Module):
             y = self._forward_jacob(x)
         else:
             y = self._forward_whitepaper(x)
+        if self.activation_handoff and self.training and fused.ENABLED:
+            out = vectorized.hand_off_activation(y, self.activation)
+            if out is not None:
+                return out
         return apply_activation(y, self.activation)
 
     def _batch_moments(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

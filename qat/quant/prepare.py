@@ -265,6 +265,18 @@ class _Preparer:
         self.gm.recompile()
         self.modules = dict(self.gm.named_modules())
 
+    def mark_activation_handoffs(self) -> None:
+        """A conv whose ReLU/ReLU6 output feeds one activation quantizer and nothing else may hand its gradient
+        mask to that quantizer's kernel (one backward pass fewer; :func:`qat.quant.vectorized.hand_off_activation`)."""
+        for node in self.gm.graph.nodes:
+            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(module, QConvBnAct) or module.activation not in ("relu", "relu6"):
+                continue
+            user = _only_user(node)
+            if (user is not None and user.op == "call_module" and not user.kwargs
+                    and type(self.modules.get(str(user.target))) is FakeQuantize):
+                module.activation_handoff = True
+
     def bind_bias_quantizers(self) -> None:
         """Give each conv/linear the quantizer of its input, so its bias is simulated as the int32 bias of
         scale S_in·S_w that the integer model adds (Jacob §2.4, eq. 9-10)."""
@@ -294,6 +306,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None,
     preparer = _Preparer(copy.deepcopy(model), config, example_input)
     preparer.fuse()
     preparer.insert_act_quant()
+    preparer.mark_activation_handoffs()
     preparer.bind_bias_quantizers()
     preparer.check_overrides()
     gm = preparer.gm

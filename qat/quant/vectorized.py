@@ -171,14 +171,66 @@ def per_channel_kernel(y: torch.Tensor, s: torch.Tensor) -> Any | None:
     return cpu_kernel.ops()
 
 
+ACTIVATION_CODES = {"relu": 1, "relu6": 2}
+
+
+class ActivationHandoff:
+    """What a layer's ReLU/ReLU6 output carries to the activation quantizer that is its only consumer
+    (``tensor._qat_handoff``): the activation, and whether that quantizer's backward applied the activation's
+    gradient mask too (then :class:`_HandedOffActivation` passes the gradient through; else it applies it)."""
+
+    __slots__ = ("activation", "applied")
+
+    def __init__(self, activation: str) -> None:
+        self.activation = activation
+        self.applied = False
+
+
+class _HandedOffActivation(torch.autograd.Function):
+    """ReLU/ReLU6 whose gradient mask the next quantizer may apply in its own pass (one pass fewer)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, handoff: ActivationHandoff) -> torch.Tensor:
+        out = torch.nn.functional.relu6(y) if handoff.activation == "relu6" else torch.relu(y)
+        ctx.handoff = handoff
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if ctx.handoff.applied:
+            return grad, None
+        (out,) = ctx.saved_tensors  # autograd's own: y <= 0 (or y >= 6) is out == 0 (or out == 6)
+        if ctx.handoff.activation == "relu6":
+            return torch.ops.aten.hardtanh_backward(grad, out, 0.0, 6.0), None
+        return torch.ops.aten.threshold_backward(grad, out, 0), None
+
+
+def hand_off_activation(y: torch.Tensor, activation: str) -> torch.Tensor | None:
+    """``activation(y)`` marked for the activation quantizer that consumes it alone (graph-checked by
+    :func:`qat.quant.prepare.prepare`): its kernel then applies the activation's gradient mask with its own.
+    ``None`` where this does not apply (no kernel, not float32 on the CPU, no gradient)."""
+    if not (activation in ACTIVATION_CODES and applies(y) and torch.is_grad_enabled() and y.requires_grad
+            and cpu_kernel.ops() is not None):
+        return None
+    handoff = ActivationHandoff(activation)
+    out = _HandedOffActivation.apply(y, handoff)
+    out._qat_handoff = handoff  # type: ignore[attr-defined]
+    return out
+
+
 class _EmaFakeQuantize(torch.autograd.Function):
-    """:func:`ema_fake_quantize`: the new state is returned without gradient; the backward is ``grad · mask``."""
+    """:func:`ema_fake_quantize`: the new state is returned without gradient; the backward is ``grad · mask``,
+    or, for a handed-over ReLU/ReLU6 output, that activation's gradient mask and this one in one pass."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, running_min: torch.Tensor, running_max: torch.Tensor, first: bool,
-                decay: float, qmin: int, qmax: int, symmetric: bool, eps: float) -> tuple[torch.Tensor, ...]:
+                decay: float, qmin: int, qmax: int, symmetric: bool, eps: float,
+                handoff: ActivationHandoff | None) -> tuple[torch.Tensor, ...]:
+        code = ACTIVATION_CODES[handoff.activation] if handoff is not None else 0
         out, mask, low, high, scale, zero_point = cpu_kernel.ops().ema_fake_quantize(
-            x, running_min, running_max, first, decay, 1 - decay, qmin, qmax, symmetric, eps)
+            x, running_min, running_max, first, decay, 1 - decay, qmin, qmax, symmetric, eps, code)
+        ctx.handoff = handoff
         ctx.save_for_backward(mask)
         ctx.mark_non_differentiable(low, high, scale, zero_point)
         return out, low, high, scale, zero_point
@@ -186,7 +238,11 @@ class _EmaFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
-        return (cpu_kernel.ops().fake_quantize_backward(grad, mask),) + (None,) * 8
+        if ctx.handoff is None:
+            return (cpu_kernel.ops().fake_quantize_backward(grad, mask),) + (None,) * 9
+        ctx.handoff.applied = True
+        relu6 = ctx.handoff.activation == "relu6"  # its backward keeps grad's layout, ReLU's keeps x's
+        return (cpu_kernel.ops().coded_mask_backward(grad, mask, relu6),) + (None,) * 9
 
 
 def ema_fake_quantize(x: torch.Tensor, running_min: torch.Tensor, running_max: torch.Tensor, decay: float,
@@ -195,7 +251,8 @@ def ema_fake_quantize(x: torch.Tensor, running_min: torch.Tensor, running_max: t
     m <- decay·m + (1 - decay)·batch, the first batch (empty ``running_min``) setting it; (S, Z) from it; eq. 12)
     in one call of qat's C++ kernel, with the float32 arithmetic of :mod:`qat.quant.fused`."""
     first = running_min.numel() == 0
-    return _EmaFakeQuantize.apply(x, running_min, running_max, first, decay, qmin, qmax, symmetric, eps)
+    handoff = getattr(x, "_qat_handoff", None)
+    return _EmaFakeQuantize.apply(x, running_min, running_max, first, decay, qmin, qmax, symmetric, eps, handoff)
 
 
 def integer_bias_kernel(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> Any | None:
@@ -259,5 +316,6 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
                             bool(zero_point.any()))
 
 
-__all__ = ["applies", "batch_moments", "channel_shape", "ema_fake_quantize", "fake_quantize", "fake_quantize_unclipped",
-           "fake_quantize_without_sync", "fold_fake_quantize_weight", "integer_bias_kernel", "per_channel_kernel"]
+__all__ = ["ACTIVATION_CODES", "ActivationHandoff", "applies", "batch_moments", "channel_shape", "ema_fake_quantize",
+           "fake_quantize", "fake_quantize_unclipped", "fake_quantize_without_sync", "fold_fake_quantize_weight",
+           "hand_off_activation", "integer_bias_kernel", "per_channel_kernel"]

@@ -21,11 +21,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -84,6 +86,59 @@ inline void range_of(const float* p, int64_t n, float& mn, float& mx, bool& nan)
     nan |= (v != v);
     mn = std::min(mn, v);
     mx = std::max(mx, v);
+  }
+}
+
+// Turns the quantizer's mask bytes m (0/1) into the codes of coded_mask_backward: 0 where the ReLU/ReLU6 output x
+// is 0 (or 6), else 2 - m (1: passed, 2: clipped by the quantizer).
+// kKeepBytes[b]: byte k is 0x00 where bit k of b is set, else 0xFF (a movemask spread over eight bytes).
+const std::array<uint64_t, 256> kKeepBytes = [] {
+  std::array<uint64_t, 256> table{};
+  for (int b = 0; b < 256; ++b) {
+    for (int k = 0; k < 8; ++k) table[b] |= static_cast<uint64_t>(((b >> k) & 1) ? 0x00 : 0xFF) << (8 * k);
+  }
+  return table;
+}();
+
+inline void activation_codes(const float* x, uint8_t* codes, int64_t n, bool relu6) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    __m256 stop = _mm256_cmp_ps(v, zero, _CMP_EQ_OQ);
+    if (relu6) stop = _mm256_or_ps(stop, _mm256_cmp_ps(v, six, _CMP_EQ_OQ));
+    const int bits = _mm256_movemask_ps(stop);
+    uint64_t m8;
+    std::memcpy(&m8, codes + i, 8);
+    const uint64_t out = (0x0202020202020202ULL - m8) & kKeepBytes[bits];
+    std::memcpy(codes + i, &out, 8);
+  }
+#endif
+  for (; i < n; ++i) {
+    const bool stop = x[i] == 0.0f || (relu6 && x[i] == 6.0f);
+    codes[i] = stop ? 0 : static_cast<uint8_t>(2 - codes[i]);
+  }
+}
+
+// grad through the codes: 0 -> +0, 1 -> grad, 2 -> grad * 0.
+inline void coded_run(const float* g, const uint8_t* codes, float* out, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256i one = _mm256_set1_epi32(1), none = _mm256_setzero_si256();
+  const __m256 onef = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    int64_t c8;
+    std::memcpy(&c8, codes + i, 8);
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(c8));
+    const __m256 pass = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(c, one)), onef);  // 1.0 or 0.0
+    const __m256 stop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(c, none));
+    const __m256 r = _mm256_mul_ps(_mm256_loadu_ps(g + i), pass);
+    _mm256_storeu_ps(out + i, _mm256_andnot_ps(stop, r));
+  }
+#endif
+  for (; i < n; ++i) {
+    out[i] = codes[i] == 0 ? 0.0f : g[i] * static_cast<float>(codes[i] == 1);
   }
 }
 
@@ -562,7 +617,7 @@ at::Tensor integer_bias(const at::Tensor& bias_in, const at::Tensor& input_scale
 // Returns (out, mask, min, max, scale, zero_point), the last four 0-d like the buffers they replace.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ema_fake_quantize(
     const at::Tensor& x_in, const at::Tensor& running_min, const at::Tensor& running_max, bool first, double decay,
-    double one_minus_decay, int64_t qmin, int64_t qmax, bool symmetric, double eps) {
+    double one_minus_decay, int64_t qmin, int64_t qmax, bool symmetric, double eps, int64_t activation) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "qat_cpu.ema_fake_quantize: float32 CPU x");
   const at::Tensor x = dense(x_in) ? x_in : x_in.contiguous();
   const int64_t numel = x.numel();
@@ -627,13 +682,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   zero_point.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(z);
   const float zf = static_cast<float>(static_cast<int32_t>(z)), inv = 1.0f / s;
   at::Tensor out = at::empty_like(x);
-  at::Tensor mask = at::empty_like(x, opts.dtype(at::kBool));
   float* po = out.mutable_data_ptr<float>();
-  bool* pm = mask.mutable_data_ptr<bool>();
+  if (activation == 0) {
+    at::Tensor mask = at::empty_like(x, opts.dtype(at::kBool));
+    bool* pm = mask.mutable_data_ptr<bool>();
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      quantize_run(px + begin, po + begin, pm + begin, end - begin, inv, zf, s, lo, hi);
+    });
+    return {out, mask, new_min, new_max, scale, zero_point};
+  }
+  // x = relu(y) (activation 1) or relu6(y) (2), handed over by the layer: the codes of coded_mask_backward, which
+  // applies the activation's gradient mask (y <= 0, or y >= 6: exactly x == 0, or x == 6) and then this one
+  at::Tensor codes = at::empty_like(x, opts.dtype(at::kByte));
+  uint8_t* pc = codes.mutable_data_ptr<uint8_t>();
+  const bool relu6 = activation == 2;
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    quantize_run(px + begin, po + begin, pm + begin, end - begin, inv, zf, s, lo, hi);
+    // the quantizer's mask first (its loop vectorizes), then the codes, branch-free
+    quantize_run(px + begin, po + begin, reinterpret_cast<bool*>(pc + begin), end - begin, inv, zf, s, lo, hi);
+    activation_codes(px + begin, pc + begin, end - begin, relu6);
   });
-  return {out, mask, new_min, new_max, scale, zero_point};
+  return {out, codes, new_min, new_max, scale, zero_point};
+}
+
+// The gradient through an activation quantizer and the ReLU/ReLU6 before it, from ema_fake_quantize's codes:
+// 0: the activation's gradient is 0 there (+0, as threshold/hardtanh backward give); 1: grad; 2: clipped by the
+// quantizer, grad * 0 (a signed zero, or NaN for a non-finite grad, as grad * mask gives).
+// Where grad's layout differs from the codes' (x's), the result takes the layout autograd's ops would give it
+// (it decides the summation order of the convolution backward that follows, hence its bits): grad's after
+// hardtanh_backward(grad, y) (ReLU6: `grad_layout`), x's after threshold_backward(grad, x) (ReLU: TensorIterator
+// follows its first input, which is x there).
+at::Tensor coded_mask_backward(const at::Tensor& grad_in, const at::Tensor& codes_in, bool grad_layout) {
+  at::Tensor grad = dense(grad_in) ? grad_in : grad_in.contiguous();
+  at::Tensor codes = codes_in;
+  if (codes.strides() != grad.strides()) {
+    if (grad_layout) {
+      codes = at::empty_like(grad, grad.options().dtype(at::kByte));
+      codes.copy_(codes_in);
+    } else {
+      grad = at::empty_like(codes_in, grad.options());
+      grad.copy_(grad_in);
+    }
+  }
+  at::Tensor out = at::empty_like(grad);
+  const float* pg = grad.const_data_ptr<float>();
+  const uint8_t* pc = codes.const_data_ptr<uint8_t>();
+  float* po = out.mutable_data_ptr<float>();
+  at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    coded_run(pg + begin, pc + begin, po + begin, end - begin);
+  });
+  return out;
 }
 
 }  // namespace
@@ -645,8 +742,9 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
   m.def("batch_moments(Tensor y) -> (Tensor, Tensor)");
+  m.def("coded_mask_backward(Tensor grad, Tensor codes, bool grad_layout) -> Tensor");
   m.def("ema_fake_quantize(Tensor x, Tensor running_min, Tensor running_max, bool first, float decay,"
-        " float one_minus_decay, int qmin, int qmax, bool symmetric, float eps)"
+        " float one_minus_decay, int qmin, int qmax, bool symmetric, float eps, int activation)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("integer_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor");
   m.def("divide_by_channel(Tensor y, Tensor s) -> Tensor");
@@ -661,6 +759,7 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize_backward", &fake_quantize_backward);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
   m.impl("batch_moments", &batch_moments);
+  m.impl("coded_mask_backward", &coded_mask_backward);
   m.impl("ema_fake_quantize", &ema_fake_quantize);
   m.impl("integer_bias", &integer_bias);
   m.impl("divide_by_channel", &divide_by_channel);
