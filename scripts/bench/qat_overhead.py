@@ -41,7 +41,7 @@ WORST_OF = ("bn_fold=whitepaper", "bn_fold=jacob", "bn frozen")
 COMPILABLE = ("float", "qat bn_fold=jacob", "qat bn_fold=whitepaper", "qat bn_fold=unfolded", "qat bn frozen")
 
 
-ATEN_SUFFIX = " (aten fq)"
+ATEN_SUFFIX = " (ATen ops)"
 
 
 def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, aten: bool = False) -> float:
@@ -131,8 +131,8 @@ def main() -> int:
     parser.add_argument("--compiled", nargs="+", default=["float", "qat bn frozen"], choices=COMPILABLE,
                         metavar="VARIANT", help=f"the variants --compile times compiled, of: {', '.join(COMPILABLE)}")
     parser.add_argument("--aten", action="store_true",
-                        help="also time each eager qat variant with ATen fake quantization (the path without qat's "
-                             "fused CPU kernel)")
+                        help="also time each eager qat variant on ATen ops alone (QAT_CPU_KERNEL=aten: the path "
+                             "without qat's C++ kernel, the same numbers)")
     parser.add_argument("--csv", type=Path, help="also write the rows, with the host, to this CSV")
     parser.add_argument("--readme", type=Path, help=f"replace the README's <!-- {MARKER} --> block (needs --csv)")
     parser.add_argument("--marker", default=MARKER,
@@ -154,7 +154,7 @@ def main() -> int:
     print(f"batch {args.batch}, {args.resolution}x{args.resolution}, {where}, {layout_name}, w8a8 per-channel; "
           f"median of {args.steps} interleaved steps")
     print(f"qat fake quantization on the CPU: {cpu_kernel.describe()}")
-    print(f"{'model':<14}{'variant':<32}{'ms/step':>10}{'ratio':>8}")
+    print(f"{'model':<14}{'variant':<38}{'ms/step':>10}{'ratio':>8}")
     worst: dict[str, float] = {}
     rows: list[dict[str, object]] = []
     for name in args.models:
@@ -172,7 +172,7 @@ def main() -> int:
                 variants[key + ATEN_SUFFIX] = variants[key]  # the same module, stepped under cpu_kernel.aten_path
         peer = torch_ao_peer(name, copy.deepcopy(model))
         if peer is not None:
-            variants["torch.ao prepare_qat"] = peer
+            variants["torch.ao prepare_qat (fused obs+fq)"] = peer
         if args.compile != "none":
             for key in args.compiled:
                 # its own copy: the eager variant re-binds its quantizers' buffers each step, which would make
@@ -197,7 +197,7 @@ def main() -> int:
         base = statistics.median(times["float"])
         for k, values in times.items():
             med = statistics.median(values)
-            print(f"{name:<14}{k:<32}{med * 1e3:>10.1f}{med / base:>8.2f}")
+            print(f"{name:<14}{k:<38}{med * 1e3:>10.1f}{med / base:>8.2f}")
             rows.append({"model": name, "variant": k, "ms_per_step": round(med * 1e3, 1),
                          "ratio": round(med / base, 3)})
             mode = k.removeprefix("qat ")

@@ -318,7 +318,8 @@ std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward(const at::
                                                                       const std::optional<at::Tensor>& factor_in,
                                                                       bool need_prod) {
   const bool same = grad.device().is_cpu() && grad.scalar_type() == at::kFloat && dense(grad) &&
-                    grad.sizes() == w.sizes() && grad.strides() == w.strides() && mask.strides() == w.strides();
+                    grad.sizes() == w.sizes() && grad.strides() == w.strides() &&
+                    (!clipped || mask.strides() == w.strides());  // unclipped: the mask is not read (empty)
   if (!factor_in.has_value()) {
     if (!clipped) {
       return {grad, at::Tensor()};
