@@ -345,15 +345,30 @@ std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward(const at::
   float* pp = need_prod ? prod.mutable_data_ptr<float>() : nullptr;
   at::parallel_for(0, channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(block, 1)), [&](int64_t begin,
                                                                                                   int64_t end) {
-    for (const auto c : c10::irange(begin, end)) {
+    for (const auto c : c10::irange(begin, end)) {  // four plain loops, each vectorized
       const int64_t off = c * block;
       const float f = pf[c];
-      for (int64_t i = 0; i < block; ++i) {
-        const float g1 = clipped ? pg[off + i] * static_cast<float>(pm[off + i]) : pg[off + i];
-        pgw[off + i] = g1 * f;
-        if (pp != nullptr) {
-          pp[off + i] = g1 * pw[off + i];
+      const float* g = pg + off;
+      const uint8_t* m = pm + off;
+      const float* wc = pw + off;
+      float* gw = pgw + off;
+      if (clipped && pp != nullptr) {
+        float* p = pp + off;
+        for (int64_t i = 0; i < block; ++i) {
+          const float g1 = g[i] * static_cast<float>(m[i]);
+          gw[i] = g1 * f;
+          p[i] = g1 * wc[i];
         }
+      } else if (clipped) {
+        for (int64_t i = 0; i < block; ++i) gw[i] = (g[i] * static_cast<float>(m[i])) * f;
+      } else if (pp != nullptr) {
+        float* p = pp + off;
+        for (int64_t i = 0; i < block; ++i) {
+          gw[i] = g[i] * f;
+          p[i] = g[i] * wc[i];
+        }
+      } else {
+        for (int64_t i = 0; i < block; ++i) gw[i] = g[i] * f;
       }
     }
   });
