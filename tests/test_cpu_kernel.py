@@ -12,7 +12,7 @@ import torch
 from qat.errors import QatError
 from qat.quant import cpu_kernel, fused, vectorized
 from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
-from qat.quant.modules import QLinear, _DivideByChannel
+from qat.quant.modules import QConvBnAct, QLinear, _DivideByChannel
 from qat.quant.observers import CurrentMinMaxObserver, EmaMinMaxObserver
 from qat.quant.scheme import QuantSpec
 
@@ -259,3 +259,35 @@ def test_only_layers_feeding_one_quantizer_hand_off_their_activation() -> None:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QConvBnAct)}
     assert all(m.activation_handoff == (m.activation == "relu6") for m in layers.values())
     assert sum(m.activation_handoff for m in layers.values()) == 35
+
+
+@pytest.mark.parametrize(("conv_bias", "affine"), [(False, True), (True, True), (True, False)])
+def test_running_fold_equals_aten(conv_bias: bool, affine: bool) -> None:
+    """The running-statistics fold (frozen BN, Jacob eq. 14) by the kernel: factor, folded bias and the gradients to
+    gamma, beta and the conv bias equal the ATen ops' bit for bit."""
+    if cpu_kernel.ops() is None:
+        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    torch.manual_seed(19)
+    conv, bn = torch.nn.Conv2d(3, 12, 3, bias=conv_bias), torch.nn.BatchNorm2d(12, affine=affine)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.0, 3.0)
+    bn.running_var[0] = 0.0  # eps alone under the root
+    if affine:
+        with torch.no_grad():
+            bn.weight.normal_()
+            bn.bias.normal_()
+    layer = QConvBnAct(conv, bn, "relu", FakeQuantize(QuantSpec(per_channel=True), CurrentMinMaxObserver(True)))
+    params = [p for p in (bn.weight, bn.bias, conv.bias) if p is not None]
+    g = torch.Generator().manual_seed(3)
+    grads = (torch.randn(12, generator=g), torch.randn(12, generator=g))
+    results = []
+    for context in (nullcontext(), cpu_kernel.aten_path()):
+        with context:
+            factor, folded = layer.fold_factor_and_bias()
+            used = [(out, grad) for out, grad in zip((factor, folded), grads, strict=True) if out.requires_grad]
+            outs, out_grads = zip(*used, strict=True) if used else ((), ())
+            got = torch.autograd.grad(outs, params, out_grads, allow_unused=True) if used else ()
+            results.append((factor.detach(), folded.detach(), *got, torch.tensor(len(used))))
+    for ours, theirs in zip(*results, strict=True):
+        assert (ours is None and theirs is None) or (torch.equal(ours, theirs)
+                                                      and torch.equal(ours.signbit(), theirs.signbit()))

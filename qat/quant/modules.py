@@ -56,6 +56,32 @@ class IntegerBias:
         return bias + (rounded.to(bias.dtype) - bias).detach()
 
 
+class _RunningFold(torch.autograd.Function):
+    """:meth:`QConvBnAct.fold_factor_and_bias` by qat's kernel (``qat_cpu.running_fold``), forward and backward
+    element for element the ATen ops'."""
+
+    @staticmethod
+    def forward(ctx: Any, gamma: torch.Tensor | None, beta: torch.Tensor | None, bias: torch.Tensor | None,
+                mean: torch.Tensor, var: torch.Tensor, eps: float, kernel: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.kernel, ctx.eps = kernel, eps
+        ctx.save_for_backward(gamma, bias, mean, var)
+        factor, folded = kernel.running_fold(gamma, beta, bias, mean, var, eps)
+        if gamma is None:  # no BN weight: the factor is a constant, as on the ATen path
+            ctx.mark_non_differentiable(factor)
+        return factor, folded
+
+    @staticmethod
+    def backward(ctx: Any, grad_factor: torch.Tensor | None,
+                 grad_bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        gamma, bias, mean, var = ctx.saved_tensors
+        d_gamma, d_beta, d_bias = ctx.kernel.running_fold_backward(grad_factor, grad_bias, gamma, bias, mean, var,
+                                                                   ctx.eps)
+        need = ctx.needs_input_grad
+        return (d_gamma if need[0] and (grad_factor is not None or grad_bias is not None) else None,
+                d_beta if need[1] and grad_bias is not None else None,
+                d_bias if need[2] and grad_bias is not None else None, None, None, None, None)
+
+
 class _IntegerBias(torch.autograd.Function):
     """:meth:`IntegerBias.quantized_bias` by qat's kernel (``qat_cpu.integer_bias``): straight-through gradient."""
 
@@ -139,14 +165,18 @@ class QConvBnAct(IntegerBias, nn.Module):
     def fold_factor_and_bias(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The running-statistics fold (the inference-time fold, Jacob eq. 14): the factor gamma/sigma per output
         channel that multiplies the weight (``None`` without batch norm) and the folded bias."""
-        w = self.conv.weight
-        b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
         if self.bn is None:
-            return None, b
+            w = self.conv.weight
+            return None, self.conv.bias if self.conv.bias is not None else w.new_zeros(w.shape[0])
         bn = self.bn
+        kernel = vectorized.running_fold_kernel(bn.running_var, bn.weight, bn.bias, self.conv.bias, bn.running_mean)
+        if kernel is not None:  # the ops below in one call each way
+            return _RunningFold.apply(bn.weight, bn.bias, self.conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                      kernel)
         inv_std = torch.rsqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
         beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+        b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(inv_std)
         return gamma * inv_std, beta + (b - bn.running_mean) * gamma * inv_std
 
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

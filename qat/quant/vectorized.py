@@ -255,6 +255,14 @@ def ema_fake_quantize(x: torch.Tensor, running_min: torch.Tensor, running_max: t
     return _EmaFakeQuantize.apply(x, running_min, running_max, first, decay, qmin, qmax, symmetric, eps, handoff)
 
 
+def running_fold_kernel(var: torch.Tensor, *vectors: torch.Tensor | None) -> Any | None:
+    """qat's kernel ops for the running-statistics BN fold of float32 CPU per-channel vectors, or ``None``."""
+    if not (applies(var) and all(v is None or (v.dtype == torch.float32 and v.device == var.device
+                                                 and v.numel() == var.numel()) for v in vectors)):
+        return None
+    return cpu_kernel.ops()
+
+
 def integer_bias_kernel(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> Any | None:
     """qat's kernel ops for the simulated int32 bias (Jacob §2.4) of a float32 CPU bias vector, or ``None``."""
     if not (applies(bias) and bias.dim() == 1 and input_scale.numel() == 1
@@ -318,4 +326,4 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
 
 __all__ = ["ACTIVATION_CODES", "ActivationHandoff", "applies", "batch_moments", "channel_shape", "ema_fake_quantize",
            "fake_quantize", "fake_quantize_unclipped", "fake_quantize_without_sync", "fold_fake_quantize_weight",
-           "hand_off_activation", "integer_bias_kernel", "per_channel_kernel"]
+           "hand_off_activation", "integer_bias_kernel", "per_channel_kernel", "running_fold_kernel"]

@@ -749,6 +749,79 @@ at::Tensor coded_mask_backward(const at::Tensor& grad_in, const at::Tensor& code
   return out;
 }
 
+// The running-statistics fold of a conv + BN (Jacob eq. 14 with the running moments): per channel
+// inv = 1 / sqrt(var + eps) (torch.rsqrt's arithmetic), factor = gamma * inv, folded bias
+// beta + ((b - mean) * gamma) * inv, with gamma 1, beta 0 and b 0 where absent, as QConvBnAct.fold_factor_and_bias
+// computes them with ATen ops.
+std::tuple<at::Tensor, at::Tensor> running_fold(const std::optional<at::Tensor>& gamma_in,
+                                                const std::optional<at::Tensor>& beta_in,
+                                                const std::optional<at::Tensor>& bias_in, const at::Tensor& mean_in,
+                                                const at::Tensor& var_in, double eps) {
+  const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
+  const int64_t channels = var.numel();
+  const auto vec = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->contiguous() : at::Tensor();
+  };
+  const at::Tensor gamma = vec(gamma_in), beta = vec(beta_in), bias = vec(bias_in);
+  at::Tensor factor = at::empty({channels}, var.options()), folded = at::empty({channels}, var.options());
+  const float e = static_cast<float>(eps);
+  const float *pm = mean.const_data_ptr<float>(), *pv = var.const_data_ptr<float>();
+  const float* pg = gamma.defined() ? gamma.const_data_ptr<float>() : nullptr;
+  const float* pbeta = beta.defined() ? beta.const_data_ptr<float>() : nullptr;
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float *pf = factor.mutable_data_ptr<float>(), *pfold = folded.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const float inv = 1.0f / std::sqrt(pv[c] + e);
+    const float g = pg != nullptr ? pg[c] : 1.0f;
+    pf[c] = g * inv;
+    pfold[c] = (pbeta != nullptr ? pbeta[c] : 0.0f) + (((pb != nullptr ? pb[c] : 0.0f) - pm[c]) * g) * inv;
+  }
+  return {factor, folded};
+}
+
+// Its backward, autograd's for those ops: d gamma = g_factor * inv + (g_bias * inv) * (b - mean) (a sum of two:
+// the order of accumulation does not change it), d beta = g_bias, d b = (g_bias * inv) * gamma.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> running_fold_backward(
+    const std::optional<at::Tensor>& grad_factor_in, const std::optional<at::Tensor>& grad_bias_in,
+    const std::optional<at::Tensor>& gamma_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& mean_in,
+    const at::Tensor& var_in, double eps) {
+  const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
+  const int64_t channels = var.numel();
+  const auto vec = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->contiguous() : at::Tensor();
+  };
+  const at::Tensor gf = vec(grad_factor_in), gb = vec(grad_bias_in), gamma = vec(gamma_in), bias = vec(bias_in);
+  at::Tensor d_gamma = at::empty({channels}, var.options()), d_beta = at::empty({channels}, var.options());
+  at::Tensor d_bias = at::empty({channels}, var.options());
+  const float e = static_cast<float>(eps);
+  const float *pm = mean.const_data_ptr<float>(), *pv = var.const_data_ptr<float>();
+  const float* pgf = gf.defined() ? gf.const_data_ptr<float>() : nullptr;
+  const float* pgb = gb.defined() ? gb.const_data_ptr<float>() : nullptr;
+  const float* pg = gamma.defined() ? gamma.const_data_ptr<float>() : nullptr;
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float *dg = d_gamma.mutable_data_ptr<float>(), *dbeta = d_beta.mutable_data_ptr<float>();
+  float* db = d_bias.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const float inv = 1.0f / std::sqrt(pv[c] + e);
+    const float g = pg != nullptr ? pg[c] : 1.0f;
+    float grad_gamma = 0.0f;
+    bool any = false;
+    if (pgf != nullptr) {
+      grad_gamma = pgf[c] * inv;
+      any = true;
+    }
+    if (pgb != nullptr) {
+      const float t = pgb[c] * inv;
+      const float from_bias = t * ((pb != nullptr ? pb[c] : 0.0f) - pm[c]);
+      grad_gamma = any ? grad_gamma + from_bias : from_bias;
+      dbeta[c] = pgb[c];
+      db[c] = t * g;
+    }
+    dg[c] = grad_gamma;
+  }
+  return {d_gamma, d_beta, d_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat_cpu, m) {
@@ -758,6 +831,10 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
   m.def("batch_moments(Tensor y) -> (Tensor, Tensor)");
+  m.def("running_fold(Tensor? gamma, Tensor? beta, Tensor? bias, Tensor mean, Tensor var, float eps)"
+        " -> (Tensor, Tensor)");
+  m.def("running_fold_backward(Tensor? grad_factor, Tensor? grad_bias, Tensor? gamma, Tensor? bias, Tensor mean,"
+        " Tensor var, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("coded_mask_backward(Tensor grad, Tensor codes, bool grad_layout) -> Tensor");
   m.def("ema_fake_quantize(Tensor x, Tensor running_min, Tensor running_max, bool first, float decay,"
         " float one_minus_decay, int qmin, int qmax, bool symmetric, float eps, int activation)"
@@ -775,6 +852,8 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize_backward", &fake_quantize_backward);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
   m.impl("batch_moments", &batch_moments);
+  m.impl("running_fold", &running_fold);
+  m.impl("running_fold_backward", &running_fold_backward);
   m.impl("coded_mask_backward", &coded_mask_backward);
   m.impl("ema_fake_quantize", &ema_fake_quantize);
   m.impl("integer_bias", &integer_bias);
