@@ -191,7 +191,13 @@ class _HandedOffActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, handoff: ActivationHandoff) -> torch.Tensor:
-        out = torch.nn.functional.relu6(y) if handoff.activation == "relu6" else torch.relu(y)
+        # in place, as torchvision's ReLU6(inplace=True): a layer's pre-activation output is saved by no one (a leaf,
+        # which autograd forbids changing, is copied)
+        if y.grad_fn is None:
+            y = y.clone()
+        else:
+            ctx.mark_dirty(y)
+        out = torch.nn.functional.relu6(y, inplace=True) if handoff.activation == "relu6" else torch.relu_(y)
         ctx.handoff = handoff
         ctx.save_for_backward(out)
         return out
