@@ -291,3 +291,33 @@ def test_running_fold_equals_aten(conv_bias: bool, affine: bool) -> None:
     for ours, theirs in zip(*results, strict=True):
         assert (ours is None and theirs is None) or (torch.equal(ours, theirs)
                                                       and torch.equal(ours.signbit(), theirs.signbit()))
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_jacob_batch_fold_equals_aten(conv_bias: bool) -> None:
+    """Jacob eq. 14 with batch statistics: the fold factor, folded bias, running-statistics update and every
+    gradient (to the conv input and weights through the moments, gamma, beta, conv bias) equal the ATen ops'
+    given the same moments (the moments themselves: test_batch_moments_agree_with_var_mean)."""
+    if cpu_kernel.ops() is None:
+        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    results = []
+    for context in (nullcontext(), cpu_kernel.aten_path()):
+        torch.manual_seed(23)
+        conv, bn = torch.nn.Conv2d(4, 6, 3, bias=conv_bias), torch.nn.BatchNorm2d(6)
+        with torch.no_grad():
+            bn.weight.normal_()
+            bn.bias.normal_()
+        layer = QConvBnAct(conv, bn, "none", FakeQuantize(QuantSpec(bits=8, signed=True, symmetric=True,
+                                                                    per_channel=True),
+                                                          CurrentMinMaxObserver(per_channel=True), True),
+                           bn_fold="jacob").train()
+        x = torch.randn(8, 4, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+        with context, pytest.MonkeyPatch.context() as patch:
+            # the same moments on both paths, so the comparison is of everything after them
+            patch.setattr(vectorized, "batch_moments", lambda y: torch.var_mean(y, dim=(0, 2, 3), unbiased=False))
+            out = layer(x)
+            params = [x, conv.weight, bn.weight, bn.bias] + ([conv.bias] if conv_bias else [])
+            grads = torch.autograd.grad(out, params, torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
+        results.append((out.detach(), bn.running_mean.clone(), bn.running_var.clone(), *grads))
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs) and torch.equal(ours.signbit(), theirs.signbit())

@@ -82,6 +82,28 @@ class _RunningFold(torch.autograd.Function):
                 d_bias if need[2] and grad_bias is not None else None, None, None, None, None)
 
 
+class _BatchFold(torch.autograd.Function):
+    """Jacob eq. 14's fold factor and folded bias from the batch moments by qat's kernel (``qat_cpu.batch_fold``),
+    forward and backward element for element the ATen ops of :meth:`QConvBnAct._forward_jacob`."""
+
+    @staticmethod
+    def forward(ctx: Any, var: torch.Tensor, mean: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                bias: torch.Tensor | None, eps: float, kernel: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.kernel, ctx.eps = kernel, eps
+        ctx.save_for_backward(var, mean, gamma, bias)
+        return kernel.batch_fold(var, mean, gamma, beta, bias, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad_factor: torch.Tensor | None,
+                 grad_bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        var, mean, gamma, bias = ctx.saved_tensors
+        d_var, d_mean, d_gamma, d_beta, d_bias = ctx.kernel.batch_fold_backward(grad_factor, grad_bias, var, mean,
+                                                                                gamma, bias, ctx.eps)
+        need, has_bias = ctx.needs_input_grad, grad_bias is not None
+        return (d_var if need[0] else None, d_mean if need[1] and has_bias else None, d_gamma if need[2] else None,
+                d_beta if need[3] and has_bias else None, d_bias if need[4] and has_bias else None, None, None)
+
+
 class _IntegerBias(torch.autograd.Function):
     """:meth:`IntegerBias.quantized_bias` by qat's kernel (``qat_cpu.integer_bias``): straight-through gradient."""
 
@@ -219,6 +241,10 @@ class QConvBnAct(IntegerBias, nn.Module):
         var, mean = vectorized.batch_moments(y)
         n = y.numel() / y.shape[1]
         momentum = self._momentum()
+        kernel = vectorized.running_fold_kernel(var, mean, bn.running_mean, bn.running_var)
+        if kernel is not None and bn.running_mean.is_contiguous() and bn.running_var.is_contiguous():
+            kernel.update_running_stats(bn.running_mean, bn.running_var, mean.detach(), var.detach(), momentum, n)
+            return mean, var  # the updates below in one call, element for element
         with torch.no_grad():
             bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
             bn.running_var.mul_(1 - momentum).add_(momentum * var * n / max(n - 1, 1))
@@ -230,8 +256,13 @@ class QConvBnAct(IntegerBias, nn.Module):
         if not self._use_batch_stats():
             return self._quantized_running_fold(x)
         mean, var = self._batch_moments(self._conv(x, self.conv.weight, self.conv.bias))
-        inv_std = torch.rsqrt(var + bn.eps)
         gamma, beta = bn.weight, bn.bias
+        kernel = vectorized.running_fold_kernel(var, mean, gamma, beta, self.conv.bias)
+        if kernel is not None and gamma is not None and beta is not None:  # the ops below in one call each way
+            factor, b_fold = _BatchFold.apply(var, mean, gamma, beta, self.conv.bias, bn.eps, kernel)
+            w_q = fold_and_quantize(self.weight_fq, self.conv.weight, factor)
+            return self._conv(x, w_q, self.quantized_bias(b_fold, self.weight_fq))
+        inv_std = torch.rsqrt(var + bn.eps)
         conv_bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(mean)
         b_fold = beta + (conv_bias - mean) * gamma * inv_std
         w_q = fold_and_quantize(self.weight_fq, self.conv.weight, gamma * inv_std)

@@ -822,6 +822,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> running_fold_backward(
   return {d_gamma, d_beta, d_bias};
 }
 
+// Jacob eq. 14's fold with the batch moments: per channel inv = 1 / sqrt(var + eps), factor = gamma * inv and the
+// folded bias beta + ((b - mean) * gamma) * inv (b 0 without a conv bias), as QConvBnAct._forward_jacob computes
+// them with ATen ops.
+std::tuple<at::Tensor, at::Tensor> batch_fold(const at::Tensor& var_in, const at::Tensor& mean_in,
+                                              const at::Tensor& gamma_in, const at::Tensor& beta_in,
+                                              const std::optional<at::Tensor>& bias_in, double eps) {
+  const at::Tensor var = var_in.contiguous(), mean = mean_in.contiguous(), gamma = gamma_in.contiguous();
+  const at::Tensor beta = beta_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const int64_t channels = var.numel();
+  at::Tensor factor = at::empty({channels}, var.options()), folded = at::empty({channels}, var.options());
+  const float e = static_cast<float>(eps);
+  const float *pv = var.const_data_ptr<float>(), *pm = mean.const_data_ptr<float>();
+  const float *pg = gamma.const_data_ptr<float>(), *pbeta = beta.const_data_ptr<float>();
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float *pf = factor.mutable_data_ptr<float>(), *pfold = folded.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const float inv = 1.0f / std::sqrt(pv[c] + e);
+    pf[c] = pg[c] * inv;
+    pfold[c] = pbeta[c] + (((pb != nullptr ? pb[c] : 0.0f) - pm[c]) * pg[c]) * inv;
+  }
+  return {factor, folded};
+}
+
+// Its backward, autograd's for those ops (derivatives.yaml as of torch 2.14.1): with t1 = b - mean, t2 = t1 * gamma,
+// d_t2 = g_bias * inv, d_t1 = d_t2 * gamma; d inv = g_factor * gamma + g_bias * t2; d var = (-0.5 * d inv) * inv^3
+// (rsqrt's backward, inv^3 as (inv * inv) * inv); d mean = -d_t1; d gamma = g_factor * inv + d_t2 * t1;
+// d beta = g_bias; d b = d_t1. Sums of two terms: the order autograd adds them in does not matter.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_fold_backward(
+    const std::optional<at::Tensor>& grad_factor_in, const std::optional<at::Tensor>& grad_bias_in,
+    const at::Tensor& var_in, const at::Tensor& mean_in, const at::Tensor& gamma_in,
+    const std::optional<at::Tensor>& bias_in, double eps) {
+  const at::Tensor var = var_in.contiguous(), mean = mean_in.contiguous(), gamma = gamma_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor gf = grad_factor_in.has_value() ? grad_factor_in->contiguous() : at::Tensor();
+  const at::Tensor gb = grad_bias_in.has_value() ? grad_bias_in->contiguous() : at::Tensor();
+  const int64_t channels = var.numel();
+  const auto opts = var.options();
+  at::Tensor d_var = at::empty({channels}, opts), d_mean = at::empty({channels}, opts);
+  at::Tensor d_gamma = at::empty({channels}, opts), d_beta = at::empty({channels}, opts);
+  at::Tensor d_bias = at::empty({channels}, opts);
+  const float e = static_cast<float>(eps);
+  const float *pv = var.const_data_ptr<float>(), *pm = mean.const_data_ptr<float>();
+  const float* pg = gamma.const_data_ptr<float>();
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const float* pgf = gf.defined() ? gf.const_data_ptr<float>() : nullptr;
+  const float* pgb = gb.defined() ? gb.const_data_ptr<float>() : nullptr;
+  float *dv = d_var.mutable_data_ptr<float>(), *dm = d_mean.mutable_data_ptr<float>();
+  float *dg = d_gamma.mutable_data_ptr<float>(), *dbeta = d_beta.mutable_data_ptr<float>();
+  float* db = d_bias.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const float inv = 1.0f / std::sqrt(pv[c] + e);
+    const float g = pg[c];
+    float d_inv = 0.0f, grad_gamma = 0.0f;
+    bool inv_used = false, gamma_used = false;
+    if (pgf != nullptr) {
+      d_inv = pgf[c] * g;
+      grad_gamma = pgf[c] * inv;
+      inv_used = gamma_used = true;
+    }
+    float d_t1 = 0.0f;
+    if (pgb != nullptr) {
+      const float t1 = (pb != nullptr ? pb[c] : 0.0f) - pm[c];
+      const float t2 = t1 * g;
+      const float d_t2 = pgb[c] * inv;
+      const float d_inv_b = pgb[c] * t2;
+      d_t1 = d_t2 * g;
+      const float d_gamma_b = d_t2 * t1;
+      d_inv = inv_used ? d_inv + d_inv_b : d_inv_b;
+      grad_gamma = gamma_used ? grad_gamma + d_gamma_b : d_gamma_b;
+      inv_used = gamma_used = true;
+      dbeta[c] = pgb[c];
+    }
+    dm[c] = -d_t1;
+    db[c] = d_t1;
+    dg[c] = grad_gamma;
+    dv[c] = (-0.5f * d_inv) * ((inv * inv) * inv);
+  }
+  return {d_var, d_mean, d_gamma, d_beta, d_bias};
+}
+
+// nn.BatchNorm2d's running-statistics update as QConvBnAct._batch_moments writes it, in place:
+// m <- m * (1 - momentum) + momentum * mean and v <- v * (1 - momentum) + ((momentum * var) * n) / (n - 1), each
+// Python scalar rounded to float32 as ATen does.
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean_in,
+                          const at::Tensor& var_in, double momentum, double n) {
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
+              "qat_cpu.update_running_stats: contiguous running statistics");
+  const at::Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
+  const float keep = static_cast<float>(1.0 - momentum), mom = static_cast<float>(momentum);
+  const float nf = static_cast<float>(n), nm1 = static_cast<float>(std::max(n - 1.0, 1.0));
+  float *rm = running_mean.mutable_data_ptr<float>(), *rv = running_var.mutable_data_ptr<float>();
+  const float *pm = mean.const_data_ptr<float>(), *pv = var.const_data_ptr<float>();
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    rm[c] = rm[c] * keep + mom * pm[c];
+    rv[c] = rv[c] * keep + ((mom * pv[c]) * nf) / nm1;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat_cpu, m) {
@@ -831,6 +930,11 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
   m.def("batch_moments(Tensor y) -> (Tensor, Tensor)");
+  m.def("batch_fold(Tensor var, Tensor mean, Tensor gamma, Tensor beta, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  m.def("batch_fold_backward(Tensor? grad_factor, Tensor? grad_bias, Tensor var, Tensor mean, Tensor gamma,"
+        " Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
+        " float momentum, float n) -> ()");
   m.def("running_fold(Tensor? gamma, Tensor? beta, Tensor? bias, Tensor mean, Tensor var, float eps)"
         " -> (Tensor, Tensor)");
   m.def("running_fold_backward(Tensor? grad_factor, Tensor? grad_bias, Tensor? gamma, Tensor? bias, Tensor mean,"
@@ -852,6 +956,9 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize_backward", &fake_quantize_backward);
   m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
   m.impl("batch_moments", &batch_moments);
+  m.impl("batch_fold", &batch_fold);
+  m.impl("batch_fold_backward", &batch_fold_backward);
+  m.impl("update_running_stats", &update_running_stats);
   m.impl("running_fold", &running_fold);
   m.impl("running_fold_backward", &running_fold_backward);
   m.impl("coded_mask_backward", &coded_mask_backward);
