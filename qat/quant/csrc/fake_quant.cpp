@@ -474,22 +474,27 @@ at::Tensor batch_moments_backward(const std::optional<at::Tensor>& grad_var, con
     if (has_var) coef[c] = two_over_n * gv.const_data_ptr<float>()[c];
     if (has_mean) shift[c] = gm.const_data_ptr<float>()[c] / n_f;
   }
-  const auto value = [&](float v, int64_t c, float m) {
-    if (!has_var) return shift[c];
-    const float t = coef[c] * (v - m);
-    return has_mean ? t + shift[c] : t;
-  };
   const float* pmy = mean_y.const_data_ptr<float>();
   at::Tensor out = at::empty_like(y);
   const float* py = y.const_data_ptr<float>();
   float* po = out.mutable_data_ptr<float>();
+  const float* k = coef.data();
+  const float* sh = shift.data();
+  // NHWC: a row holds every channel (parameters per value); NCHW: a plane holds one channel (parameters fixed).
+  // The three cases (both gradients, the variance's, the mean's) in separate plain loops, which vectorize.
   if (nhwc) {
     at::parallel_for(0, count, std::max<int64_t>(1, kGrain / std::max<int64_t>(channels, 1)),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const float* row = py + r * channels;
+        const float* src = py + r * channels;
         float* dst = po + r * channels;
-        for (int64_t c = 0; c < channels; ++c) dst[c] = value(row[c], c, pmy[c]);
+        if (has_var && has_mean) {
+          for (int64_t c = 0; c < channels; ++c) dst[c] = k[c] * (src[c] - pmy[c]) + sh[c];
+        } else if (has_var) {
+          for (int64_t c = 0; c < channels; ++c) dst[c] = k[c] * (src[c] - pmy[c]);
+        } else {
+          for (int64_t c = 0; c < channels; ++c) dst[c] = sh[c];
+        }
       }
     });
   } else {
@@ -497,10 +502,16 @@ at::Tensor batch_moments_backward(const std::optional<at::Tensor>& grad_var, con
                      [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % channels;
-        const float* plane = py + p * hw;
+        const float* src = py + p * hw;
         float* dst = po + p * hw;
-        const float m = pmy[c];
-        for (int64_t j = 0; j < hw; ++j) dst[j] = value(plane[j], c, m);
+        const float kc = k[c], m = pmy[c], s = sh[c];
+        if (has_var && has_mean) {
+          for (int64_t j = 0; j < hw; ++j) dst[j] = kc * (src[j] - m) + s;
+        } else if (has_var) {
+          for (int64_t j = 0; j < hw; ++j) dst[j] = kc * (src[j] - m);
+        } else {
+          for (int64_t j = 0; j < hw; ++j) dst[j] = s;
+        }
       }
     });
   }
