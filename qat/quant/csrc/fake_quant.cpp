@@ -403,13 +403,17 @@ std::tuple<at::Tensor, at::Tensor> batch_moments(const at::Tensor& y) {
           for (const auto b : c10::irange(begin, end)) {
             double* acc = partial.data() + b * channels;
             const int64_t r0 = rows * b / blocks, r1 = rows * (b + 1) / blocks;
-            for (int64_t r = r0; r < r1; ++r) {
-              const float* row = py + r * channels;
-              if (pass == 0) {
+            const double* mu = mean_d.data();
+            if (pass == 0) {
+              for (int64_t r = r0; r < r1; ++r) {
+                const float* row = py + r * channels;
                 for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<double>(row[c]);
-              } else {
+              }
+            } else {
+              for (int64_t r = r0; r < r1; ++r) {
+                const float* row = py + r * channels;
                 for (int64_t c = 0; c < channels; ++c) {
-                  const double d = static_cast<double>(row[c]) - mean_d[c];
+                  const double d = static_cast<double>(row[c]) - mu[c];
                   acc[c] += d * d;
                 }
               }
