@@ -161,3 +161,16 @@ def fake_quant_kernel(request: pytest.FixtureRequest):  # type: ignore[no-untype
         pytest.skip(f"{cpu_kernel.ENV_VAR}=aten: the fused CPU kernel is not built")
     assert cpu_kernel.ops() is not None, cpu_kernel.describe()
     yield request.param
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """Replace ``owner.name`` (for the test's duration) by a wrapper that appends to the returned list per call."""
+    calls: list[int] = []
+    inner = getattr(owner, name)
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import count_calls
 
 from qat.errors import QatError
 from qat.quant import cpu_kernel, fused, vectorized
@@ -101,7 +102,8 @@ def _weights() -> list[tuple[str, torch.Tensor]]:
 @pytest.mark.parametrize("spec", WEIGHT_SPECS, ids=["int8_sym_narrow", "uint8_asym", "int4_sym"])
 @pytest.mark.parametrize("case", range(3), ids=[name for name, _ in _weights()])
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "no_fold"])
-def test_fold_observe_quantize_equals_the_ops_it_replaces(spec: QuantSpec, case: int, folded: bool) -> None:
+def test_fold_observe_quantize_equals_the_ops_it_replaces(spec: QuantSpec, case: int, folded: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """One kernel call for w · factor, its per-channel range, (S, Z) and the fake quantizer gives the generic
     path's output, buffers and gradients (to the weight and to the fold factor) bit for bit."""
     if cpu_kernel.ops() is None:
@@ -110,19 +112,12 @@ def test_fold_observe_quantize_equals_the_ops_it_replaces(spec: QuantSpec, case:
     factor = torch.linspace(0.5, 2.5, w.shape[0]) if folded else None
     fast_fq = FakeQuantize(spec, CurrentMinMaxObserver(per_channel=True), observe_in_eval=True).train()
     slow_fq = copy.deepcopy(fast_fq)
-    calls = []
-    inner = vectorized.fold_fake_quantize_weight
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return inner(*args, **kwargs)
-
+    calls = count_calls(monkeypatch, vectorized, "fold_fake_quantize_weight")
     results = []
     for fq, path in ((fast_fq, nullcontext()), (slow_fq, fused.unfused_path())):
         weight = w.clone().requires_grad_()
         f = factor.clone().requires_grad_() if factor is not None else None
-        with path, pytest.MonkeyPatch.context() as patch:
-            patch.setattr(vectorized, "fold_fake_quantize_weight", counted)
+        with path:
             out = fold_and_quantize(fq, weight, f)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
         grads = torch.autograd.grad(out, [weight] + ([f] if f is not None else []), grad)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import requires_cuda
+from conftest import count_calls, requires_cuda
 from torch import nn
 
 from qat.quant import fused, vectorized
@@ -110,22 +110,8 @@ def test_qat_trains_bit_identically_on_the_vectorized_path(bn_fold: str, arch: s
     batches = [(torch.randn(4, 3, 48, 48, generator=g).contiguous(memory_format=torch.channels_last),
                 torch.randint(0, 10, (4,), generator=g)) for _ in range(4)]
     schedule = QuantSchedule(act_quant_delay=0, bn_freeze_step=2)  # batch statistics, then frozen
-    calls = []
-    inner = vectorized.fake_quantize
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return inner(*args, **kwargs)
-
-    folds = []
-    inner_fold = vectorized.fold_fake_quantize_weight
-
-    def counted_fold(*args, **kwargs):  # type: ignore[no-untyped-def]
-        folds.append(1)
-        return inner_fold(*args, **kwargs)
-
-    monkeypatch.setattr(vectorized, "fake_quantize", counted)
-    monkeypatch.setattr(vectorized, "fold_fake_quantize_weight", counted_fold)
+    calls = count_calls(monkeypatch, vectorized, "fake_quantize")
+    folds = count_calls(monkeypatch, vectorized, "fold_fake_quantize_weight")
     _train(prepared, batches, schedule)
     assert calls  # the vectorized ops ran
     assert bool(folds) == (fake_quant_kernel == "fused_cpu")  # weights folded, observed, quantized in one call
