@@ -121,3 +121,45 @@ def test_qat_trains_bit_identically_on_the_vectorized_path(bn_fold: str, arch: s
     assert state.keys() == twin_state.keys()
     for key, value in state.items():
         assert torch.equal(value, twin_state[key]), key
+
+
+@pytest.mark.parametrize("bn_fold", ["jacob", "whitepaper"])
+def test_qat_resumed_from_a_checkpoint_is_exact(bn_fold: str, fake_quant_kernel: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Four QAT steps in one go equal two steps, a checkpoint written and read back (weights_only), and two more,
+    across the BN freeze, on each CPU path (issue 19 item 4)."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last),
+                torch.randint(0, 10, (4,), generator=g)) for _ in range(4)]
+    schedule = QuantSchedule(act_quant_delay=0, bn_freeze_step=2)
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35).train()
+        prepared = prepare(model, QuantConfig(bn_fold=bn_fold), torch.randn(2, 3, 32, 32))
+        prepared = prepared.to(memory_format=torch.channels_last).train()
+        return prepared, torch.optim.SGD(prepared.parameters(), lr=0.05, momentum=0.9)
+
+    def steps(model: nn.Module, opt: torch.optim.Optimizer, indices: range) -> None:
+        for step in indices:
+            torch.manual_seed(100 + step)  # dropout masks by step
+            schedule.apply(model, step)
+            loss = nn.functional.cross_entropy(model(batches[step][0]), batches[step][1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    straight, straight_opt = fresh()
+    steps(straight, straight_opt, range(4))
+    first, first_opt = fresh()
+    steps(first, first_opt, range(2))
+    torch.save({"model": first.state_dict(), "optim": first_opt.state_dict()}, tmp_path / "ckpt.pt")
+    resumed, resumed_opt = fresh()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optim"])
+    steps(resumed, resumed_opt, range(2, 4))
+    state, resumed_state = straight.state_dict(), resumed.state_dict()
+    assert state.keys() == resumed_state.keys()
+    for key, value in state.items():
+        assert torch.equal(value, resumed_state[key]), key
