@@ -74,8 +74,11 @@ def validate(cfg: Any, task: RunTask = CLASSIFICATION) -> None:
     eval_device(cfg.latency.eval_device, torch.device("cpu"))  # a known name; cuda only where one is visible
     engine.check_compile_mode(cfg.train.compile_mode)
     deployment, _ = targets.plan(cfg.target.name, cfg.quant, cfg.target.avx2_grid)  # refuses what cannot run
+    kernel = cpu_kernel.choice()  # a bad QAT_CPU_KERNEL stops every run
     if cfg.quant.precision != "float":
         targets.check_installed(deployment.target, [primary_int8_engine(cfg)])
+        if kernel == "fused":  # asked for: fail now, before any training, if it cannot be built
+            cpu_kernel.ops()
 
 
 def check_learned_steps(cfg: Any) -> None:

@@ -63,19 +63,21 @@ def compile_flags() -> list[str]:
 def _build() -> Any:
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
-    cpp_log.setLevel(logging.ERROR)  # its import warns that no CUDA runtime exists: irrelevant to a CPU kernel
+    # its warnings (no CUDA runtime; a compiler other than the one torch was built with) are noise here: a build
+    # that fails is reported by ops() in one line with the compiler's own first error
+    cpp_log.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
+
+        bin_dir = str(Path(sys.executable).parent)  # the venv's ninja, when the venv is not activated
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        start = time.perf_counter()
+        cpp_extension.load(NAME, sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+        elapsed = time.perf_counter() - start
     finally:
         cpp_log.setLevel(level)
-
-    bin_dir = str(Path(sys.executable).parent)  # the venv's ninja, when the venv is not activated
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    start = time.perf_counter()
-    cpp_extension.load(NAME, sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=False)
-    elapsed = time.perf_counter() - start
     if elapsed > 2:  # a real compilation, not a cache hit
         print(f"qat: built the fused CPU fake-quantize kernel in {elapsed:.0f} s (cached for later runs)", flush=True)
     return torch.ops.qat_cpu
@@ -85,7 +87,8 @@ def _reason(err: Exception) -> str:
     """One line for a failed build: the compiler's first error where there is one, else the message's last line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     errors = [line for line in lines if "error:" in line]
-    detail = errors[0] if errors else lines[-1] if lines else ""
+    missing = [line for line in lines if "not found" in line or "No such file" in line]
+    detail = (errors or missing or lines[-1:] or [""])[0]
     return f"{type(err).__name__}: {detail}"
 
 
