@@ -48,7 +48,7 @@ test-rest: $(STAMP)
 
 # Benchmarks print ratios measured in one run (never asserted); quick settings for a 2-core machine.
 bench: $(STAMP)
-	$(PY) scripts/bench/qat_overhead.py --resolution 64 --batch 32 --steps 5
+	$(PY) scripts/bench/qat_overhead.py --resolution 64 --batch 32 --steps 15 --channels-last --aten
 	$(PY) scripts/bench/calibration_cost.py --resolution 64 --batch 32 --batches 2 --repeats 3 --threads 1
 	$(PY) scripts/bench/engines.py --repeats 15 --warmup 3
 	$(PY) scripts/bench/ptq.py --widths 0.35
