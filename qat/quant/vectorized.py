@@ -118,13 +118,10 @@ class _FoldFakeQuantizeWeight(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         mask, w, factor = ctx.saved_tensors
         need_factor = factor is not None and ctx.needs_input_grad[1]
-        grad_w, prod = cpu_kernel.ops().fold_fake_quantize_weight_backward(
+        grad_w, grad_factor = cpu_kernel.ops().fold_fake_quantize_weight_backward(
             grad, mask if mask is not None else grad.new_empty(0, dtype=torch.bool), ctx.clipped, w, factor,
-            need_factor)
-        grad_factor = None
-        if need_factor:  # autograd's sum_to_size of (grad · w) onto factor's broadcast shape (C, 1, ..., 1)
-            grad_factor = prod.sum(tuple(range(1, w.dim())), keepdim=True).reshape(factor.shape)
-        return grad_w, grad_factor, None, None, None, None
+            need_factor)  # the factor's gradient: autograd's sum of (grad · w) over all but the output axis
+        return grad_w, (grad_factor.reshape(factor.shape) if need_factor else None), None, None, None, None
 
 
 def fold_fake_quantize_weight(w: torch.Tensor, factor: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool,

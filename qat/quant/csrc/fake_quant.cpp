@@ -17,6 +17,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -310,9 +311,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {out, mask, low, high, scale, zero_point, clipped};
 }
 
+// The factor's gradient from prod = g1 * w: autograd's sum_to_size onto the broadcast shape (C, 1, ..., 1), i.e.
+// ATen's own sum over every dimension but the first (the same reduction, hence the same bits), as a vector.
+at::Tensor factor_grad(const at::Tensor& prod, int64_t channels) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d < prod.dim(); ++d) dims.push_back(d);
+  return prod.sum(dims, /*keepdim=*/true).reshape({channels});
+}
+
 // The backward of fold_fake_quantize_weight: g1 = grad * mask (grad itself when nothing was clipped), then, as
-// autograd differentiates w * factor: grad_w = g1 * factor[c] and prod = g1 * w (whose per-channel sum, taken by
-// the caller with ATen's reduction, is factor's gradient). Without a factor: (g1, undefined).
+// autograd differentiates w * factor: grad_w = g1 * factor[c] and factor's gradient, the per-channel sum of
+// g1 * w by ATen's reduction (factor_grad; only when need_prod). Without a factor: (g1, undefined).
 std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward(const at::Tensor& grad, const at::Tensor& mask,
                                                                       bool clipped, const at::Tensor& w,
                                                                       const std::optional<at::Tensor>& factor_in,
@@ -332,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward(const at::
     std::vector<int64_t> shape(w.dim(), 1);
     shape[0] = -1;
     const at::Tensor f = factor.reshape(shape);
-    return {at::mul(g1, f), need_prod ? at::mul(g1, w) : at::Tensor()};
+    return {at::mul(g1, f), need_prod ? factor_grad(at::mul(g1, w), w.size(0)) : at::Tensor()};
   }
   const int64_t channels = w.size(0), block = w.numel() / channels;
   at::Tensor grad_w = at::empty_like(w);
@@ -372,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> fold_fake_quantize_weight_backward(const at::
       }
     }
   });
-  return {grad_w, prod};
+  return {grad_w, need_prod ? factor_grad(prod, channels) : at::Tensor()};
 }
 
 // Batch moments of Jacob eq. 14 for a 4-d float32 tensor in NCHW or NHWC memory: per channel (dim 1) the mean and
