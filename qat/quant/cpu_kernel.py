@@ -1,8 +1,11 @@
-"""qat's fused CPU fake quantizer: the C++ kernel of ``qat/quant/csrc/fake_quant.cpp``, built once per machine.
+"""qat's CPU kernel for the QAT step: the C++ ops of ``qat/quant/csrc/fake_quant.cpp``, built once per machine.
 
-Jacob §3 eq. 12 with the straight-through mask in one pass over the tensor, with the float32 arithmetic of torch's
-fake-quantize kernels and of :mod:`qat.quant.vectorized` (whose seven ATen passes it replaces; the tests compare
-all three bit for bit). The backward is one pass too (``grad · mask``).
+Each op does in one call (and its backward in one pass) what a chain of ATen ops does in :mod:`qat.quant`, with
+the same float32 arithmetic element for element: the fake quantizer (Jacob §3 eq. 12, STE mask), a per-tensor EMA
+activation quantizer's whole step (§3.1), a weight quantizer with the BN fold and its own range, the BN folds
+(running statistics; Jacob eq. 14's batch moments, whose reduction alone is float64 like torch.var_mean's and may
+differ from it by one ulp), the int32 bias (§2.4), the whitepaper's σ/σ_B correction (§3.2.2) and the ReLU/ReLU6
+gradient mask. ``tests/test_cpu_kernel.py`` compares each with the ATen ops, outputs and gradients.
 
 The kernel is compiled with ``torch.utils.cpp_extension.load`` (checked against torch 2.14.1) the first time a
 process needs it: about 10 s on a 2-core machine, printed, then cached in torch's extension directory

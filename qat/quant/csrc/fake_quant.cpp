@@ -1,14 +1,15 @@
-// qat's fused CPU fake quantizer (issue 19): Jacob et al. 2018 eq. 12 with the straight-through estimator,
-// in one pass over the tensor instead of seven ATen passes (qat/quant/vectorized.py).
+// qat's CPU kernel for the QAT step (issue 19): each op does in one call, and its backward in one pass, what a
+// chain of ATen ops does in qat/quant (fake quantizers, BN folds, batch moments, int32 bias, whitepaper correction,
+// ReLU masks), element for element with the same float32 arithmetic (each op's comment says which ops).
 //
-// Per element, exactly the float32 arithmetic of torch's fake-quantize kernels (checked against torch 2.14.1)
-// and of qat.quant.vectorized:
+// The fake quantizer, per element, exactly the float32 arithmetic of torch's fake-quantize kernels (checked
+// against torch 2.14.1) and of qat.quant.vectorized:
 //     q    = nearbyint(x * float32(1/S)) + Z      (ties to even)
 //     c    = clamp(q, qmin, qmax)                 (NaN stays NaN, as torch.clamp)
 //     out  = (c - Z) * S
 //     mask = (q == c)                             (the STE: the gradient passes where nothing was clipped)
 // Built with -ffp-contract=off so that no multiply-add is fused (that would round once instead of twice).
-// Registered as torch.ops.qat_cpu.fake_quantize / fake_quantize_backward; loaded by qat/quant/cpu_kernel.py.
+// Registered as torch.ops.qat_cpu.*; loaded by qat/quant/cpu_kernel.py.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
