@@ -112,11 +112,14 @@ class _FoldFakeQuantizeWeight(torch.autograd.Function):
         ctx.clipped = clipped > 0
         ctx.save_for_backward(mask if ctx.clipped else None, w, factor)
         ctx.mark_non_differentiable(low, high, scale, zero_point)
+        ctx.set_materialize_grads(False)  # no zero tensors for the state's (absent) gradients
         return out, low, high, scale, zero_point
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         mask, w, factor = ctx.saved_tensors
+        if grad is None:  # only the state outputs were used (their gradients are not materialized)
+            return None, None, None, None, None, None
         need_factor = factor is not None and ctx.needs_input_grad[1]
         grad_w, grad_factor = cpu_kernel.ops().fold_fake_quantize_weight_backward(
             grad, mask if mask is not None else grad.new_empty(0, dtype=torch.bool), ctx.clipped, w, factor,
@@ -236,11 +239,14 @@ class _EmaFakeQuantize(torch.autograd.Function):
         ctx.handoff = handoff
         ctx.save_for_backward(mask)
         ctx.mark_non_differentiable(low, high, scale, zero_point)
+        ctx.set_materialize_grads(False)  # no zero tensors for the state's (absent) gradients
         return out, low, high, scale, zero_point
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
+        if grad is None:  # only the state outputs were used (their gradients are not materialized)
+            return (None,) * 10
         if ctx.handoff is None:
             return (cpu_kernel.ops().fake_quantize_backward(grad, mask),) + (None,) * 9
         ctx.handoff.applied = True
