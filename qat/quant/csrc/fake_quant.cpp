@@ -91,6 +91,39 @@ inline void range_of(const float* p, int64_t n, float& mn, float& mx, bool& nan)
   }
 }
 
+// range_of over w * f (each product rounded as torch's multiply rounds it), without storing the products.
+inline void range_of_scaled(const float* p, float f, int64_t n, float& mn, float& mx, bool& nan) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  if (n >= 8) {
+    const __m256 vf = _mm256_set1_ps(f);
+    __m256 vmin = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 vnan = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(p + i), vf);
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vmin = _mm256_min_ps(vmin, v);
+      vmax = _mm256_max_ps(vmax, v);
+    }
+    alignas(32) float lmin[8], lmax[8];
+    _mm256_store_ps(lmin, vmin);
+    _mm256_store_ps(lmax, vmax);
+    for (int k = 0; k < 8; ++k) {
+      mn = std::min(mn, lmin[k]);
+      mx = std::max(mx, lmax[k]);
+    }
+    nan |= _mm256_movemask_ps(vnan) != 0;
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = p[i] * f;
+    nan |= (v != v);
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+  }
+}
+
 // Turns the quantizer's mask bytes m (0/1) into the codes of coded_mask_backward: 0 where the ReLU/ReLU6 output x
 // is 0 (or 6), else 2 - m (1: passed, 2: clipped by the quantizer).
 // kKeepBytes[b]: byte k is 0x00 where bit k of b is set, else 0xFF (a movemask spread over eight bytes).
@@ -224,7 +257,7 @@ at::Tensor fake_quantize_backward(const at::Tensor& grad, const at::Tensor& mask
 // (min and max, as torch.aminmax: NaN if any element is NaN), (S, Z) from the range widened to contain 0 (exactly
 // qat.quant.scheme.choose_qparams in float32), and the folded weight fake-quantized on that grid, with the STE
 // mask. Returns (out, mask, min, max, scale, zero_point, clipped): `clipped` counts elements outside the grid
-// (rounding can push a channel's extreme one code out); when it is 0 the mask is all ones.
+// (rounding can push a channel's extreme one code out); when it is 0 the mask is not written (never read then).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> fold_fake_quantize_weight(
     const at::Tensor& w, const std::optional<at::Tensor>& factor_in, int64_t qmin, int64_t qmax, bool symmetric,
     double eps) {
@@ -261,13 +294,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       float* dst = po + c * block;
       float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
       bool nan = false;
+      const float f = pf != nullptr ? pf[c] : 1.0f;
       if (pf != nullptr) {
-        const float f = pf[c];
-        for (int64_t i = 0; i < block; ++i) dst[i] = src[i] * f;
+        range_of_scaled(src, f, block, mn, mx, nan);  // of w * f, without storing it
       } else {
-        std::copy(src, src + block, dst);
+        range_of(src, block, mn, mx, nan);
       }
-      range_of(dst, block, mn, mx, nan);
       if (nan) {
         mn = mx = std::numeric_limits<float>::quiet_NaN();
       }
@@ -293,14 +325,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       pz[c] = static_cast<int32_t>(z);
       z = static_cast<float>(pz[c]);
       const float inv = 1.0f / s;
-      bool* m = pm + c * block;
+      // the fake-quantized w * f (recomputed: the same product) and how many codes were clipped; the mask is
+      // written below only if some channel clipped (it is read only then)
       int64_t clipped = 0;
-      for (int64_t i = 0; i < block; ++i) {
-        const float q = std::nearbyint(dst[i] * inv) + z;
-        const float cq = std::min(std::max(q, lo), hi);
-        m[i] = (q == cq);
-        clipped += (q != cq);
-        dst[i] = (cq - z) * s;
+      if (pf != nullptr) {
+        for (int64_t i = 0; i < block; ++i) {
+          const float q = std::nearbyint((src[i] * f) * inv) + z;
+          const float cq = std::min(std::max(q, lo), hi);
+          clipped += (q != cq);
+          dst[i] = (cq - z) * s;
+        }
+      } else {
+        for (int64_t i = 0; i < block; ++i) {
+          const float q = std::nearbyint(src[i] * inv) + z;
+          const float cq = std::min(std::max(q, lo), hi);
+          clipped += (q != cq);
+          dst[i] = (cq - z) * s;
+        }
       }
       clipped_per_channel[c] = clipped;
     }
@@ -308,6 +349,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   int64_t clipped = 0;
   for (const auto n : clipped_per_channel) {
     clipped += n;
+  }
+  if (clipped > 0) {  // the STE mask: all ones in channels that clipped nothing, recomputed in the others
+    at::parallel_for(0, channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(block, 1)), [&](int64_t begin,
+                                                                                                    int64_t end) {
+      for (const auto c : c10::irange(begin, end)) {
+        bool* m = pm + c * block;
+        if (clipped_per_channel[c] == 0) {
+          std::memset(m, 1, block);
+          continue;
+        }
+        const float* src = pw + c * block;
+        const float f = pf != nullptr ? pf[c] : 1.0f, s = ps[c], z = static_cast<float>(pz[c]), inv = 1.0f / s;
+        for (int64_t i = 0; i < block; ++i) {
+          const float v = pf != nullptr ? src[i] * f : src[i];
+          const float q = std::nearbyint(v * inv) + z;
+          m[i] = (q == std::min(std::max(q, lo), hi));
+        }
+      }
+    });
   }
   return {out, mask, low, high, scale, zero_point, clipped};
 }
