@@ -57,42 +57,11 @@ inline void quantize_run(const float* x, float* out, bool* mask, int64_t n, floa
   }
 }
 
-// min, max and whether any NaN, over n floats. Float min/max reductions are not vectorized by the compiler
-// (they are not associative under NaN and signed zeros), so with AVX2 eight lanes are reduced by hand: min and
-// max are exact in any order, NaN is tracked on its own, and a zero's sign does not reach S or Z.
-inline void range_of(const float* p, int64_t n, float& mn, float& mx, bool& nan) {
-  int64_t i = 0;
-#ifdef __AVX2__
-  if (n >= 8) {
-    __m256 vmin = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    __m256 vnan = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-      const __m256 v = _mm256_loadu_ps(p + i);
-      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      vmin = _mm256_min_ps(vmin, v);
-      vmax = _mm256_max_ps(vmax, v);
-    }
-    alignas(32) float lmin[8], lmax[8];
-    _mm256_store_ps(lmin, vmin);
-    _mm256_store_ps(lmax, vmax);
-    for (int k = 0; k < 8; ++k) {
-      mn = std::min(mn, lmin[k]);
-      mx = std::max(mx, lmax[k]);
-    }
-    nan |= _mm256_movemask_ps(vnan) != 0;
-  }
-#endif
-  for (; i < n; ++i) {
-    const float v = p[i];
-    nan |= (v != v);
-    mn = std::min(mn, v);
-    mx = std::max(mx, v);
-  }
-}
-
-// range_of over w * f (each product rounded as torch's multiply rounds it), without storing the products.
-inline void range_of_scaled(const float* p, float f, int64_t n, float& mn, float& mx, bool& nan) {
+// min, max and whether any NaN, over the n products p[i] * f (each rounded as torch's multiply rounds it; f = 1
+// gives p itself exactly), without storing them. Float min/max reductions are not vectorized by the compiler (they
+// are not associative under NaN and signed zeros), so with AVX2 eight lanes are reduced by hand: min and max are
+// exact in any order, NaN is tracked on its own, and a zero's sign does not reach S or Z.
+inline void range_of(const float* p, float f, int64_t n, float& mn, float& mx, bool& nan) {
   int64_t i = 0;
 #ifdef __AVX2__
   if (n >= 8) {
@@ -294,12 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       float* dst = po + c * block;
       float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
       bool nan = false;
-      const float f = pf != nullptr ? pf[c] : 1.0f;
-      if (pf != nullptr) {
-        range_of_scaled(src, f, block, mn, mx, nan);  // of w * f, without storing it
-      } else {
-        range_of(src, block, mn, mx, nan);
-      }
+      const float f = pf != nullptr ? pf[c] : 1.0f;  // without a factor, w * 1 is w exactly
+      range_of(src, f, block, mn, mx, nan);
       if (nan) {
         mn = mx = std::numeric_limits<float>::quiet_NaN();
       }
@@ -328,20 +293,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       // the fake-quantized w * f (recomputed: the same product) and how many codes were clipped; the mask is
       // written below only if some channel clipped (it is read only then)
       int64_t clipped = 0;
-      if (pf != nullptr) {
-        for (int64_t i = 0; i < block; ++i) {
-          const float q = std::nearbyint((src[i] * f) * inv) + z;
-          const float cq = std::min(std::max(q, lo), hi);
-          clipped += (q != cq);
-          dst[i] = (cq - z) * s;
-        }
-      } else {
-        for (int64_t i = 0; i < block; ++i) {
-          const float q = std::nearbyint(src[i] * inv) + z;
-          const float cq = std::min(std::max(q, lo), hi);
-          clipped += (q != cq);
-          dst[i] = (cq - z) * s;
-        }
+      for (int64_t i = 0; i < block; ++i) {
+        const float q = std::nearbyint((src[i] * f) * inv) + z;
+        const float cq = std::min(std::max(q, lo), hi);
+        clipped += (q != cq);
+        dst[i] = (cq - z) * s;
       }
       clipped_per_channel[c] = clipped;
     }
@@ -362,8 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const float* src = pw + c * block;
         const float f = pf != nullptr ? pf[c] : 1.0f, s = ps[c], z = static_cast<float>(pz[c]), inv = 1.0f / s;
         for (int64_t i = 0; i < block; ++i) {
-          const float v = pf != nullptr ? src[i] * f : src[i];
-          const float q = std::nearbyint(v * inv) + z;
+          const float q = std::nearbyint((src[i] * f) * inv) + z;
           m[i] = (q == std::min(std::max(q, lo), hi));
         }
       }
@@ -734,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t i0 = numel * k / chunks, i1 = numel * (k + 1) / chunks;
       float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
       bool nan = false;
-      range_of(px + i0, i1 - i0, mn, mx, nan);
+      range_of(px + i0, 1.0f, i1 - i0, mn, mx, nan);
       mins[k] = mn;
       maxs[k] = mx;
       nans[k] = nan;
