@@ -96,7 +96,7 @@ def _reason(err: Exception) -> str:
 
 
 def ops() -> Any | None:
-    """``torch.ops.qat_cpu`` (``fake_quantize``, ``fake_quantize_backward``), built on first call; ``None`` when
+    """``torch.ops.qat_cpu`` (every op of ``csrc/fake_quant.cpp``), built on first call; ``None`` when
     ``QAT_CPU_KERNEL=aten`` or the build failed under ``auto``."""
     if "ops" in _loaded:
         return _loaded["ops"]

@@ -179,10 +179,10 @@ def fold_observe_quantize(fq: FakeQuantize, w: torch.Tensor, factor: torch.Tenso
     the same range, (S, Z), output and gradients as the ops it replaces, stored into the same buffers. ``None``
     where it does not apply (the caller takes the generic path)."""
     obs, spec = fq.observer, fq.spec
-    if not (ENABLED and type(obs) is CurrentMinMaxObserver and obs.per_channel and spec.per_channel
-            and spec.ch_axis % w.dim() == 0 and obs.ch_axis % w.dim() == 0 and fq.quantizing and fq.observing
-            and (fq.training or fq.observe_in_eval) and vectorized.applies(w) and not range_sync.active()
-            and w.dim() >= 1 and w.shape[0] > 0 and cpu_kernel.ops() is not None):
+    if not (ENABLED and w.dim() >= 1 and w.shape[0] > 0 and type(obs) is CurrentMinMaxObserver and obs.per_channel
+            and spec.per_channel and spec.ch_axis % w.dim() == 0 and obs.ch_axis % w.dim() == 0 and fq.quantizing
+            and fq.observing and (fq.training or fq.observe_in_eval) and vectorized.applies(w)
+            and not range_sync.active() and cpu_kernel.ops() is not None):
         return None
     if not (w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))):
         return None

@@ -191,7 +191,7 @@ class QConvBnAct(IntegerBias, nn.Module):
             w = self.conv.weight
             return None, self.conv.bias if self.conv.bias is not None else w.new_zeros(w.shape[0])
         bn = self.bn
-        kernel = vectorized.running_fold_kernel(bn.running_var, bn.weight, bn.bias, self.conv.bias, bn.running_mean)
+        kernel = vectorized.channel_vectors_kernel(bn.running_var, bn.weight, bn.bias, self.conv.bias, bn.running_mean)
         if kernel is not None:  # the ops below in one call each way
             return _RunningFold.apply(bn.weight, bn.bias, self.conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                       kernel)
@@ -241,7 +241,7 @@ class QConvBnAct(IntegerBias, nn.Module):
         var, mean = vectorized.batch_moments(y)
         n = y.numel() / y.shape[1]
         momentum = self._momentum()
-        kernel = vectorized.running_fold_kernel(var, mean, bn.running_mean, bn.running_var)
+        kernel = vectorized.channel_vectors_kernel(var, mean, bn.running_mean, bn.running_var)
         if kernel is not None and bn.running_mean.is_contiguous() and bn.running_var.is_contiguous():
             kernel.update_running_stats(bn.running_mean, bn.running_var, mean.detach(), var.detach(), momentum, n)
             return mean, var  # the updates below in one call, element for element
@@ -257,7 +257,7 @@ class QConvBnAct(IntegerBias, nn.Module):
             return self._quantized_running_fold(x)
         mean, var = self._batch_moments(self._conv(x, self.conv.weight, self.conv.bias))
         gamma, beta = bn.weight, bn.bias
-        kernel = vectorized.running_fold_kernel(var, mean, gamma, beta, self.conv.bias)
+        kernel = vectorized.channel_vectors_kernel(var, mean, gamma, beta, self.conv.bias)
         if kernel is not None and gamma is not None and beta is not None:  # the ops below in one call each way
             factor, b_fold = _BatchFold.apply(var, mean, gamma, beta, self.conv.bias, bn.eps, kernel)
             w_q = fold_and_quantize(self.weight_fq, self.conv.weight, factor)

@@ -23,12 +23,14 @@ def store(module: nn.Module, name: str, value: torch.Tensor) -> None:
     In eager mode an existing buffer is re-bound in the module's buffer table directly (what ``nn.Module.__setattr__``
     does for a registered buffer, without its checks: a few µs per quantizer per step)."""
     current = module._buffers.get(name)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and current is not None:
+    if current is None:  # not a buffer yet (or None): register it
+        setattr(module, name, value)
+        return
+    if not torch.compiler.is_compiling():
         module._buffers[name] = value
         return
-    if not compiling or current is None or current is value or current.shape != value.shape \
-            or current.dtype != value.dtype or current.device != value.device:
+    if current is value or current.shape != value.shape or current.dtype != value.dtype \
+            or current.device != value.device:
         setattr(module, name, value)
         return
     with torch.no_grad():

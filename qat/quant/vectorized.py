@@ -264,8 +264,9 @@ def ema_fake_quantize(x: torch.Tensor, running_min: torch.Tensor, running_max: t
     return _EmaFakeQuantize.apply(x, running_min, running_max, first, decay, qmin, qmax, symmetric, eps, handoff)
 
 
-def running_fold_kernel(var: torch.Tensor, *vectors: torch.Tensor | None) -> Any | None:
-    """qat's kernel ops for the running-statistics BN fold of float32 CPU per-channel vectors, or ``None``."""
+def channel_vectors_kernel(var: torch.Tensor, *vectors: torch.Tensor | None) -> Any | None:
+    """qat's kernel ops for the per-channel vector ops (BN folds, running-statistics update) of float32 CPU vectors
+    as long as ``var`` (absent ones: ``None``), or ``None`` where they do not apply."""
     if not (applies(var) and all(v is None or (v.dtype == torch.float32 and v.device == var.device
                                                  and v.numel() == var.numel()) for v in vectors)):
         return None
@@ -333,6 +334,7 @@ def fake_quantize_unclipped(x: torch.Tensor, scale: torch.Tensor, zero_point: to
                             bool(zero_point.any()))
 
 
-__all__ = ["ACTIVATION_CODES", "ActivationHandoff", "applies", "batch_moments", "channel_shape", "ema_fake_quantize",
-           "fake_quantize", "fake_quantize_unclipped", "fake_quantize_without_sync", "fold_fake_quantize_weight",
-           "hand_off_activation", "integer_bias_kernel", "per_channel_kernel", "running_fold_kernel"]
+__all__ = ["ACTIVATION_CODES", "ActivationHandoff", "applies", "batch_moments", "channel_shape",
+           "channel_vectors_kernel", "ema_fake_quantize", "fake_quantize", "fake_quantize_unclipped",
+           "fake_quantize_without_sync", "fold_fake_quantize_weight", "hand_off_activation", "integer_bias_kernel",
+           "per_channel_kernel"]
