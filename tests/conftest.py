@@ -157,10 +157,20 @@ def fake_quant_kernel(request: pytest.FixtureRequest):  # type: ignore[no-untype
         with cpu_kernel.aten_path():
             yield request.param
         return
+    built_cpu_kernel()
+    yield request.param
+
+
+def built_cpu_kernel():  # type: ignore[no-untyped-def]
+    """``torch.ops.qat_cpu``: skips the test (with the reason) under ``QAT_CPU_KERNEL=aten``; otherwise the kernel
+    must build, and the test fails with the reason if it does not."""
+    from qat.quant import cpu_kernel
+
     if cpu_kernel.choice() == "aten":
         pytest.skip(f"{cpu_kernel.ENV_VAR}=aten: the fused CPU kernel is not built")
-    assert cpu_kernel.ops() is not None, cpu_kernel.describe()
-    yield request.param
+    ops = cpu_kernel.ops()
+    assert ops is not None, cpu_kernel.describe()
+    return ops
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import count_calls
+from conftest import built_cpu_kernel, count_calls
 
 from qat.errors import QatError
 from qat.quant import cpu_kernel, fused, vectorized
@@ -106,8 +106,7 @@ def test_fold_observe_quantize_equals_the_ops_it_replaces(spec: QuantSpec, case:
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """One kernel call for w · factor, its per-channel range, (S, Z) and the fake quantizer gives the generic
     path's output, buffers and gradients (to the weight and to the fold factor) bit for bit."""
-    if cpu_kernel.ops() is None:
-        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    built_cpu_kernel()
     _, w = _weights()[case]
     factor = torch.linspace(0.5, 2.5, w.shape[0]) if folded else None
     fast_fq = FakeQuantize(spec, CurrentMinMaxObserver(per_channel=True), observe_in_eval=True).train()
@@ -139,8 +138,7 @@ def test_batch_moments_agree_with_var_mean(layout: torch.memory_format) -> None:
     """Jacob eq. 14's batch moments: within one ulp of torch.var_mean and equal on almost every channel (both
     accumulate in float64), also for a large mean (two passes: no cancellation); gradients equal autograd's
     var_mean backward bit for bit."""
-    if cpu_kernel.ops() is None:
-        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    built_cpu_kernel()
     g = torch.Generator().manual_seed(11)
     equal = total = 0
     for shape, offset in [((8, 64, 9, 9), 0.0), ((4, 96, 5, 7), 300.0), ((16, 960, 2, 2), -2.0), ((3, 5, 1, 1), 0.5)]:
@@ -165,8 +163,7 @@ def test_batch_moments_agree_with_var_mean(layout: torch.memory_format) -> None:
 @pytest.mark.parametrize("grad_layout", ["same", "other"])
 def test_whitepaper_divide_by_channel_equals_aten(layout: torch.memory_format, grad_layout: str) -> None:
     """The whitepaper correction y / s (Fig. 13) in the kernel equals the ATen ops, output and both gradients."""
-    if cpu_kernel.ops() is None:
-        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    built_cpu_kernel()
     g = torch.Generator().manual_seed(13)
     y = torch.randn(4, 24, 5, 6, generator=g).contiguous(memory_format=layout)
     y[0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1e-38])
@@ -188,8 +185,7 @@ def test_whitepaper_divide_by_channel_equals_aten(layout: torch.memory_format, g
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_integer_bias_equals_aten(per_channel: bool) -> None:
     """The simulated int32 bias (Jacob §2.4) by the kernel equals the float64 ATen ops: ties, clamped values."""
-    if cpu_kernel.ops() is None:
-        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    built_cpu_kernel()
     channels = 9
     spec = QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True, per_channel=per_channel)
     weight_fq = FakeQuantize(spec, CurrentMinMaxObserver(per_channel=per_channel))
@@ -218,8 +214,7 @@ def test_activation_handoff_gradients(activation: str) -> None:
     gradient mask with its own (boundaries 0 and 6, NaN, clipped codes, a gradient in another layout), bit for bit
     the two separate backward passes; a handed-off output that never reaches the quantizer (a layer run alone, as
     AdaQuant does) still gets the activation's own gradient."""
-    if cpu_kernel.ops() is None:
-        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    built_cpu_kernel()
     g = torch.Generator().manual_seed(17)
     y0 = (torch.randn(4, 8, 5, 5, generator=g) * 4).contiguous(memory_format=torch.channels_last)
     y0[0, 0, 0, :5] = torch.tensor([0.0, -0.0, 6.0, float("nan"), 1e9])
@@ -260,8 +255,7 @@ def test_only_layers_feeding_one_quantizer_hand_off_their_activation() -> None:
 def test_running_fold_equals_aten(conv_bias: bool, affine: bool) -> None:
     """The running-statistics fold (frozen BN, Jacob eq. 14) by the kernel: factor, folded bias and the gradients to
     gamma, beta and the conv bias equal the ATen ops' bit for bit."""
-    if cpu_kernel.ops() is None:
-        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    built_cpu_kernel()
     torch.manual_seed(19)
     conv, bn = torch.nn.Conv2d(3, 12, 3, bias=conv_bias), torch.nn.BatchNorm2d(12, affine=affine)
     bn.running_mean.normal_()
@@ -293,8 +287,7 @@ def test_jacob_batch_fold_equals_aten(conv_bias: bool) -> None:
     """Jacob eq. 14 with batch statistics: the fold factor, folded bias, running-statistics update and every
     gradient (to the conv input and weights through the moments, gamma, beta, conv bias) equal the ATen ops'
     given the same moments (the moments themselves: test_batch_moments_agree_with_var_mean)."""
-    if cpu_kernel.ops() is None:
-        pytest.skip(f"fused CPU kernel unavailable: {cpu_kernel.describe()}")
+    built_cpu_kernel()
     results = []
     for context in (nullcontext(), cpu_kernel.aten_path()):
         torch.manual_seed(23)
