@@ -162,11 +162,13 @@ def batch_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
 
 
-def per_channel_kernel(y: torch.Tensor, s: torch.Tensor) -> Any | None:
-    """qat's kernel ops for a per-channel operation on ``y`` with ``s`` (shape (1, C, 1, 1)), or ``None`` when
-    they do not apply (no kernel, not a float32 NCHW/NHWC CPU tensor, compiling)."""
-    if not (applies(y) and y.dim() == 4 and s.dtype == torch.float32 and s.device == y.device
-            and s.numel() == y.shape[1] and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last))):
+def per_channel_kernel(y: torch.Tensor, *vectors: torch.Tensor | None) -> Any | None:
+    """qat's kernel ops for a per-channel operation on ``y`` with ``vectors`` (one float32 value per channel each;
+    ``None`` stands for an absent optional one), or ``None`` when they do not apply (no kernel, not a float32
+    NCHW/NHWC CPU tensor, compiling)."""
+    if not (applies(y) and y.dim() == 4 and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last))
+            and all(v is None or (v.dtype == torch.float32 and v.device == y.device and v.numel() == y.shape[1])
+                    for v in vectors)):
         return None
     return cpu_kernel.ops()
 

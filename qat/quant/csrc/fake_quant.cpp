@@ -13,7 +13,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mean.h>
@@ -547,11 +546,9 @@ at::Tensor batch_moments_backward(const std::optional<at::Tensor>& grad_var, con
   return out;
 }
 
-// y / s for a per-channel s (dim 1) on a 4-d NCHW or NHWC float32 tensor, and its backward: grad / s and
-// (y / s / s) * grad, whose per-channel sum (taken by the caller with ATen, negated) is s's gradient. Division
-// and multiplication round once per element, so the values equal ATen's broadcast ops exactly.
-// Calls f(offset, length, s, s_step) over the tensor in runs: in NHWC a row of all channels (s advances with the
-// element, s_step 1), in NCHW a plane of one channel (s fixed, s_step 0); simple loops the compiler vectorizes.
+// Per-channel elementwise passes over a 4-d NCHW or NHWC tensor: calls f(offset, length, s, s_step) in runs, in
+// NHWC a row of all channels (s advances with the element, s_step 1), in NCHW a plane of one channel (s fixed,
+// s_step 0); simple loops the compiler vectorizes.
 template <typename F>
 void per_channel_runs(const at::Tensor& like, const float* s, const F& f) {
   const bool nhwc = like.is_contiguous(at::MemoryFormat::ChannelsLast) && !like.is_contiguous();
@@ -573,67 +570,172 @@ bool nchw_or_nhwc(const at::Tensor& t) {
          (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
-at::Tensor divide_by_channel(const at::Tensor& y, const at::Tensor& s_in) {
-  TORCH_CHECK(nchw_or_nhwc(y), "qat_cpu.divide_by_channel: a 4-d NCHW or NHWC float32 CPU tensor");
-  const at::Tensor s = s_in.contiguous();
+// Whitepaper §3.2.2 / Fig. 13 during training: the convolution y ran with weights folded by the running sigma
+// (s = gamma / sigma per channel, the fold factor), and the layer's output is batch norm with batch statistics of
+// y / s + b (b the conv bias): QConvBnAct's ATen path computes exactly that (a division, then F.batch_norm). Batch
+// norm is invariant to its input's per-channel scale but for eps, so in closed form, per channel, in float64 from
+// y's float32 batch moments mu and v (batch_moments):
+//     var' = v / s^2,  r = 1 / sqrt(var' + eps),  a = gamma * r / s
+//     out  = float(a) * (y - mu) + beta                   (three float32 roundings, no fused multiply-add)
+// The statistics the running averages take are those of y / s + b: mean' = mu / s + b, var'. One pass over y for
+// the output after the moments' two, instead of the division's and batch norm's passes.
+// Equal to the ATen path within float32 rounding (a few ulps; tests/test_cpu_kernel.py measures it), not bit for bit.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm(
+    const at::Tensor& y, const at::Tensor& s_in, const at::Tensor& gamma_in, const at::Tensor& beta_in,
+    const std::optional<at::Tensor>& bias_in, double eps) {
+  TORCH_CHECK(nchw_or_nhwc(y), "qat_cpu.whitepaper_batch_norm: a 4-d NCHW or NHWC float32 CPU tensor");
   const int64_t channels = y.size(1);
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == channels, "qat_cpu.divide_by_channel: float32 s per channel");
+  const at::Tensor s = s_in.contiguous(), gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
+  for (const at::Tensor* t : {&s, &gamma, &beta})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == channels,
+                "qat_cpu.whitepaper_batch_norm: float32 s, gamma, beta per channel");
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  auto [var_y, mean_y] = batch_moments(y);
+  const auto opts = y.options();
+  at::Tensor mean = at::empty({channels}, opts), var = at::empty({channels}, opts);
+  std::vector<float> a(channels);
+  const float *ps = s.const_data_ptr<float>(), *pg = gamma.const_data_ptr<float>();
+  const float *pmu = mean_y.const_data_ptr<float>(), *pv = var_y.const_data_ptr<float>();
+  const float* pb = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  float *pm = mean.mutable_data_ptr<float>(), *pvar = var.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const double sc = ps[c], v = static_cast<double>(pv[c]) / (sc * sc);
+    a[c] = static_cast<float>(static_cast<double>(pg[c]) / (std::sqrt(v + eps) * sc));
+    pm[c] = static_cast<float>(static_cast<double>(pmu[c]) / sc + (pb != nullptr ? static_cast<double>(pb[c]) : 0.0));
+    pvar[c] = static_cast<float>(v);
+  }
   at::Tensor out = at::empty_like(y);
   const float* py = y.const_data_ptr<float>();
-  const float* ps = s.const_data_ptr<float>();
+  const float* pbeta = beta.const_data_ptr<float>();
   float* po = out.mutable_data_ptr<float>();
-  per_channel_runs(y, ps, [&](int64_t off, int64_t len, const float* sc, int64_t step) {
-    if (step == 1) {
-      for (int64_t i = 0; i < len; ++i) po[off + i] = py[off + i] / sc[i];
-    } else {
-      const float v = sc[0];
-      for (int64_t i = 0; i < len; ++i) po[off + i] = py[off + i] / v;
+  const float* pa = a.data();
+  per_channel_runs(y, pa, [&](int64_t off, int64_t len, const float* ac, int64_t step) {
+    const float* src = py + off;
+    float* dst = po + off;
+    if (step == 1) {  // NHWC: a row of every channel
+      for (int64_t i = 0; i < len; ++i) dst[i] = ac[i] * (src[i] - pmu[i]) + pbeta[i];
+    } else {  // NCHW: a plane of channel c = ac - pa
+      const int64_t c = ac - pa;
+      const float k = ac[0], m = pmu[c], b = pbeta[c];
+      for (int64_t i = 0; i < len; ++i) dst[i] = k * (src[i] - m) + b;
     }
   });
-  return out;
+  return {out, mean_y, var_y, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor> divide_by_channel_backward(const at::Tensor& grad, const at::Tensor& out,
-                                                              const at::Tensor& s_in, bool need_y, bool need_s) {
-  const at::Tensor s = s_in.contiguous();
-  const int64_t channels = out.size(1);
-  const float* ps = s.const_data_ptr<float>();
-  if (!(nchw_or_nhwc(grad) && grad.strides() == out.strides())) {  // ATen's ops (same values)
-    std::vector<int64_t> shape{1, channels, 1, 1};
-    const at::Tensor sb = s.reshape(shape);
-    return {need_y ? at::div(grad, sb) : at::Tensor(), need_s ? at::mul(at::div(out, sb), grad) : at::Tensor()};
+// Per-channel sums of g and g * y in float64 (g and y in one layout), for the backward of whitepaper_batch_norm.
+void channel_sums(const at::Tensor& g, const at::Tensor& y, std::vector<double>& sum_g, std::vector<double>& sum_gy) {
+  const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
+  const int64_t n = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
+  const float *pg = g.const_data_ptr<float>(), *py = y.const_data_ptr<float>();
+  if (nhwc) {
+    const int64_t rows = n * hw;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+    std::vector<double> partial(2 * blocks * channels, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (const auto b : c10::irange(begin, end)) {
+        double* sg = partial.data() + 2 * b * channels;
+        double* sgy = sg + channels;
+        for (int64_t r = rows * b / blocks; r < rows * (b + 1) / blocks; ++r) {
+          const float* gr = pg + r * channels;
+          const float* yr = py + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const double gv = gr[c];
+            sg[c] += gv;
+            sgy[c] += gv * static_cast<double>(yr[c]);
+          }
+        }
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t c = 0; c < channels; ++c) {
+        sum_g[c] += partial[2 * b * channels + c];
+        sum_gy[c] += partial[(2 * b + 1) * channels + c];
+      }
+  } else {
+    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      for (const auto c : c10::irange(begin, end)) {
+        double sg[4] = {0, 0, 0, 0}, sgy[4] = {0, 0, 0, 0};  // four chains: the adds need not wait on each other
+        for (int64_t i = 0; i < n; ++i) {
+          const float* gp = pg + (i * channels + c) * hw;
+          const float* yp = py + (i * channels + c) * hw;
+          int64_t j = 0;
+          for (; j + 4 <= hw; j += 4)
+            for (int k = 0; k < 4; ++k) {
+              const double gv = gp[j + k];
+              sg[k] += gv;
+              sgy[k] += gv * static_cast<double>(yp[j + k]);
+            }
+          for (; j < hw; ++j) {
+            const double gv = gp[j];
+            sg[0] += gv;
+            sgy[0] += gv * static_cast<double>(yp[j]);
+          }
+        }
+        sum_g[c] = (sg[0] + sg[1]) + (sg[2] + sg[3]);
+        sum_gy[c] = (sgy[0] + sgy[1]) + (sgy[2] + sgy[3]);
+      }
+    });
   }
-  at::Tensor grad_y = need_y ? at::empty_like(out) : at::Tensor();
-  at::Tensor prod = need_s ? at::empty_like(out) : at::Tensor();
-  const float* pg = grad.const_data_ptr<float>();
-  const float* po = out.const_data_ptr<float>();
-  float* pgy = need_y ? grad_y.mutable_data_ptr<float>() : nullptr;
-  float* pp = need_s ? prod.mutable_data_ptr<float>() : nullptr;
-  per_channel_runs(out, ps, [&](int64_t off, int64_t len, const float* sc, int64_t step) {
-    const float* g = pg + off;
-    const float* o = po + off;
-    if (step == 1) {
-      if (pgy != nullptr) {
-        float* gy = pgy + off;
-        for (int64_t i = 0; i < len; ++i) gy[i] = g[i] / sc[i];
+}
+
+// The backward of whitepaper_batch_norm, batch norm's own backward on x = y / s + b carried through the division,
+// per channel in float64 from Sg = sum g and Sgy = sum g * y (N values each), with k = r / s:
+//     G = k * (Sgy - mu * Sg)                 (= sum g * xhat: gamma's gradient; beta's is Sg)
+//     grad_y = float(a) * g + float(c1) * (y - mu) + float(c0),   c1 = -a * k * G / N,  c0 = -a * Sg / N
+//     grad_s = -(gamma / s) * G * eps / (var' + eps)   (the division's gradient, which the mean and variance
+//                                                       terms cancel but for eps); b's gradient is 0
+// One pass for the sums, one for grad_y; g is read in y's memory layout.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm_backward(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& mean_y, const at::Tensor& var_y,
+    const at::Tensor& s_in, const at::Tensor& gamma_in, double eps, bool need_y) {
+  const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
+  const at::Tensor g = grad.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  TORCH_CHECK(nchw_or_nhwc(g) && g.sizes() == y.sizes(), "qat_cpu.whitepaper_batch_norm_backward: grad like y");
+  const int64_t channels = y.size(1);
+  const double count = static_cast<double>(y.numel() / std::max<int64_t>(channels, 1));
+  std::vector<double> sum_g(channels, 0.0), sum_gy(channels, 0.0);
+  if (y.numel() > 0) channel_sums(g, y, sum_g, sum_gy);
+  const at::Tensor s = s_in.contiguous(), gamma = gamma_in.contiguous();
+  const auto opts = s.options();
+  at::Tensor grad_s = at::empty({channels}, opts), grad_gamma = at::empty({channels}, opts);
+  at::Tensor grad_beta = at::empty({channels}, opts);
+  const float *ps = s.const_data_ptr<float>(), *pg = gamma.const_data_ptr<float>();
+  const float *pmu = mean_y.const_data_ptr<float>(), *pv = var_y.const_data_ptr<float>();
+  float *gs = grad_s.mutable_data_ptr<float>(), *gg = grad_gamma.mutable_data_ptr<float>();
+  float* gb = grad_beta.mutable_data_ptr<float>();
+  std::vector<float> a(channels), c1(channels), c0(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const double sc = ps[c], gm = pg[c], v = static_cast<double>(pv[c]) / (sc * sc);
+    const double r = 1.0 / std::sqrt(v + eps), k = r / sc, ac = gm * k;
+    const double big_g = k * (sum_gy[c] - static_cast<double>(pmu[c]) * sum_g[c]);
+    a[c] = static_cast<float>(ac);
+    c1[c] = static_cast<float>(-ac * k * big_g / count);
+    c0[c] = static_cast<float>(-ac * sum_g[c] / count);
+    gg[c] = static_cast<float>(big_g);
+    gb[c] = static_cast<float>(sum_g[c]);
+    gs[c] = static_cast<float>(-(gm / sc) * big_g * eps / (v + eps));
+  }
+  at::Tensor grad_y;
+  if (need_y) {
+    grad_y = at::empty_like(y);
+    const float *pgr = g.const_data_ptr<float>(), *py = y.const_data_ptr<float>();
+    float* po = grad_y.mutable_data_ptr<float>();
+    const float *pa = a.data(), *p1 = c1.data(), *p0 = c0.data();
+    per_channel_runs(y, pa, [&](int64_t off, int64_t len, const float* ac, int64_t step) {
+      const float* gr = pgr + off;
+      const float* src = py + off;
+      float* dst = po + off;
+      if (step == 1) {
+        for (int64_t i = 0; i < len; ++i) dst[i] = (ac[i] * gr[i] + p1[i] * (src[i] - pmu[i])) + p0[i];
+      } else {
+        const int64_t c = ac - pa;
+        const float ka = ac[0], k1 = p1[c], k0 = p0[c], m = pmu[c];
+        for (int64_t i = 0; i < len; ++i) dst[i] = (ka * gr[i] + k1 * (src[i] - m)) + k0;
       }
-      if (pp != nullptr) {
-        float* p = pp + off;
-        for (int64_t i = 0; i < len; ++i) p[i] = (o[i] / sc[i]) * g[i];
-      }
-    } else {
-      const float v = sc[0];
-      if (pgy != nullptr) {
-        float* gy = pgy + off;
-        for (int64_t i = 0; i < len; ++i) gy[i] = g[i] / v;
-      }
-      if (pp != nullptr) {
-        float* p = pp + off;
-        for (int64_t i = 0; i < len; ++i) p[i] = (o[i] / v) * g[i];
-      }
-    }
-  });
-  return {grad_y, prod};
+    });
+  }
+  return {grad_y, grad_s, grad_gamma, grad_beta};
 }
 
 // The int32 bias of the integer model (Jacob §2.4), simulated: per channel, in float64 as the conversion does,
@@ -984,8 +1086,10 @@ TORCH_LIBRARY(qat_cpu, m) {
         " float one_minus_decay, int qmin, int qmax, bool symmetric, float eps, int activation)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("integer_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor");
-  m.def("divide_by_channel(Tensor y, Tensor s) -> Tensor");
-  m.def("divide_by_channel_backward(Tensor grad, Tensor out, Tensor s, bool need_y, bool need_s) -> (Tensor, Tensor)");
+  m.def("whitepaper_batch_norm(Tensor y, Tensor s, Tensor gamma, Tensor beta, Tensor? bias, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("whitepaper_batch_norm_backward(Tensor grad, Tensor y, Tensor mean_y, Tensor var_y, Tensor s, Tensor gamma,"
+        " float eps, bool need_y) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_moments_backward(Tensor? grad_var, Tensor? grad_mean, Tensor y) -> Tensor");
   m.def("fold_fake_quantize_weight_backward(Tensor grad, Tensor mask, bool clipped, Tensor w, Tensor? factor,"
         " bool need_prod) -> (Tensor, Tensor)");
@@ -1004,8 +1108,8 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("coded_mask_backward", &coded_mask_backward);
   m.impl("ema_fake_quantize", &ema_fake_quantize);
   m.impl("integer_bias", &integer_bias);
-  m.impl("divide_by_channel", &divide_by_channel);
-  m.impl("divide_by_channel_backward", &divide_by_channel_backward);
+  m.impl("whitepaper_batch_norm", &whitepaper_batch_norm);
+  m.impl("whitepaper_batch_norm_backward", &whitepaper_batch_norm_backward);
   m.impl("batch_moments_backward", &batch_moments_backward);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward);
 }
