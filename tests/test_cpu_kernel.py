@@ -11,9 +11,9 @@ import torch
 from conftest import built_cpu_kernel, count_calls
 
 from qat.errors import QatError
-from qat.quant import cpu_kernel, fused, vectorized
+from qat.quant import cpu_kernel, fused, vectorized, whitepaper_bn
 from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
-from qat.quant.modules import QConvBnAct, QLinear, _DivideByChannel, _WhitepaperBatchNorm
+from qat.quant.modules import QConvBnAct, QLinear, _DivideByChannel
 from qat.quant.observers import CurrentMinMaxObserver, EmaMinMaxObserver
 from qat.quant.scheme import QuantSpec
 
@@ -162,12 +162,11 @@ def test_batch_moments_agree_with_var_mean(layout: torch.memory_format) -> None:
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("grad_layout", ["same", "other"])
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["no_bias", "bias"])
-def test_whitepaper_batch_norm_is_the_aten_path_in_closed_form(layout: torch.memory_format, grad_layout: str,
-                                                               conv_bias: bool) -> None:
-    """Whitepaper Fig. 13's correction and batch norm (the ATen path: y / s + b, then F.batch_norm with batch
-    statistics) in the kernel's closed form: the output, the statistics for the running averages and every gradient
-    at least as close to the float64 truth as the ATen path (or within 2 float32 ulps of the largest value), and
-    s's gradient, which the ATen path takes as a difference of large terms, far closer."""
+def test_whitepaper_batch_norm_closed_form(layout: torch.memory_format, grad_layout: str, conv_bias: bool) -> None:
+    """Whitepaper Fig. 13's correction and batch norm in closed form (qat.quant.whitepaper_bn): the kernel equals the
+    ATen ops bit for bit given the same moments (which are within one ulp); both are at least as close to the
+    float64 truth as the division followed by F.batch_norm (or within 2 float32 ulps of the largest value), and
+    s's gradient, which the division's path takes as a difference of large terms, far closer."""
     ops = built_cpu_kernel()
     g = torch.Generator().manual_seed(13)
     channels, eps = 24, 1e-5
@@ -178,37 +177,45 @@ def test_whitepaper_batch_norm_is_the_aten_path_in_closed_form(layout: torch.mem
     other = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
     grad = torch.randn(y.shape, generator=g).contiguous(memory_format=layout if grad_layout == "same" else other)
 
-    def run(dtype: torch.dtype, kernel: bool) -> list[torch.Tensor]:
+    def run(dtype: torch.dtype, path: str) -> list[torch.Tensor]:
         leaves = [t.to(dtype).requires_grad_() for t in (y, s, gamma, beta)]
         b = bias.to(dtype).requires_grad_() if bias is not None else None
         yy, ss, gg, bb = leaves
-        if kernel:
-            out, mean, var = _WhitepaperBatchNorm.apply(yy, ss, gg, bb, b, eps, ops)
-        else:
+        if path == "division":
             x = _DivideByChannel.apply(yy, ss.reshape(1, -1, 1, 1))
             x = x + b.reshape(1, -1, 1, 1) if b is not None else x
             mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
             out = torch.nn.functional.batch_norm(x, None, None, gg, bb, True, 0.0, eps)
+        else:
+            out, mean, var = whitepaper_bn._WhitepaperBatchNorm.apply(yy, ss, gg, bb, b, eps,
+                                                                     ops if path == "kernel" else None)
         grads = torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad.to(dtype))
         return [out, mean, var, *grads]
 
-    truth, ours, aten = run(torch.float64, False), run(torch.float32, True), run(torch.float32, False)
-    assert ours[0].is_contiguous(memory_format=layout) and ours[3].is_contiguous(memory_format=layout)
+    truth, division = run(torch.float64, "division"), run(torch.float32, "division")
+    kernel, aten = run(torch.float32, "kernel"), run(torch.float32, "aten")
+    assert kernel[0].is_contiguous(memory_format=layout) and kernel[3].is_contiguous(memory_format=layout)
+    var_y, mean_y = vectorized.batch_moments(y)
+    ref_var, ref_mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    assert torch.equal(var_y, ref_var) and torch.equal(mean_y, ref_mean)  # on these values; in general <= 1 ulp
+    for ours, theirs in zip(kernel, aten, strict=True):  # the same moments: the same bits
+        assert torch.equal(ours, theirs) and ours.stride() == theirs.stride()
     names = ["out", "mean", "var", "grad_y", "grad_s", "grad_gamma", "grad_beta", "grad_bias"]
-    for name, t, o, a in zip(names, truth, ours, aten, strict=False):
-        err, aten_err = (o.double() - t).abs().max(), (a.double() - t).abs().max()
-        if name == "grad_s":
-            assert err <= 1e-4 * t.abs().max() and err < aten_err, (err, aten_err)
-        else:
-            assert err <= max(aten_err, 2 * torch.finfo(torch.float32).eps * t.abs().max()), (name, err, aten_err)
+    for closed in (kernel, aten):
+        for name, t, o, a in zip(names, truth, closed, division, strict=False):
+            err, division_err = (o.double() - t).abs().max(), (a.double() - t).abs().max()
+            if name == "grad_s":
+                assert err <= 1e-4 * t.abs().max() and err < division_err, (err, division_err)
+            else:
+                assert err <= max(division_err, 2 * torch.finfo(torch.float32).eps * t.abs().max()), (name, err)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "NHWC"])
-def test_whitepaper_layer_trains_alike_on_both_paths(layout: torch.memory_format,
+def test_whitepaper_layer_trains_alike_on_every_path(layout: torch.memory_format,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """A whitepaper-folded QConvBnAct with batch statistics on the kernel and on the ATen ops: the output, the
-    running statistics (one update each, num_batches_tracked counted once) and every parameter's gradient agree
-    within float32 rounding."""
+    """A whitepaper-folded QConvBnAct with batch statistics on the kernel, on the ATen ops, and with the division
+    and F.batch_norm (CUDA's path): the output, the running statistics (one update each, num_batches_tracked counted
+    once) and every parameter's gradient agree within float32 rounding; the closed form's conv-bias gradient is 0."""
     built_cpu_kernel()
     torch.manual_seed(5)
     conv, bn = torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
@@ -216,25 +223,28 @@ def test_whitepaper_layer_trains_alike_on_both_paths(layout: torch.memory_format
     weight_fq = FakeQuantize(WEIGHT_SPECS[0], CurrentMinMaxObserver(per_channel=True))
     layer = QConvBnAct(conv, bn, "relu6", weight_fq, "whitepaper").train()
     x = torch.randn(6, 8, 10, 10).contiguous(memory_format=layout)
-    calls = count_calls(monkeypatch, _WhitepaperBatchNorm, "apply")
-    results = []
-    for context in (nullcontext(), cpu_kernel.aten_path()):
-        with context:
+    calls = count_calls(monkeypatch, whitepaper_bn, "whitepaper_batch_norm")
+    results = {}
+    for path in ("kernel", "aten", "division"):
+        with cpu_kernel.aten_path() if path != "kernel" else nullcontext(), monkeypatch.context() as patch:
+            if path == "division":
+                patch.setattr(whitepaper_bn, "applies", lambda y: False)
             twin = copy.deepcopy(layer)
             out = twin(x)
             names, params = zip(*twin.named_parameters(), strict=True)
             grads = dict(zip(names, torch.autograd.grad(out.square().sum(), params), strict=True))
-            results.append({"out": out.detach(), "running_mean": twin.bn.running_mean,
-                            "running_var": twin.bn.running_var, **grads})
+            results[path] = {"out": out.detach(), "running_mean": twin.bn.running_mean,
+                             "running_var": twin.bn.running_var, **grads}
             assert int(twin.bn.num_batches_tracked) == 1
-    assert len(calls) == 1  # the kernel's closed form ran once, on the kernel's path only
-    ours, theirs = results
-    # batch norm removes the conv bias exactly: its gradient is 0 (the ATen path leaves rounding noise)
-    assert torch.equal(ours.pop("conv.bias"), torch.zeros(16))
-    assert float(theirs.pop("conv.bias").abs().max()) <= 1e-5 * float(theirs["bn.bias"].abs().max())
-    for name, value in ours.items():
-        assert float((value.double() - theirs[name].double()).abs().max()) <= 1e-5 * float(
-            theirs[name].abs().max()), name
+    assert len(calls) == 2  # the closed form ran on the kernel's path and the ATen path, not on the division's
+    division = results["division"]
+    # batch norm removes the conv bias exactly: its gradient is 0 (the division's path leaves rounding noise)
+    assert float(division.pop("conv.bias").abs().max()) <= 1e-5 * float(division["bn.bias"].abs().max())
+    for path in ("kernel", "aten"):
+        assert torch.equal(results[path].pop("conv.bias"), torch.zeros(16))
+        for name, value in results[path].items():
+            assert float((value.double() - division[name].double()).abs().max()) <= 1e-5 * float(
+                division[name].abs().max()), (path, name)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

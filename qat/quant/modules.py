@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import choice_error
-from qat.quant import fused, vectorized
+from qat.quant import fused, vectorized, whitepaper_bn
 from qat.quant.fake_quant import FakeQuantize, fold_and_quantize
 
 BN_FOLD_MODES = ("jacob", "whitepaper", "unfolded")
@@ -120,8 +120,8 @@ class _IntegerBias(torch.autograd.Function):
 class _DivideByChannel(torch.autograd.Function):
     """``y / s`` for a per-channel ``s``, with autograd's own division gradients (DivBackward0: ``g / s`` and
     ``-g · (y / s) / s`` summed to ``s``'s shape) computed from the saved quotient instead of recomputing
-    ``y / s``: the same values bit for bit, two full passes fewer in the backward (the whitepaper fold's ATen path;
-    qat's kernel replaces the division and the batch norm after it by :class:`_WhitepaperBatchNorm`)."""
+    ``y / s``: the same values bit for bit, two full passes fewer in the backward (the whitepaper fold on CUDA and
+    in reduced precision; float32 CPU activations take the closed form of :mod:`qat.quant.whitepaper_bn`)."""
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -137,34 +137,6 @@ class _DivideByChannel(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_s = (out / s).mul_(grad).sum_to_size(s.shape).neg_()
         return grad_y, grad_s
-
-
-class _WhitepaperBatchNorm(torch.autograd.Function):
-    """Batch norm with batch statistics of ``y / s + b`` (whitepaper Fig. 13's sigma/sigma_B correction, the ATen
-    path's division and ``F.batch_norm``) in closed form by qat's kernel (``qat_cpu.whitepaper_batch_norm``): one
-    pass over ``y`` after its moments, and batch norm's own backward carried through the division in two. Returns
-    the output and the statistics the running averages take (those of ``y / s + b``). Equal to the ATen path
-    within float32 rounding, not bit for bit (tests/test_cpu_kernel.py)."""
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                bias: torch.Tensor | None, eps: float, kernel: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, mean_y, var_y, mean, var = kernel.whitepaper_batch_norm(y, s, gamma, beta, bias, eps)
-        ctx.kernel, ctx.eps = kernel, eps
-        ctx.save_for_backward(y, mean_y, var_y, s, gamma)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        y, mean_y, var_y, s, gamma = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_y, grad_s, grad_gamma, grad_beta = ctx.kernel.whitepaper_batch_norm_backward(
-            grad, y, mean_y, var_y, s, gamma, ctx.eps, need[0])
-        return (grad_y if need[0] else None, grad_s.reshape(s.shape) if need[1] else None,
-                grad_gamma if need[2] else None, grad_beta if need[3] else None,
-                torch.zeros_like(s) if need[4] else None,  # batch norm removes a per-channel shift exactly
-                None, None)
 
 
 def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -306,11 +278,10 @@ class QConvBnAct(IntegerBias, nn.Module):
         y = self._conv(x, fold_and_quantize(self.weight_fq, self.conv.weight, scale))
         # y / (gamma / sigma) is the (quantized) unscaled convolution; batch norm with batch statistics on it
         # equals the sigma/sigma_B output correction plus the batch-moment bias of whitepaper Fig. 13.
-        kernel = vectorized.per_channel_kernel(y, scale, bn.weight, bn.bias, self.conv.bias)
-        if kernel is not None and bn.bias is not None and bn.running_mean is not None:  # below in one call each way
-            out, mean, var = _WhitepaperBatchNorm.apply(y, scale, bn.weight, bn.bias, self.conv.bias, bn.eps, kernel)
+        if whitepaper_bn.applies(y) and bn.bias is not None and bn.running_mean is not None:
+            out, mean, var = whitepaper_bn.whitepaper_batch_norm(y, scale, bn.weight, bn.bias, self.conv.bias, bn.eps)
             self._update_running_stats(mean, var, y.numel() / y.shape[1])
-            return out
+            return out  # the closed form of the two lines below (float32 CPU; qat's kernel where built)
         y = _DivideByChannel.apply(y, scale.reshape(1, -1, 1, 1))
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)

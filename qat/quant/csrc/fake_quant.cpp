@@ -570,16 +570,12 @@ bool nchw_or_nhwc(const at::Tensor& t) {
          (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
-// Whitepaper §3.2.2 / Fig. 13 during training: the convolution y ran with weights folded by the running sigma
-// (s = gamma / sigma per channel, the fold factor), and the layer's output is batch norm with batch statistics of
-// y / s + b (b the conv bias): QConvBnAct's ATen path computes exactly that (a division, then F.batch_norm). Batch
-// norm is invariant to its input's per-channel scale but for eps, so in closed form, per channel, in float64 from
-// y's float32 batch moments mu and v (batch_moments):
-//     var' = v / s^2,  r = 1 / sqrt(var' + eps),  a = gamma * r / s
-//     out  = float(a) * (y - mu) + beta                   (three float32 roundings, no fused multiply-add)
-// The statistics the running averages take are those of y / s + b: mean' = mu / s + b, var'. One pass over y for
-// the output after the moments' two, instead of the division's and batch norm's passes.
-// Equal to the ATen path within float32 rounding (a few ulps; tests/test_cpu_kernel.py measures it), not bit for bit.
+// Whitepaper §3.2.2 / Fig. 13 while batch statistics train: batch norm with batch statistics of y / s + b (s the
+// running-sigma fold factor, b the conv bias) in closed form, per channel in float64 from y's float32 moments:
+//     var' = v / s^2,  d = sqrt(var' + eps) * s,  a = gamma / d,  out = float(a) * (y - mu) + beta
+// and the statistics of y / s + b for the running averages (mean' = mu / s + b, var'). The same operations in the
+// same order as the ATen path of qat/quant/whitepaper_bn.py (its docstring derives them); -ffp-contract=off keeps
+// every float32 product and sum rounded on its own. One pass over y after the moments' two.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm(
     const at::Tensor& y, const at::Tensor& s_in, const at::Tensor& gamma_in, const at::Tensor& beta_in,
     const std::optional<at::Tensor>& bias_in, double eps) {
@@ -679,12 +675,10 @@ void channel_sums(const at::Tensor& g, const at::Tensor& y, std::vector<double>&
   }
 }
 
-// The backward of whitepaper_batch_norm, batch norm's own backward on x = y / s + b carried through the division,
-// per channel in float64 from Sg = sum g and Sgy = sum g * y (N values each), with k = r / s:
-//     G = k * (Sgy - mu * Sg)                 (= sum g * xhat: gamma's gradient; beta's is Sg)
-//     grad_y = float(a) * g + float(c1) * (y - mu) + float(c0),   c1 = -a * k * G / N,  c0 = -a * Sg / N
-//     grad_s = -(gamma / s) * G * eps / (var' + eps)   (the division's gradient, which the mean and variance
-//                                                       terms cancel but for eps); b's gradient is 0
+// The backward of whitepaper_batch_norm (qat/quant/whitepaper_bn.py), from Sg = sum g and Sgy = sum g * y per
+// channel in float64 (channel_sums), then in float64 with k = 1 / d:
+//     G = k * (Sgy - mu * Sg)  (gamma's gradient; beta's is Sg),  grad_s = -(gamma / s) * G * eps / (var' + eps)
+//     grad_y = (float(a) * g + float(c1) * (y - mu)) + float(c0),  c1 = -a * k * G / N,  c0 = -a * Sg / N
 // One pass for the sums, one for grad_y; g is read in y's memory layout.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm_backward(
     const at::Tensor& grad, const at::Tensor& y, const at::Tensor& mean_y, const at::Tensor& var_y,
@@ -707,13 +701,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm
   std::vector<float> a(channels), c1(channels), c0(channels);
   for (int64_t c = 0; c < channels; ++c) {
     const double sc = ps[c], gm = pg[c], v = static_cast<double>(pv[c]) / (sc * sc);
-    const double r = 1.0 / std::sqrt(v + eps), k = r / sc, ac = gm * k;
-    const double big_g = k * (sum_gy[c] - static_cast<double>(pmu[c]) * sum_g[c]);
+    const double d = std::sqrt(v + eps) * sc, k = 1.0 / d, ac = gm / d;
+    const double sg = sum_g[c], big_g = k * (sum_gy[c] - static_cast<double>(pmu[c]) * sg);
     a[c] = static_cast<float>(ac);
     c1[c] = static_cast<float>(-ac * k * big_g / count);
-    c0[c] = static_cast<float>(-ac * sum_g[c] / count);
+    c0[c] = static_cast<float>(-ac * sg / count);
     gg[c] = static_cast<float>(big_g);
-    gb[c] = static_cast<float>(sum_g[c]);
+    gb[c] = static_cast<float>(sg);
     gs[c] = static_cast<float>(-(gm / sc) * big_g * eps / (v + eps));
   }
   at::Tensor grad_y;
