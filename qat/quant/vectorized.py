@@ -100,33 +100,6 @@ class _FusedFakeQuantize(torch.autograd.Function):
         return cpu_kernel.ops().fake_quantize_backward(grad, mask), None, None, None, None, None, None
 
 
-class _FoldFakeQuantizeWeight(torch.autograd.Function):
-    """fq(w · factor) per output channel with the range and (S, Z) taken from that very tensor, in one C++ call
-    (:func:`fold_fake_quantize_weight`); the backward is autograd's for ``w · factor`` after the STE mask."""
-
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, factor: torch.Tensor | None, qmin: int, qmax: int,
-                symmetric: bool, eps: float) -> tuple[torch.Tensor, ...]:
-        out, mask, low, high, scale, zero_point, clipped = cpu_kernel.ops().fold_fake_quantize_weight(
-            w, factor, qmin, qmax, symmetric, eps)
-        ctx.clipped = clipped > 0
-        ctx.save_for_backward(mask if ctx.clipped else None, w, factor)
-        ctx.mark_non_differentiable(low, high, scale, zero_point)
-        ctx.set_materialize_grads(False)  # no zero tensors for the state's (absent) gradients
-        return out, low, high, scale, zero_point
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        mask, w, factor = ctx.saved_tensors
-        if grad is None:  # only the state outputs were used (their gradients are not materialized)
-            return None, None, None, None, None, None
-        need_factor = factor is not None and ctx.needs_input_grad[1]
-        grad_w, grad_factor = cpu_kernel.ops().fold_fake_quantize_weight_backward(
-            grad, mask if mask is not None else grad.new_empty(0, dtype=torch.bool), ctx.clipped, w, factor,
-            need_factor)  # the factor's gradient: autograd's sum of (grad · w) over all but the output axis
-        return grad_w, (grad_factor.reshape(factor.shape) if need_factor else None), None, None, None, None
-
-
 def fold_fake_quantize_weight(w: torch.Tensor, factor: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool,
                               eps: float) -> tuple[torch.Tensor, ...]:
     """``(fq(w'), min, max, S, Z)`` for ``w' = w · factor`` (per output channel; ``factor`` None: ``w`` itself)
@@ -134,7 +107,9 @@ def fold_fake_quantize_weight(w: torch.Tensor, factor: torch.Tensor | None, qmin
     :func:`qat.quant.scheme.choose_qparams`): the folded weight of Jacob eq. 14 / whitepaper Fig. 13 observed and
     fake-quantized (eq. 12) in one pass of qat's C++ kernel, bit for bit the ATen ops' results. Needs the kernel
     (:func:`qat.quant.cpu_kernel.ops`) and a weight whose output channels are contiguous blocks."""
-    return _FoldFakeQuantizeWeight.apply(w, factor, qmin, qmax, symmetric, eps)
+    # autograd in C++ (qat_cpu.fold_fake_quantize_weight_train): the backward is autograd's for w · factor after the
+    # STE mask, factor's gradient autograd's sum of (grad · w) over all but the output axis
+    return cpu_kernel.ops().fold_fake_quantize_weight_train(w, factor, qmin, qmax, symmetric, eps)
 
 
 class _BatchMoments(torch.autograd.Function):

@@ -86,16 +86,14 @@ def _backward_aten(grad: torch.Tensor, y: torch.Tensor, mean_y: torch.Tensor, va
 
 
 class _WhitepaperBatchNorm(torch.autograd.Function):
-    """:func:`whitepaper_batch_norm` with its backward, by qat's kernel (``kernel``) or the ATen ops (``None``)."""
+    """:func:`whitepaper_batch_norm` on the ATen ops, with its backward (the kernel's twin,
+    ``qat_cpu.whitepaper_batch_norm_train``, has its autograd in C++)."""
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                bias: torch.Tensor | None, eps: float, kernel: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if kernel is not None:
-            out, mean_y, var_y, mean, var = kernel.whitepaper_batch_norm(y, s, gamma, beta, bias, eps)
-        else:
-            out, mean_y, var_y, mean, var = _forward_aten(y, s, gamma, beta, bias, eps)
-        ctx.kernel, ctx.eps = kernel, eps
+                bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, mean_y, var_y, mean, var = _forward_aten(y, s, gamma, beta, bias, eps)
+        ctx.eps = eps
         ctx.save_for_backward(y, mean_y, var_y, s, gamma)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
@@ -104,12 +102,11 @@ class _WhitepaperBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         y, mean_y, var_y, s, gamma = ctx.saved_tensors
         need = ctx.needs_input_grad
-        run = ctx.kernel.whitepaper_batch_norm_backward if ctx.kernel is not None else _backward_aten
-        grad_y, grad_s, grad_gamma, grad_beta = run(grad, y, mean_y, var_y, s, gamma, ctx.eps, need[0])
+        grad_y, grad_s, grad_gamma, grad_beta = _backward_aten(grad, y, mean_y, var_y, s, gamma, ctx.eps, need[0])
         return (grad_y if need[0] else None, grad_s.reshape(s.shape) if need[1] else None,
                 grad_gamma if need[2] else None, grad_beta if need[3] else None,
                 torch.zeros_like(s) if need[4] else None,  # batch norm removes a per-channel shift exactly
-                None, None)
+                None)
 
 
 def whitepaper_batch_norm(y: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -117,4 +114,6 @@ def whitepaper_batch_norm(y: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor,
     """Batch norm with batch statistics of ``y / s + b`` for a float32 CPU ``y`` (:func:`applies`): the output, and
     the batch mean and biased variance of ``y / s + b`` for the running averages (without gradient)."""
     kernel = vectorized.per_channel_kernel(y, s, gamma, beta, bias)
-    return _WhitepaperBatchNorm.apply(y, s, gamma, beta, bias, eps, kernel)
+    if kernel is not None:
+        return kernel.whitepaper_batch_norm_train(y, s, gamma, beta, bias, eps)
+    return _WhitepaperBatchNorm.apply(y, s, gamma, beta, bias, eps)

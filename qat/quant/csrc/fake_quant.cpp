@@ -18,7 +18,9 @@
 #include <ATen/ops/mean.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/irange.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1057,6 +1059,102 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   }
 }
 
+// Autograd in C++ for the two ops every folded layer calls each step (no Python autograd.Function round trip, about
+// 25 us a call): the weight quantizer with the BN fold and the whitepaper closed form. Each is the forward op above
+// with its backward op, as qat/quant/vectorized.py's and qat/quant/whitepaper_bn.py's Python Functions define them
+// (those remain the reference and serve the cases these do not).
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class FoldFakeQuantizeWeightTrain : public torch::autograd::Function<FoldFakeQuantizeWeightTrain> {
+ public:
+  // An absent optional tensor is no autograd input: needs_input_grad counts the present ones only.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& w, const std::optional<at::Tensor>& factor,
+                               int64_t qmin, int64_t qmax, bool symmetric, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mask, low, high, scale, zero_point, clipped] = fold_fake_quantize_weight(w, factor, qmin, qmax,
+                                                                                        symmetric, eps);
+    ctx->saved_data["clipped"] = clipped > 0;
+    ctx->save_for_backward({clipped > 0 ? mask : at::Tensor(), w, factor.value_or(at::Tensor())});
+    ctx->mark_non_differentiable({low, high, scale, zero_point});
+    ctx->set_materialize_grads(false);
+    return {out, low, high, scale, zero_point};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &mask = saved[0], &w = saved[1], &factor = saved[2];
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool clipped = ctx->saved_data["clipped"].toBool();
+    const bool need_factor = factor.defined() && ctx->needs_input_grad(1);
+    const std::optional<at::Tensor> f = factor.defined() ? std::optional<at::Tensor>(factor) : std::nullopt;
+    auto [grad_w, grad_factor] = fold_fake_quantize_weight_backward(
+        grad, mask.defined() ? mask : at::empty({0}, grad.options().dtype(at::kBool)), clipped, w, f, need_factor);
+    return {grad_w, need_factor ? grad_factor.reshape(factor.sizes()) : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_fake_quantize_weight_train(
+    const at::Tensor& w, const std::optional<at::Tensor>& factor, int64_t qmin, int64_t qmax, bool symmetric,
+    double eps) {
+  auto r = FoldFakeQuantizeWeightTrain::apply(w, factor, qmin, qmax, symmetric, eps);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
+class WhitepaperBatchNormTrain : public torch::autograd::Function<WhitepaperBatchNormTrain> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& s, const at::Tensor& gamma,
+                               const at::Tensor& beta, const std::optional<at::Tensor>& bias, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean_y, var_y, mean, var] = whitepaper_batch_norm(y, s, gamma, beta, bias, eps);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    ctx->save_for_backward({y, mean_y, var_y, s, gamma});
+    ctx->mark_non_differentiable({mean, var});
+    return {out, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &s = saved[3];
+    auto [grad_y, grad_s, grad_gamma, grad_beta] = whitepaper_batch_norm_backward(
+        grads[0], saved[0], saved[1], saved[2], s, saved[4], ctx->saved_data["eps"].toDouble(),
+        ctx->needs_input_grad(0));
+    // batch norm removes a per-channel shift exactly: the conv bias's gradient is 0
+    return {ctx->needs_input_grad(0) ? grad_y : at::Tensor(), ctx->needs_input_grad(1) ? grad_s.reshape(s.sizes()) : at::Tensor(),
+            ctx->needs_input_grad(2) ? grad_gamma : at::Tensor(), ctx->needs_input_grad(3) ? grad_beta : at::Tensor(),
+            ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4) ? at::zeros_like(s) : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm_train(const at::Tensor& y, const at::Tensor& s,
+                                                                           const at::Tensor& gamma, const at::Tensor& beta,
+                                                                           const std::optional<at::Tensor>& bias,
+                                                                           double eps) {
+  auto r = WhitepaperBatchNormTrain::apply(y, s, gamma, beta, bias, eps);
+  return {r[0], r[1], r[2]};
+}
+
+// The same ops where autograd is not dispatched (inference mode): the forward alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_fake_quantize_weight_infer(
+    const at::Tensor& w, const std::optional<at::Tensor>& factor, int64_t qmin, int64_t qmax, bool symmetric,
+    double eps) {
+  auto [out, mask, low, high, scale, zero_point, clipped] = fold_fake_quantize_weight(w, factor, qmin, qmax,
+                                                                                      symmetric, eps);
+  return {out, low, high, scale, zero_point};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm_infer(const at::Tensor& y, const at::Tensor& s,
+                                                                           const at::Tensor& gamma, const at::Tensor& beta,
+                                                                           const std::optional<at::Tensor>& bias,
+                                                                           double eps) {
+  auto [out, mean_y, var_y, mean, var] = whitepaper_batch_norm(y, s, gamma, beta, bias, eps);
+  return {out, mean, var};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat_cpu, m) {
@@ -1082,6 +1180,10 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("integer_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor");
   m.def("whitepaper_batch_norm(Tensor y, Tensor s, Tensor gamma, Tensor beta, Tensor? bias, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fold_fake_quantize_weight_train(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("whitepaper_batch_norm_train(Tensor y, Tensor s, Tensor gamma, Tensor beta, Tensor? bias, float eps)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("whitepaper_batch_norm_backward(Tensor grad, Tensor y, Tensor mean_y, Tensor var_y, Tensor s, Tensor gamma,"
         " float eps, bool need_y) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_moments_backward(Tensor? grad_var, Tensor? grad_mean, Tensor y) -> Tensor");
@@ -1104,6 +1206,13 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("integer_bias", &integer_bias);
   m.impl("whitepaper_batch_norm", &whitepaper_batch_norm);
   m.impl("whitepaper_batch_norm_backward", &whitepaper_batch_norm_backward);
+  m.impl("fold_fake_quantize_weight_train", &fold_fake_quantize_weight_infer);
+  m.impl("whitepaper_batch_norm_train", &whitepaper_batch_norm_infer);
   m.impl("batch_moments_backward", &batch_moments_backward);
   m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward);
+}
+
+TORCH_LIBRARY_IMPL(qat_cpu, Autograd, m) {
+  m.impl("fold_fake_quantize_weight_train", &fold_fake_quantize_weight_train);
+  m.impl("whitepaper_batch_norm_train", &whitepaper_batch_norm_train);
 }
