@@ -120,8 +120,8 @@ class _IntegerBias(torch.autograd.Function):
 class _DivideByChannel(torch.autograd.Function):
     """``y / s`` for a per-channel ``s``, with autograd's own division gradients (DivBackward0: ``g / s`` and
     ``-g · (y / s) / s`` summed to ``s``'s shape) computed from the saved quotient instead of recomputing
-    ``y / s``: the same values bit for bit, two full passes fewer in the backward (the whitepaper fold on CUDA and
-    in reduced precision; float32 CPU activations take the closed form of :mod:`qat.quant.whitepaper_bn`)."""
+    ``y / s``: the same values bit for bit, two full passes fewer in the backward (the whitepaper fold wherever qat's
+    kernel does not run it in closed form, :mod:`qat.quant.whitepaper_bn`)."""
 
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -278,10 +278,12 @@ class QConvBnAct(IntegerBias, nn.Module):
         y = self._conv(x, fold_and_quantize(self.weight_fq, self.conv.weight, scale))
         # y / (gamma / sigma) is the (quantized) unscaled convolution; batch norm with batch statistics on it
         # equals the sigma/sigma_B output correction plus the batch-moment bias of whitepaper Fig. 13.
-        if whitepaper_bn.applies(y) and bn.bias is not None and bn.running_mean is not None:
-            out, mean, var = whitepaper_bn.whitepaper_batch_norm(y, scale, bn.weight, bn.bias, self.conv.bias, bn.eps)
+        kernel = whitepaper_bn.kernel_for(y, scale, bn.weight, bn.bias, self.conv.bias)
+        if kernel is not None and bn.bias is not None and bn.running_mean is not None:
+            out, mean, var = whitepaper_bn.whitepaper_batch_norm(y, scale, bn.weight, bn.bias, self.conv.bias, bn.eps,
+                                                                 kernel)
             self._update_running_stats(mean, var, y.numel() / y.shape[1])
-            return out  # the closed form of the two lines below (float32 CPU; qat's kernel where built)
+            return out  # the lines below in closed form, in one call each way
         y = _DivideByChannel.apply(y, scale.reshape(1, -1, 1, 1))
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
