@@ -3,7 +3,8 @@
 The convolution ``y`` ran with weights folded by the running sigma (``s = gamma / sigma`` per channel, the fold
 factor), and the layer's output is batch norm with batch statistics of ``y / s + b`` (``b`` the conv bias): the
 sigma/sigma_B correction and the batch-moment bias. Batch norm is invariant to its input's per-channel scale but for
-eps, so per channel, in float64 from ``y``'s float32 batch moments ``mu``, ``v``::
+eps, so per channel, in float64 from ``y``'s batch moments ``mu``, ``v`` (one float64 pass of sums of ``y`` and
+``y^2``, rounded to float32)::
 
     var' = v / s^2,   d = sqrt(var' + eps) * s,   a = gamma / d
     out  = float(a) * (y - mu) + beta
@@ -16,8 +17,8 @@ values of a channel (float64 sums of exact terms), then in float64 with ``k = 1 
     grad_y = (float(a) * g + float(c1) * (y - mu)) + float(c0),   c1 = -a * k * G / N,   c0 = -a * Sg / N
     grad_s = -(gamma / s) * G * eps / (var' + eps)                (b's gradient is 0)
 
-qat's kernel computes it (``qat_cpu.whitepaper_batch_norm_train``: one pass over ``y`` after the moments' two, two
-backward, autograd in C++). Everywhere else (no kernel, CUDA, autocast's reduced precision, torch.compile) the
+qat's kernel computes it (``qat_cpu.whitepaper_batch_norm_train``: two passes over ``y`` forward, two backward,
+autograd in C++). Everywhere else (no kernel, CUDA, autocast's reduced precision, torch.compile) the
 division and ``F.batch_norm`` run, whose fused kernels are fast there. The two are not bit for bit equal: the closed
 form is as close to the float64 truth as the division's path or closer, and ``s``'s gradient, which the division's
 path takes as a difference of large terms, is exact (``tests/test_cpu_kernel.py``). Like Jacob's batch moments

@@ -572,12 +572,78 @@ bool nchw_or_nhwc(const at::Tensor& t) {
          (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
+// The batch mean and biased variance per channel in one pass: float64 sums of y and y^2, var = E[y^2] - mu^2 (in
+// float64 the cancellation costs ~mu^2/var * 1e-16 relative, negligible for float32 results unless |mu| / sigma
+// exceeds ~1e4). For the whitepaper closed form, which is the kernel's alone (Jacob's moments keep two passes to
+// stay within one ulp of torch.var_mean).
+std::tuple<at::Tensor, at::Tensor> one_pass_moments(const at::Tensor& y) {
+  const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
+  const int64_t n = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
+  const int64_t count = n * hw;
+  const float* py = y.const_data_ptr<float>();
+  std::vector<double> sum(channels, 0.0), sum_sq(channels, 0.0);
+  if (count > 0 && nhwc) {
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+    std::vector<double> partial(2 * blocks * channels, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (const auto b : c10::irange(begin, end)) {
+        double* s1 = partial.data() + 2 * b * channels;
+        double* s2 = s1 + channels;
+        for (int64_t r = count * b / blocks; r < count * (b + 1) / blocks; ++r) {
+          const float* row = py + r * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const double v = row[c];
+            s1[c] += v;
+            s2[c] += v * v;
+          }
+        }
+      }
+    });
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t c = 0; c < channels; ++c) {
+        sum[c] += partial[2 * b * channels + c];
+        sum_sq[c] += partial[(2 * b + 1) * channels + c];
+      }
+  } else if (count > 0) {
+    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      for (const auto c : c10::irange(begin, end)) {
+        double s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0};  // four chains: the adds need not wait on each other
+        for (int64_t i = 0; i < n; ++i) {
+          const float* plane = py + (i * channels + c) * hw;
+          int64_t j = 0;
+          for (; j + 4 <= hw; j += 4)
+            for (int k = 0; k < 4; ++k) {
+              const double v = plane[j + k];
+              s1[k] += v;
+              s2[k] += v * v;
+            }
+          for (; j < hw; ++j) {
+            const double v = plane[j];
+            s1[0] += v;
+            s2[0] += v * v;
+          }
+        }
+        sum[c] = (s1[0] + s1[1]) + (s1[2] + s1[3]);
+        sum_sq[c] = (s2[0] + s2[1]) + (s2[2] + s2[3]);
+      }
+    });
+  }
+  const auto opts = y.options();
+  at::Tensor var = at::empty({channels}, opts), mean = at::empty({channels}, opts);
+  float *pv = var.mutable_data_ptr<float>(), *pm = mean.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    const double mu = count > 0 ? sum[c] / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
+    pm[c] = static_cast<float>(mu);
+    pv[c] = static_cast<float>(std::max(sum_sq[c] / static_cast<double>(count) - mu * mu, 0.0));
+  }
+  return {var, mean};
+}
+
 // Whitepaper §3.2.2 / Fig. 13 while batch statistics train: batch norm with batch statistics of y / s + b (s the
 // running-sigma fold factor, b the conv bias) in closed form, per channel in float64 from y's float32 moments:
 //     var' = v / s^2,  d = sqrt(var' + eps) * s,  a = gamma / d,  out = float(a) * (y - mu) + beta
-// and the statistics of y / s + b for the running averages (mean' = mu / s + b, var'). The same operations in the
-// same order as the ATen path of qat/quant/whitepaper_bn.py (its docstring derives them); -ffp-contract=off keeps
-// every float32 product and sum rounded on its own. One pass over y after the moments' two.
+// and the statistics of y / s + b for the running averages (mean' = mu / s + b, var'); qat/quant/whitepaper_bn.py
+// derives them. One pass over y for the moments (one_pass_moments), one for the output.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm(
     const at::Tensor& y, const at::Tensor& s_in, const at::Tensor& gamma_in, const at::Tensor& beta_in,
     const std::optional<at::Tensor>& bias_in, double eps) {
@@ -588,7 +654,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepape
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == channels,
                 "qat_cpu.whitepaper_batch_norm: float32 s, gamma, beta per channel");
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  auto [var_y, mean_y] = batch_moments(y);
+  auto [var_y, mean_y] = one_pass_moments(y);
   const auto opts = y.options();
   at::Tensor mean = at::empty({channels}, opts), var = at::empty({channels}, opts);
   std::vector<float> a(channels);
