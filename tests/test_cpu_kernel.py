@@ -183,13 +183,14 @@ def test_whitepaper_batch_norm_closed_form(layout: torch.memory_format, grad_lay
         leaves = [t.to(dtype).requires_grad_() for t in (y, s, gamma, beta)]
         b = bias.to(dtype).requires_grad_() if bias is not None else None
         yy, ss, gg, bb = leaves
+        # running statistics with momentum 1: the batch's own (the variance made unbiased)
+        mean, var = torch.zeros(channels, dtype=dtype), torch.ones(channels, dtype=dtype)
         if path == "division":
             x = _DivideByChannel.apply(yy, ss.reshape(1, -1, 1, 1))
             x = x + b.reshape(1, -1, 1, 1) if b is not None else x
-            mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=False)
-            out = torch.nn.functional.batch_norm(x, None, None, gg, bb, True, 0.0, eps)
+            out = torch.nn.functional.batch_norm(x, mean, var, gg, bb, True, 1.0, eps)
         else:
-            out, mean, var = whitepaper_bn.whitepaper_batch_norm(yy, ss, gg, bb, b, eps, ops)
+            out = whitepaper_bn.whitepaper_batch_norm(yy, ss, gg, bb, b, mean, var, 1.0, eps, ops)
         grads = torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad.to(dtype))
         return [out, mean, var, *grads]
 

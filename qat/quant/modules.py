@@ -278,12 +278,12 @@ class QConvBnAct(IntegerBias, nn.Module):
         y = self._conv(x, fold_and_quantize(self.weight_fq, self.conv.weight, scale))
         # y / (gamma / sigma) is the (quantized) unscaled convolution; batch norm with batch statistics on it
         # equals the sigma/sigma_B output correction plus the batch-moment bias of whitepaper Fig. 13.
-        kernel = whitepaper_bn.kernel_for(y, scale, bn.weight, bn.bias, self.conv.bias)
-        if kernel is not None and bn.bias is not None and bn.running_mean is not None:
-            out, mean, var = whitepaper_bn.whitepaper_batch_norm(y, scale, bn.weight, bn.bias, self.conv.bias, bn.eps,
-                                                                 kernel)
-            self._update_running_stats(mean, var, y.numel() / y.shape[1])
-            return out  # the lines below in closed form, in one call each way
+        kernel = whitepaper_bn.kernel_for(y, scale, bn.weight, bn.bias, self.conv.bias, bn.running_mean,
+                                          bn.running_var)
+        if kernel is not None and bn.bias is not None and bn.running_mean is not None:  # the lines below in closed
+            return whitepaper_bn.whitepaper_batch_norm(  # form, one call each way, running statistics included
+                y, scale, bn.weight, bn.bias, self.conv.bias, bn.running_mean, bn.running_var, self._momentum(),
+                bn.eps, kernel)
         y = _DivideByChannel.apply(y, scale.reshape(1, -1, 1, 1))
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)

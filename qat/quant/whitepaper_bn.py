@@ -38,13 +38,16 @@ from qat.quant import vectorized
 
 def kernel_for(y: torch.Tensor, *vectors: torch.Tensor | None) -> Any | None:
     """qat's kernel ops where the closed form applies to ``y`` (float32 NCHW/NHWC CPU, eager, kernel built) and
-    ``vectors`` (one float32 value per channel each; ``None`` an absent optional one), else ``None``."""
+    ``vectors`` (one contiguous float32 value per channel each; ``None`` an absent optional one), else ``None``."""
+    if not all(v is None or v.is_contiguous() for v in vectors):
+        return None
     return vectorized.per_channel_kernel(y, *vectors)
 
 
 def whitepaper_batch_norm(y: torch.Tensor, s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                          bias: torch.Tensor | None, eps: float,
-                          kernel: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch norm with batch statistics of ``y / s + b`` by qat's kernel (``kernel_for``): the output, and the batch
-    mean and biased variance of ``y / s + b`` for the running averages (without gradient)."""
-    return kernel.whitepaper_batch_norm_train(y, s, gamma, beta, bias, eps)
+                          bias: torch.Tensor | None, running_mean: torch.Tensor, running_var: torch.Tensor,
+                          momentum: float, eps: float, kernel: Any) -> torch.Tensor:
+    """Batch norm with batch statistics of ``y / s + b`` by qat's kernel (``kernel_for``), the running statistics
+    updated in place from those of ``y / s + b`` as ``nn.BatchNorm2d`` updates them (momentum; the variance made
+    unbiased)."""
+    return kernel.whitepaper_batch_norm_train(y, s, gamma, beta, bias, running_mean, running_var, momentum, eps)

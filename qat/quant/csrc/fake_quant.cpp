@@ -1172,14 +1172,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_fake
 class WhitepaperBatchNormTrain : public torch::autograd::Function<WhitepaperBatchNormTrain> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& s, const at::Tensor& gamma,
-                               const at::Tensor& beta, const std::optional<at::Tensor>& bias, double eps) {
+                               const at::Tensor& beta, const std::optional<at::Tensor>& bias, at::Tensor running_mean,
+                               at::Tensor running_var, double momentum, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mean_y, var_y, mean, var] = whitepaper_batch_norm(y, s, gamma, beta, bias, eps);
+    update_running_stats(running_mean, running_var, mean, var, momentum,
+                         static_cast<double>(y.numel() / std::max<int64_t>(y.size(1), 1)));
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
     ctx->save_for_backward({y, mean_y, var_y, s, gamma});
-    ctx->mark_non_differentiable({mean, var});
-    return {out, mean, var};
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -1189,19 +1191,20 @@ class WhitepaperBatchNormTrain : public torch::autograd::Function<WhitepaperBatc
         grads[0], saved[0], saved[1], saved[2], s, saved[4], ctx->saved_data["eps"].toDouble(),
         ctx->needs_input_grad(0));
     // batch norm removes a per-channel shift exactly: the conv bias's gradient is 0
+    const bool bias = ctx->saved_data["bias"].toBool();
     return {ctx->needs_input_grad(0) ? grad_y : at::Tensor(), ctx->needs_input_grad(1) ? grad_s.reshape(s.sizes()) : at::Tensor(),
             ctx->needs_input_grad(2) ? grad_gamma : at::Tensor(), ctx->needs_input_grad(3) ? grad_beta : at::Tensor(),
-            ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4) ? at::zeros_like(s) : at::Tensor(),
-            at::Tensor()};
+            bias && ctx->needs_input_grad(4) ? at::zeros_like(s) : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm_train(const at::Tensor& y, const at::Tensor& s,
-                                                                           const at::Tensor& gamma, const at::Tensor& beta,
-                                                                           const std::optional<at::Tensor>& bias,
-                                                                           double eps) {
-  auto r = WhitepaperBatchNormTrain::apply(y, s, gamma, beta, bias, eps);
-  return {r[0], r[1], r[2]};
+// Batch norm's output, the running statistics updated in place as nn.BatchNorm2d updates them (momentum, the
+// variance made unbiased) from those of y / s + b.
+at::Tensor whitepaper_batch_norm_train(const at::Tensor& y, const at::Tensor& s, const at::Tensor& gamma,
+                                       const at::Tensor& beta, const std::optional<at::Tensor>& bias,
+                                       at::Tensor& running_mean, at::Tensor& running_var, double momentum, double eps) {
+  return WhitepaperBatchNormTrain::apply(y, s, gamma, beta, bias, running_mean, running_var, momentum, eps)[0];
 }
 
 // The same ops where autograd is not dispatched (inference mode): the forward alone.
@@ -1213,12 +1216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_fake
   return {out, low, high, scale, zero_point};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm_infer(const at::Tensor& y, const at::Tensor& s,
-                                                                           const at::Tensor& gamma, const at::Tensor& beta,
-                                                                           const std::optional<at::Tensor>& bias,
-                                                                           double eps) {
+at::Tensor whitepaper_batch_norm_infer(const at::Tensor& y, const at::Tensor& s, const at::Tensor& gamma,
+                                       const at::Tensor& beta, const std::optional<at::Tensor>& bias,
+                                       at::Tensor& running_mean, at::Tensor& running_var, double momentum, double eps) {
   auto [out, mean_y, var_y, mean, var] = whitepaper_batch_norm(y, s, gamma, beta, bias, eps);
-  return {out, mean, var};
+  update_running_stats(running_mean, running_var, mean, var, momentum,
+                       static_cast<double>(y.numel() / std::max<int64_t>(y.size(1), 1)));
+  return out;
 }
 
 }  // namespace
@@ -1248,8 +1252,8 @@ TORCH_LIBRARY(qat_cpu, m) {
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("fold_fake_quantize_weight_train(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("whitepaper_batch_norm_train(Tensor y, Tensor s, Tensor gamma, Tensor beta, Tensor? bias, float eps)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("whitepaper_batch_norm_train(Tensor y, Tensor s, Tensor gamma, Tensor beta, Tensor? bias,"
+        " Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, float eps) -> Tensor");
   m.def("whitepaper_batch_norm_backward(Tensor grad, Tensor y, Tensor mean_y, Tensor var_y, Tensor s, Tensor gamma,"
         " float eps, bool need_y) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_moments_backward(Tensor? grad_var, Tensor? grad_mean, Tensor y) -> Tensor");
