@@ -15,6 +15,7 @@ from qat.engines import torch_native
 from qat.errors import QatError
 from qat.intmodel.convert import convert
 from qat.intmodel.graph import IntModel
+from qat.intmodel.reference import ReferenceExecutor
 from qat.models.fold import fold_batch_norm
 from qat.quant.config import QuantConfig
 from qat.quant.prepare import calibration_mode, prepare
@@ -168,6 +169,21 @@ def test_pte_round_trip_and_sub_8_bit_model_runs_flagged(tiny_w4a4, tmp_path) ->
     codes = torch.round(out / q.scale) + q.zero_point
     assert codes.min() >= q.qmin and codes.max() <= q.qmax and codes.unique().numel() > 1
     assert (out.argmax(1) == et.QdqReference(int_model)(x).argmax(1)).float().mean() >= 0.9
+
+
+def test_a_narrow_input_grid_clamps_images_outside_its_range(tiny_w4a4) -> None:
+    """Images beyond the input quantizer's range (a learned or clipped input step) take the 4-bit grid's end codes
+    on XNNPACK as in the integer model: the input's quantize re-clamps to the narrow grid in the int8 container
+    (without it, those codes ran on up to 127 and the outputs left the reference by many LSBs)."""
+    int_model, engine = tiny_w4a4
+    first = int_model.nodes[0]
+    assert first.op == "quantize" and first.out.qmax - first.out.qmin == 15
+    x = 6 * torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    codes = torch.round(x / first.out.scale) + first.out.zero_point
+    assert ((codes < first.out.qmin) | (codes > first.out.qmax)).float().mean() > 0.2  # far outside the range
+    out, q = engine(x), int_model.nodes[-2].out
+    lsb = (out - ReferenceExecutor(int_model)(x)).abs() / q.scale
+    assert float(lsb.max()) <= 1.01, float(lsb.max())
 
 
 def test_threads_resize_the_pool_and_earlier_programs_still_run(tiny_w4a4) -> None:

@@ -133,8 +133,11 @@ class _Step(nn.Module):
         elif node.op not in ("quantize", "dequantize", "avg_pool", "max_pool", "flatten", "cat", "hardswish",
                              "hardsigmoid", "mul"):
             raise QatError("engine", f"op {node.op!r} of {node.name} is not supported by {ENGINE}", "")
-        # ops without a fused clamp re-clamp a narrow (<8-bit) output grid in a separate int8 clamp
-        self.grid_clamp = out_grid is not None and out_grid.narrow and node.op in ("add", "avg_pool", "cat")
+        # ops without a fused clamp re-clamp a narrow (<8-bit) output grid in a separate int8 clamp (the int8
+        # container's quantize clamps to [-128, 127] only): the input's quantize too, whose codes leave a narrow
+        # grid wherever the image leaves its range (a learned or clipped input step)
+        self.grid_clamp = out_grid is not None and out_grid.narrow and node.op in (
+            "quantize", "add", "avg_pool", "cat", "hardswish", "hardsigmoid", "mul")
 
     def _weights(self, node: IntNode) -> None:
         w = node.tensors["weight"].to(torch.int8)
@@ -177,16 +180,17 @@ class _Step(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         if self.op == "quantize":
-            return self._q(xs[0], self.out_grid)
-        reals = [self._dq(x, g) for x, g in zip(xs, self.in_grids, strict=True)]
-        if self.op == "dequantize":
-            return reals[0]
-        y = self._compute(reals)
-        if self.relu:
-            y = F.relu(y)
-        elif self.clamp is not None:
-            y = F.hardtanh(y, self.clamp[0], self.clamp[1])
-        y = self._q(y, self.out_grid)
+            y = self._q(xs[0], self.out_grid)
+        else:
+            reals = [self._dq(x, g) for x, g in zip(xs, self.in_grids, strict=True)]
+            if self.op == "dequantize":
+                return reals[0]
+            y = self._compute(reals)
+            if self.relu:
+                y = F.relu(y)
+            elif self.clamp is not None:
+                y = F.hardtanh(y, self.clamp[0], self.clamp[1])
+            y = self._q(y, self.out_grid)
         if self.grid_clamp:
             g = self.out_grid
             y = self._q(F.hardtanh(self._dq(y, g), g.real(g.qmin), g.real(g.qmax)), g)
