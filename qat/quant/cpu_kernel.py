@@ -84,7 +84,9 @@ def _build() -> Any:
     finally:
         cpp_log.setLevel(level)
     if elapsed > 2:  # a real compilation, not a cache hit
-        print(f"qat: built the fused CPU fake-quantize kernel in {elapsed:.0f} s (cached for later runs)", flush=True)
+        # on stderr: a process's stdout is its output (a script's table, a subprocess's numbers), not this note
+        print(f"qat: built the fused CPU fake-quantize kernel in {elapsed:.0f} s (cached for later runs)",
+              file=sys.stderr, flush=True)
     return torch.ops.qat_cpu
 
 
