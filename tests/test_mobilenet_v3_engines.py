@@ -26,7 +26,7 @@ V3_OPS = ("hardswish", "hardsigmoid", "mul")
 # Per op, fed the reference's own input codes: the largest difference allowed, as in tests/test_engine_onnxruntime.py
 # and tests/test_engine_executorch.py: both engines requantize conv/linear/mul with an fp32 multiplier where the
 # reference uses (M0, n) (ORT pools as the reference does: tests/test_pooling.py), and quantize a
-# float hardswish/hardsigmoid (or XNNPACK's int8 hardswish) where it looks the simulation's codes up in a table;
+# float hardswish/hardsigmoid where it looks the simulation's codes up in a table;
 # each differs only near rounding ties
 TOLERANCE_LSB = 1
 
@@ -169,19 +169,22 @@ def test_executorch_predicts_as_the_reference(v3, et_adapter, et_lowered) -> Non
 
 
 def test_executorch_records_what_xnnpack_runs(v3, et_adapter, et_lowered, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Read from the lowered program: one XNNPACK delegate holds everything (nothing in portable kernels);
-    hardswish and mul on XNNPACK's int8 kernels, hardsigmoid in fp32 (XNNPACK has none) as an add with a fused
-    clamp and a divide, the only fp32 nodes; the record (engine_info, via fidelity) says so."""
+    """Read from the lowered program: one XNNPACK delegate holds everything (nothing in portable kernels); mul on
+    XNNPACK's int8 kernel, hardswish on its fp32 kernel and hardsigmoid in fp32 (XNNPACK has none) as an add with a
+    fused clamp and a divide, the only fp32 nodes; the record (engine_info, via fidelity) says so."""
     int_model = v3[2]
     n = _count(int_model)
     assert et_lowered.delegates == 1
-    assert et_lowered.xnn_nodes["XNNHardswish(qint8->qint8)"] == n["hardswish"]
+    assert "XNNHardswish(qint8->qint8)" not in et_lowered.xnn_nodes
     assert et_lowered.xnn_nodes["XNNMultiply(qint8,qint8->qint8)"] == n["mul"]
     assert et_lowered.gemms("qint8") == n["conv2d"] + n["linear"] and et_lowered.gemms("fp32") == 0
     floats = {k: v for k, v in et_lowered.xnn_nodes.items() if k.endswith("->fp32)") and "Convert" not in k}
-    assert floats == {"XNNAdd(fp32,fp32->fp32)": n["hardsigmoid"], "XNNDiv(fp32,fp32->fp32)": n["hardsigmoid"]}
+    assert floats == {"XNNHardswish(fp32->fp32)": n["hardswish"], "XNNAdd(fp32,fp32->fp32)": n["hardsigmoid"],
+                      "XNNDiv(fp32,fp32->fp32)": n["hardsigmoid"]}
     record = et_adapter.elementwise_execution(int_model, et_lowered)
-    assert record["hardswish"] == "delegated to XNNPACK's int8 kernel XNNHardswish(qint8->qint8)"
+    assert record["hardswish"] == ("delegated to XNNPACK in fp32 (XNNHardswish(fp32->fp32), ExecuTorch's "
+                                   "partitioner admits hardswish in fp32 only) between XNNPACK's int8->fp32 and "
+                                   "fp32->int8 converts")
     assert record["mul"] == "delegated to XNNPACK's int8 kernel XNNMultiply(qint8,qint8->qint8)"
     assert record["hardsigmoid"].startswith("delegated to XNNPACK in fp32 (XNNAdd(fp32,fp32->fp32), "
                                             "XNNDiv(fp32,fp32->fp32)")
@@ -194,14 +197,10 @@ def test_executorch_records_what_xnnpack_runs(v3, et_adapter, et_lowered, monkey
         "; nothing in portable kernels"
 
 
-def test_executorch_refuses_a_silent_fp32_hardswish(v3, et_adapter, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """With ExecuTorch's stock partitioner configs (hardswish admitted in fp32 only) XNNPACK would run hardswish
-    in fp32: the lowering says so in one line instead of running it."""
-    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-    stock = XnnpackPartitioner(config_precisions=[ConfigPrecisionType.STATIC_QUANT, ConfigPrecisionType.FP32])
-    monkeypatch.setattr(et_adapter, "_partitioner", lambda quantized: stock)
+def test_executorch_refuses_an_unexpected_fp32_node(v3, et_adapter, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """fp32 inside the delegate is admitted only as hardswish and the hardsigmoid decomposition: any other fp32
+    node (here: hardswish, once it is no longer expected) stops the lowering in one line instead of running."""
+    monkeypatch.setattr(et_adapter, "_FP32_NODES", {"hardsigmoid": et_adapter._FP32_NODES["hardsigmoid"]})
     with pytest.raises(QatError, match=r"^engine: XNNPACK runs fp32 nodes .*XNNHardswish\(fp32->fp32\)") as error:
         et_adapter.lower_int(squeeze_excite_probe(signed=True))
     assert "\n" not in error.value.one_line()
