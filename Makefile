@@ -28,7 +28,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	@mkdir -p outputs/demo && date +%s > $(DEMO_RUNS).start
 	$(PY) experiments/run.py --multirun experiment=demo quant=float,w8a8 model.width_mult=0.35,0.5,1.0 \
-		'latency.eval_engines=[reference,onnxruntime,executorch_xnnpack]' hydra.sweep.dir=$(DEMO_RUNS)
+		hydra.sweep.dir=$(DEMO_RUNS)
 	$(PY) experiments/report.py records=$(DEMO_RUNS) out=$(DEMO_OUT)
 	@echo "make demo: $$(( $$(date +%s) - $$(cat $(DEMO_RUNS).start) )) s wall time (6 runs and the report)$${FBGEMM_ENABLE_INSTRUCTIONS:+, FBGEMM_ENABLE_INSTRUCTIONS=$$FBGEMM_ENABLE_INSTRUCTIONS}" \
 		| tee $(DEMO_OUT)/wall_time.txt

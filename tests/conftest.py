@@ -79,8 +79,10 @@ def for_this_host(config):  # type: ignore[no-untyped-def]
 TINY_CLASSIFICATION: dict[str, object] = {
     "experiment": "demo", "model.width_mult": 0.35, "data.demo.num_classes": 4, "data.demo.train_per_class": 24,
     "data.demo.val_per_class": 8, "data.batch_size": 16, "train.float_epochs": 2, "train.qat_epochs": 1,
-    "latency.repeats": 5, "latency.warmup": 1, "latency.min_time_s": 0, "train.threads": 1}
-"""``experiments/run.py``: MobileNet v2 x0.35 on 4 demo classes (96 training images: 6 batches of 16)."""
+    "latency.repeats": 5, "latency.warmup": 1, "latency.min_time_s": 0, "train.threads": 1,
+    "latency.eval_engines": "[reference,onnxruntime]"}
+"""``experiments/run.py``: MobileNet v2 x0.35 on 4 demo classes (96 training images: 6 batches of 16); fidelity on
+the reference and ONNX Runtime (the demo preset adds ExecuTorch, whose lowering tests run where they need it)."""
 
 TINY_DETECTION: dict[str, object] = {
     "experiment": "detect_demo", "model.width_mult": 0.35, "model.resolution": 64, "data.synthetic.train_images": 48,
