@@ -572,62 +572,72 @@ bool nchw_or_nhwc(const at::Tensor& t) {
          (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
 }
 
-// The batch mean and biased variance per channel in one pass: float64 sums of y and y^2, var = E[y^2] - mu^2 (in
-// float64 the cancellation costs ~mu^2/var * 1e-16 relative, negligible for float32 results unless |mu| / sigma
-// exceeds ~1e4). For the whitepaper closed form, which is the kernel's alone (Jacob's moments keep two passes to
-// stay within one ulp of torch.var_mean).
-std::tuple<at::Tensor, at::Tensor> one_pass_moments(const at::Tensor& y) {
+// Per-channel sums of a and a * b in float64 over (N, H, W), a and b in one layout (NCHW or NHWC): y and y * y for
+// one-pass moments, g and g * y for the backward of whitepaper_batch_norm.
+void channel_sums(const at::Tensor& g, const at::Tensor& y, std::vector<double>& sum_g, std::vector<double>& sum_gy) {
   const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
   const int64_t n = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
-  const int64_t count = n * hw;
-  const float* py = y.const_data_ptr<float>();
-  std::vector<double> sum(channels, 0.0), sum_sq(channels, 0.0);
-  if (count > 0 && nhwc) {
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  const float *pg = g.const_data_ptr<float>(), *py = y.const_data_ptr<float>();
+  if (nhwc) {
+    const int64_t rows = n * hw;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
     std::vector<double> partial(2 * blocks * channels, 0.0);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (const auto b : c10::irange(begin, end)) {
-        double* s1 = partial.data() + 2 * b * channels;
-        double* s2 = s1 + channels;
-        for (int64_t r = count * b / blocks; r < count * (b + 1) / blocks; ++r) {
-          const float* row = py + r * channels;
+        double* sg = partial.data() + 2 * b * channels;
+        double* sgy = sg + channels;
+        for (int64_t r = rows * b / blocks; r < rows * (b + 1) / blocks; ++r) {
+          const float* gr = pg + r * channels;
+          const float* yr = py + r * channels;
           for (int64_t c = 0; c < channels; ++c) {
-            const double v = row[c];
-            s1[c] += v;
-            s2[c] += v * v;
+            const double gv = gr[c];
+            sg[c] += gv;
+            sgy[c] += gv * static_cast<double>(yr[c]);
           }
         }
       }
     });
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t c = 0; c < channels; ++c) {
-        sum[c] += partial[2 * b * channels + c];
-        sum_sq[c] += partial[(2 * b + 1) * channels + c];
+        sum_g[c] += partial[2 * b * channels + c];
+        sum_gy[c] += partial[(2 * b + 1) * channels + c];
       }
-  } else if (count > 0) {
+  } else {
     at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
       for (const auto c : c10::irange(begin, end)) {
-        double s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0};  // four chains: the adds need not wait on each other
+        double sg[4] = {0, 0, 0, 0}, sgy[4] = {0, 0, 0, 0};  // four chains: the adds need not wait on each other
         for (int64_t i = 0; i < n; ++i) {
-          const float* plane = py + (i * channels + c) * hw;
+          const float* gp = pg + (i * channels + c) * hw;
+          const float* yp = py + (i * channels + c) * hw;
           int64_t j = 0;
           for (; j + 4 <= hw; j += 4)
             for (int k = 0; k < 4; ++k) {
-              const double v = plane[j + k];
-              s1[k] += v;
-              s2[k] += v * v;
+              const double gv = gp[j + k];
+              sg[k] += gv;
+              sgy[k] += gv * static_cast<double>(yp[j + k]);
             }
           for (; j < hw; ++j) {
-            const double v = plane[j];
-            s1[0] += v;
-            s2[0] += v * v;
+            const double gv = gp[j];
+            sg[0] += gv;
+            sgy[0] += gv * static_cast<double>(yp[j]);
           }
         }
-        sum[c] = (s1[0] + s1[1]) + (s1[2] + s1[3]);
-        sum_sq[c] = (s2[0] + s2[1]) + (s2[2] + s2[3]);
+        sum_g[c] = (sg[0] + sg[1]) + (sg[2] + sg[3]);
+        sum_gy[c] = (sgy[0] + sgy[1]) + (sgy[2] + sgy[3]);
       }
     });
   }
+}
+
+// The batch mean and biased variance per channel in one pass: float64 sums of y and y^2 (channel_sums), var =
+// E[y^2] - mu^2 (in float64 the cancellation costs ~mu^2/var * 1e-16 relative, negligible for float32 results unless
+// |mu| / sigma exceeds ~1e4). For the whitepaper closed form, which is the kernel's alone (Jacob's moments keep two
+// passes to stay within one ulp of torch.var_mean).
+std::tuple<at::Tensor, at::Tensor> one_pass_moments(const at::Tensor& y) {
+  const int64_t channels = y.size(1);
+  const int64_t count = y.numel() / std::max<int64_t>(channels, 1);
+  std::vector<double> sum(channels, 0.0), sum_sq(channels, 0.0);
+  if (count > 0) channel_sums(y, y, sum, sum_sq);
   const auto opts = y.options();
   at::Tensor var = at::empty({channels}, opts), mean = at::empty({channels}, opts);
   float *pv = var.mutable_data_ptr<float>(), *pm = mean.mutable_data_ptr<float>();
@@ -685,62 +695,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepape
     }
   });
   return {out, mean_y, var_y, mean, var};
-}
-
-// Per-channel sums of g and g * y in float64 (g and y in one layout), for the backward of whitepaper_batch_norm.
-void channel_sums(const at::Tensor& g, const at::Tensor& y, std::vector<double>& sum_g, std::vector<double>& sum_gy) {
-  const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
-  const int64_t n = y.size(0), channels = y.size(1), hw = y.size(2) * y.size(3);
-  const float *pg = g.const_data_ptr<float>(), *py = y.const_data_ptr<float>();
-  if (nhwc) {
-    const int64_t rows = n * hw;
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-    std::vector<double> partial(2 * blocks * channels, 0.0);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (const auto b : c10::irange(begin, end)) {
-        double* sg = partial.data() + 2 * b * channels;
-        double* sgy = sg + channels;
-        for (int64_t r = rows * b / blocks; r < rows * (b + 1) / blocks; ++r) {
-          const float* gr = pg + r * channels;
-          const float* yr = py + r * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const double gv = gr[c];
-            sg[c] += gv;
-            sgy[c] += gv * static_cast<double>(yr[c]);
-          }
-        }
-      }
-    });
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t c = 0; c < channels; ++c) {
-        sum_g[c] += partial[2 * b * channels + c];
-        sum_gy[c] += partial[(2 * b + 1) * channels + c];
-      }
-  } else {
-    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-      for (const auto c : c10::irange(begin, end)) {
-        double sg[4] = {0, 0, 0, 0}, sgy[4] = {0, 0, 0, 0};  // four chains: the adds need not wait on each other
-        for (int64_t i = 0; i < n; ++i) {
-          const float* gp = pg + (i * channels + c) * hw;
-          const float* yp = py + (i * channels + c) * hw;
-          int64_t j = 0;
-          for (; j + 4 <= hw; j += 4)
-            for (int k = 0; k < 4; ++k) {
-              const double gv = gp[j + k];
-              sg[k] += gv;
-              sgy[k] += gv * static_cast<double>(yp[j + k]);
-            }
-          for (; j < hw; ++j) {
-            const double gv = gp[j];
-            sg[0] += gv;
-            sgy[0] += gv * static_cast<double>(yp[j]);
-          }
-        }
-        sum_g[c] = (sg[0] + sg[1]) + (sg[2] + sg[3]);
-        sum_gy[c] = (sgy[0] + sgy[1]) + (sgy[2] + sgy[3]);
-      }
-    });
-  }
 }
 
 // The backward of whitepaper_batch_norm (qat/quant/whitepaper_bn.py), from Sg = sum g and Sgy = sum g * y per
