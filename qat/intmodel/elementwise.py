@@ -10,9 +10,11 @@ with f evaluated by torch's own ``F.hardswish``/``F.hardsigmoid`` on float32 and
 ``torch.fake_quantize_per_tensor_affine``. The simulation applies exactly these steps (dequantized input, the
 float op, the output's fake quantizer), so the table equals the simulation code for code, and at run time the
 op is one integer gather. TFLite does the same for its int8 LOGISTIC/TANH/ELU (tables filled from the float
-function at ``Prepare``, ``LUTPopulate``) and XNNPACK for int8 hardswish; TFLite's fixed-point HARD_SWISH
-(``reference_ops::HardSwish``: 16-bit fixed-point input rescale, ReLU6 shape, output multiplier) would be
-within 1 LSB of the simulation, not equal to it, and the table is what an engine that takes a table runs.
+function at ``Prepare``, ``LUTPopulate``). TFLite's fixed-point HARD_SWISH (``reference_ops::HardSwish``:
+16-bit fixed-point input rescale, ReLU6 shape, output multiplier) and XNNPACK's int8 hardswish (``qs8-vhswish``,
+Q15 fixed point) are within 1 LSB of the simulation, not equal to it; the table is what an engine that takes a table
+runs, and a float hardswish quantized once (XNNPACK's fp32 kernel between converts, as qat's ExecuTorch adapter
+lowers it) equals it.
 
 **MUL** is TFLite's quantized MUL (``reference_integer_ops::MulElementwise``): acc = (q_a − Z_a)(q_b − Z_b) in
 int32, ``MultiplyByQuantizedMultiplier(acc, M0, n)`` with M = S_a·S_b/S_out (Jacob §2.2), + Z_out, clamp. Its
