@@ -232,17 +232,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w, const std::optional<at::Tensor>& factor_in, int64_t qmin, int64_t qmax, bool symmetric,
     double eps) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() >= 1 && dense(w),
-              "qat_cpu.fold_fake_quantize_weight: a dense float32 CPU weight");
+              "qat_cpu.fold_fake_quantize_weight_train: a dense float32 CPU weight");
   const int64_t channels = w.size(0);
   const int64_t numel = w.numel();
   TORCH_CHECK(channels > 0 && w.stride(0) * channels == numel,
-              "qat_cpu.fold_fake_quantize_weight: each output channel must be one contiguous block");
+              "qat_cpu.fold_fake_quantize_weight_train: each output channel must be one contiguous block");
   const int64_t block = numel / channels;
   at::Tensor factor;
   if (factor_in.has_value()) {
     factor = factor_in->contiguous();
     TORCH_CHECK(factor.scalar_type() == at::kFloat && factor.numel() == channels,
-                "qat_cpu.fold_fake_quantize_weight: a float32 factor per output channel");
+                "qat_cpu.fold_fake_quantize_weight_train: a float32 factor per output channel");
   }
   at::Tensor out = at::empty_like(w);
   at::Tensor mask = at::empty_like(w, w.options().dtype(at::kBool));
@@ -657,12 +657,12 @@ std::tuple<at::Tensor, at::Tensor> one_pass_moments(const at::Tensor& y) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm(
     const at::Tensor& y, const at::Tensor& s_in, const at::Tensor& gamma_in, const at::Tensor& beta_in,
     const std::optional<at::Tensor>& bias_in, double eps) {
-  TORCH_CHECK(nchw_or_nhwc(y), "qat_cpu.whitepaper_batch_norm: a 4-d NCHW or NHWC float32 CPU tensor");
+  TORCH_CHECK(nchw_or_nhwc(y), "qat_cpu.whitepaper_batch_norm_train: a 4-d NCHW or NHWC float32 CPU tensor");
   const int64_t channels = y.size(1);
   const at::Tensor s = s_in.contiguous(), gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
   for (const at::Tensor* t : {&s, &gamma, &beta})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == channels,
-                "qat_cpu.whitepaper_batch_norm: float32 s, gamma, beta per channel");
+                "qat_cpu.whitepaper_batch_norm_train: float32 s, gamma, beta per channel");
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   auto [var_y, mean_y] = one_pass_moments(y);
   const auto opts = y.options();
@@ -707,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm
     const at::Tensor& s_in, const at::Tensor& gamma_in, double eps, bool need_y) {
   const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast) && !y.is_contiguous();
   const at::Tensor g = grad.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  TORCH_CHECK(nchw_or_nhwc(g) && g.sizes() == y.sizes(), "qat_cpu.whitepaper_batch_norm_backward: grad like y");
+  TORCH_CHECK(nchw_or_nhwc(g) && g.sizes() == y.sizes(), "qat_cpu.whitepaper_batch_norm_train (backward): grad like y");
   const int64_t channels = y.size(1);
   const double count = static_cast<double>(y.numel() / std::max<int64_t>(channels, 1));
   std::vector<double> sum_g(channels, 0.0), sum_gy(channels, 0.0);
@@ -1079,10 +1079,21 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   }
 }
 
+// The whitepaper closed form for a training step: the output, and nn.BatchNorm2d's update of the running statistics
+// (momentum, the variance made unbiased) from those of y / s + b. Returns (out, mean_y, var_y) for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> whitepaper_batch_norm_step(
+    const at::Tensor& y, const at::Tensor& s, const at::Tensor& gamma, const at::Tensor& beta,
+    const std::optional<at::Tensor>& bias, at::Tensor& running_mean, at::Tensor& running_var, double momentum,
+    double eps) {
+  auto [out, mean_y, var_y, mean, var] = whitepaper_batch_norm(y, s, gamma, beta, bias, eps);
+  update_running_stats(running_mean, running_var, mean, var, momentum,
+                       static_cast<double>(y.numel() / std::max<int64_t>(y.size(1), 1)));
+  return {out, mean_y, var_y};
+}
+
 // Autograd in C++ for the two ops every folded layer calls each step (no Python autograd.Function round trip, about
-// 25 us a call): the weight quantizer with the BN fold and the whitepaper closed form. Each is the forward op above
-// with its backward op, as qat/quant/vectorized.py's and qat/quant/whitepaper_bn.py's Python Functions define them
-// (those remain the reference and serve the cases these do not).
+// 25 us a call): the weight quantizer with the BN fold (fold_fake_quantize_weight and its backward) and the
+// whitepaper closed form (whitepaper_batch_norm_step and whitepaper_batch_norm_backward).
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -1129,9 +1140,8 @@ class WhitepaperBatchNormTrain : public torch::autograd::Function<WhitepaperBatc
                                const at::Tensor& beta, const std::optional<at::Tensor>& bias, at::Tensor running_mean,
                                at::Tensor running_var, double momentum, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean_y, var_y, mean, var] = whitepaper_batch_norm(y, s, gamma, beta, bias, eps);
-    update_running_stats(running_mean, running_var, mean, var, momentum,
-                         static_cast<double>(y.numel() / std::max<int64_t>(y.size(1), 1)));
+    auto [out, mean_y, var_y] = whitepaper_batch_norm_step(y, s, gamma, beta, bias, running_mean, running_var,
+                                                           momentum, eps);
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
     ctx->save_for_backward({y, mean_y, var_y, s, gamma});
@@ -1146,15 +1156,14 @@ class WhitepaperBatchNormTrain : public torch::autograd::Function<WhitepaperBatc
         ctx->needs_input_grad(0));
     // batch norm removes a per-channel shift exactly: the conv bias's gradient is 0
     const bool bias = ctx->saved_data["bias"].toBool();
-    return {ctx->needs_input_grad(0) ? grad_y : at::Tensor(), ctx->needs_input_grad(1) ? grad_s.reshape(s.sizes()) : at::Tensor(),
-            ctx->needs_input_grad(2) ? grad_gamma : at::Tensor(), ctx->needs_input_grad(3) ? grad_beta : at::Tensor(),
-            bias && ctx->needs_input_grad(4) ? at::zeros_like(s) : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    const auto need = [&](size_t i) { return ctx->needs_input_grad(i); };
+    return {need(0) ? grad_y : at::Tensor(), need(1) ? grad_s.reshape(s.sizes()) : at::Tensor(),
+            need(2) ? grad_gamma : at::Tensor(), need(3) ? grad_beta : at::Tensor(),
+            bias && need(4) ? at::zeros_like(s) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-// Batch norm's output, the running statistics updated in place as nn.BatchNorm2d updates them (momentum, the
-// variance made unbiased) from those of y / s + b.
+// Batch norm's output, the running statistics updated in place (whitepaper_batch_norm_step).
 at::Tensor whitepaper_batch_norm_train(const at::Tensor& y, const at::Tensor& s, const at::Tensor& gamma,
                                        const at::Tensor& beta, const std::optional<at::Tensor>& bias,
                                        at::Tensor& running_mean, at::Tensor& running_var, double momentum, double eps) {
@@ -1173,10 +1182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_fake
 at::Tensor whitepaper_batch_norm_infer(const at::Tensor& y, const at::Tensor& s, const at::Tensor& gamma,
                                        const at::Tensor& beta, const std::optional<at::Tensor>& bias,
                                        at::Tensor& running_mean, at::Tensor& running_var, double momentum, double eps) {
-  auto [out, mean_y, var_y, mean, var] = whitepaper_batch_norm(y, s, gamma, beta, bias, eps);
-  update_running_stats(running_mean, running_var, mean, var, momentum,
-                       static_cast<double>(y.numel() / std::max<int64_t>(y.size(1), 1)));
-  return out;
+  return std::get<0>(whitepaper_batch_norm_step(y, s, gamma, beta, bias, running_mean, running_var, momentum, eps));
 }
 
 }  // namespace
@@ -1185,8 +1191,6 @@ TORCH_LIBRARY(qat_cpu, m) {
   m.def("fake_quantize(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int axis, bool need_mask)"
         " -> (Tensor, Tensor)");
   m.def("fake_quantize_backward(Tensor grad, Tensor mask) -> Tensor");
-  m.def("fold_fake_quantize_weight(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
   m.def("batch_moments(Tensor y) -> (Tensor, Tensor)");
   m.def("batch_fold(Tensor var, Tensor mean, Tensor gamma, Tensor beta, Tensor? bias, float eps) -> (Tensor, Tensor)");
   m.def("batch_fold_backward(Tensor? grad_factor, Tensor? grad_bias, Tensor var, Tensor mean, Tensor gamma,"
@@ -1202,23 +1206,16 @@ TORCH_LIBRARY(qat_cpu, m) {
         " float one_minus_decay, int qmin, int qmax, bool symmetric, float eps, int activation)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("integer_bias(Tensor bias, Tensor input_scale, Tensor weight_scale) -> Tensor");
-  m.def("whitepaper_batch_norm(Tensor y, Tensor s, Tensor gamma, Tensor beta, Tensor? bias, float eps)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("fold_fake_quantize_weight_train(Tensor w, Tensor? factor, int qmin, int qmax, bool symmetric, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("whitepaper_batch_norm_train(Tensor y, Tensor s, Tensor gamma, Tensor beta, Tensor? bias,"
         " Tensor(a!) running_mean, Tensor(b!) running_var, float momentum, float eps) -> Tensor");
-  m.def("whitepaper_batch_norm_backward(Tensor grad, Tensor y, Tensor mean_y, Tensor var_y, Tensor s, Tensor gamma,"
-        " float eps, bool need_y) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_moments_backward(Tensor? grad_var, Tensor? grad_mean, Tensor y) -> Tensor");
-  m.def("fold_fake_quantize_weight_backward(Tensor grad, Tensor mask, bool clipped, Tensor w, Tensor? factor,"
-        " bool need_prod) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("fake_quantize", &fake_quantize);
   m.impl("fake_quantize_backward", &fake_quantize_backward);
-  m.impl("fold_fake_quantize_weight", &fold_fake_quantize_weight);
   m.impl("batch_moments", &batch_moments);
   m.impl("batch_fold", &batch_fold);
   m.impl("batch_fold_backward", &batch_fold_backward);
@@ -1228,12 +1225,9 @@ TORCH_LIBRARY_IMPL(qat_cpu, CPU, m) {
   m.impl("coded_mask_backward", &coded_mask_backward);
   m.impl("ema_fake_quantize", &ema_fake_quantize);
   m.impl("integer_bias", &integer_bias);
-  m.impl("whitepaper_batch_norm", &whitepaper_batch_norm);
-  m.impl("whitepaper_batch_norm_backward", &whitepaper_batch_norm_backward);
   m.impl("fold_fake_quantize_weight_train", &fold_fake_quantize_weight_infer);
   m.impl("whitepaper_batch_norm_train", &whitepaper_batch_norm_infer);
   m.impl("batch_moments_backward", &batch_moments_backward);
-  m.impl("fold_fake_quantize_weight_backward", &fold_fake_quantize_weight_backward);
 }
 
 TORCH_LIBRARY_IMPL(qat_cpu, Autograd, m) {
