@@ -406,14 +406,19 @@ def _float_nodes(lowered: Lowered) -> dict[str, int]:
     return {k: v for k, v in lowered.xnn_nodes.items() if k.endswith("->fp32)") and not k.startswith("XNNConvert")}
 
 
+def _elementwise_counts(int_model: IntModel) -> dict[str, int]:
+    """How many hardswish, hardsigmoid and mul layers ``int_model`` has."""
+    return {op: sum(n.op == op for n in int_model.nodes) for op in _ELEMENTWISE}
+
+
 def _check_float_nodes(int_model: IntModel, lowered: Lowered) -> None:
     """fp32 inside the delegate only as hardswish and the hardsigmoid decomposition, and each mul on XNNPACK's int8
     kernel; anything else is a QatError naming the nodes (never a silent fp32 op)."""
-    count = {op: sum(n.op == op for n in int_model.nodes) for op in _ELEMENTWISE}
+    count = _elementwise_counts(int_model)
     expected: dict[str, int] = {}
     for op, nodes in _FP32_NODES.items():
-        for kind, n in nodes.items():
-            if count[op]:
+        if count[op]:
+            for kind, n in nodes.items():
                 expected[kind] = expected.get(kind, 0) + n * count[op]
     floats = _float_nodes(lowered)
     int8 = {op: lowered.xnn_nodes.get(kind, 0) for op, kind in _INT8_KERNELS.items()}
@@ -426,7 +431,7 @@ def _check_float_nodes(int_model: IntModel, lowered: Lowered) -> None:
 def elementwise_execution(int_model: IntModel, lowered: Lowered) -> dict[str, str]:
     """How the lowered program runs ``int_model``'s hardswish, hardsigmoid and mul layers (those it has), read
     from the XNNPACK nodes of its delegates; :func:`lower_int` has checked that nothing else runs in fp32."""
-    count = {op: sum(n.op == op for n in int_model.nodes) for op in _ELEMENTWISE}
+    count = _elementwise_counts(int_model)
     record = {op: f"delegated to XNNPACK's int8 kernel {_INT8_KERNELS[op]}" for op in _INT8_KERNELS if count[op]}
     converts = "between XNNPACK's int8->fp32 and fp32->int8 converts"
     if count["hardswish"]:
